@@ -1,0 +1,301 @@
+"""The FlexOlmo architecture as one typed record, and the Megatron ``TransformerConfig`` it implies.
+
+Every entry point (HF import, Megatron-Bridge provider, merge, export) goes through
+:class:`FlexOlmoConfig` so that the choices that make our model compute exactly what
+``transformers``' ``FlexOlmoForCausalLM`` computes are made in one place:
+
+* router: softmax over *all* experts in fp32, then top-k, no renormalisation
+  (``moe_router_pre_softmax=True``, no top-k scaling);
+* no biases anywhere, SwiGLU experts, RoPE θ=500000 in rotate-half form, untied output layer;
+* Megatron's own per-head ``qk_layernorm`` stays *off*: FlexOlmo normalises q and k over the
+  full projection width, which :class:`~flexolmo_plugin.attention.FlexOlmoSelfAttention` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+HF_MODEL_TYPE = "flex_olmo"
+
+
+class ConfigError(ValueError):
+    """A configuration that FlexOlmo (or this implementation of it) cannot represent."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class FlexOlmoConfig:
+    """Architecture and routing hyper-parameters of a FlexOlmo model (expert 0 is the public one)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int  # width of each expert's SwiGLU FFN
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    num_experts: int
+    top_k: int
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads (as in HF)
+    rope_theta: float = 500000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    # Learned router bias min(b_i, 0) on non-public experts (paper §3.4; absent in HF checkpoints).
+    router_bias: bool = False
+    router_z_loss_coeff: float | None = None
+    load_balancing_coeff: float = 0.0
+    # Embedding/output rows are padded to a multiple of this so that checkpoints do not depend on
+    # the tensor-parallel size; logits are always cut back to ``vocab_size``.
+    make_vocab_size_divisible_by: int = 128
+    # Names of the experts in order (expert 0 = public); recorded by merge / opt-out.
+    expert_names: tuple[str, ...] | None = None
+    # HF token ids, kept only so that exports can write them back.
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self) -> None:
+        ints = ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                "num_attention_heads", "num_key_value_heads", "num_experts", "top_k",
+                "max_position_embeddings", "make_vocab_size_divisible_by")
+        for name in ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                f"({self.num_attention_heads}); set head_dim explicitly")
+        if self.kv_channels % 2:
+            raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.kv_channels}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
+            raise ConfigError(f"rope_theta must be positive and finite, got {self.rope_theta}")
+        if not (self.rms_norm_eps > 0):
+            raise ConfigError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
+        if self.load_balancing_coeff < 0:
+            raise ConfigError("load_balancing_coeff must be >= 0")
+        if self.router_z_loss_coeff is not None and self.router_z_loss_coeff < 0:
+            raise ConfigError("router_z_loss_coeff must be >= 0 or None")
+        if self.expert_names is not None:
+            names = tuple(self.expert_names)
+            if len(names) != self.num_experts:
+                raise ConfigError(
+                    f"expert_names has {len(names)} entries for {self.num_experts} experts")
+            if len(set(names)) != len(names):
+                raise ConfigError(f"expert_names must be unique, got {names}")
+            object.__setattr__(self, "expert_names", names)
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def query_width(self) -> int:
+        return self.num_attention_heads * self.kv_channels
+
+    @property
+    def key_width(self) -> int:
+        return self.num_key_value_heads * self.kv_channels
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.make_vocab_size_divisible_by
+        return ((self.vocab_size + m - 1) // m) * m
+
+    def replace(self, **changes: Any) -> "FlexOlmoConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ HF <-> ours
+    @classmethod
+    def from_hf(cls, hf_config: Any, **overrides: Any) -> "FlexOlmoConfig":
+        """Build from a ``transformers`` ``FlexOlmoConfig`` (or its ``config.json`` dict)."""
+        get = (hf_config.get if isinstance(hf_config, Mapping)
+               else lambda k, d=None: getattr(hf_config, k, d))
+        model_type = get("model_type")
+        if model_type != HF_MODEL_TYPE:
+            raise ConfigError(f"expected an HF config with model_type '{HF_MODEL_TYPE}', got {model_type!r}")
+        if get("norm_topk_prob", False):
+            raise ConfigError("norm_topk_prob=True renormalises the top-k router weights; FlexOlmo "
+                              "does not, and this implementation only supports norm_topk_prob=False")
+        if get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"only SwiGLU experts (hidden_act='silu') are supported, got {get('hidden_act')!r}")
+        if get("attention_bias", False):
+            raise ConfigError("attention_bias=True is not FlexOlmo; only bias-free attention is supported")
+        if get("tie_word_embeddings", False):
+            raise ConfigError("tie_word_embeddings=True is not FlexOlmo (its output layer is untied)")
+        rope = get("rope_parameters") or get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, Mapping) else "default"
+        if rope_type != "default":
+            raise ConfigError(f"only default RoPE is supported, got rope_type={rope_type!r}")
+        theta = (rope.get("rope_theta") if isinstance(rope, Mapping) else None) or get("rope_theta") or 500000.0
+        heads = get("num_attention_heads")
+        kv_heads = get("num_key_value_heads") or heads
+        fields = dict(
+            vocab_size=get("vocab_size"),
+            hidden_size=get("hidden_size"),
+            intermediate_size=get("intermediate_size"),
+            num_layers=get("num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            num_experts=get("num_experts", get("num_local_experts")),
+            top_k=get("num_experts_per_tok"),
+            head_dim=get("head_dim"),
+            rope_theta=float(theta),
+            rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=get("max_position_embeddings", 4096),
+            pad_token_id=get("pad_token_id"),
+            bos_token_id=get("bos_token_id"),
+            eos_token_id=get("eos_token_id"),
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """``config.json`` content for ``transformers``' ``FlexOlmoConfig``."""
+        out = {
+            "architectures": ["FlexOlmoForCausalLM"],
+            "model_type": HF_MODEL_TYPE,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "num_experts": self.num_experts,
+            "num_experts_per_tok": self.top_k,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "norm_topk_prob": False,
+            "tie_word_embeddings": False,
+            "pad_token_id": self.pad_token_id,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+        }
+        if self.head_dim is not None:
+            out["head_dim"] = self.head_dim
+        return out
+
+
+@dataclass(kw_only=True, frozen=True)
+class ParallelLayout:
+    """How the model is split over processes; must match ``megatron.core.parallel_state``."""
+
+    tensor_parallel: int = 1
+    expert_parallel: int = 1
+    expert_tensor_parallel: int | None = None  # None: same as tensor_parallel (Megatron default)
+    pipeline_parallel: int = 1
+    sequence_parallel: bool = False
+
+    @classmethod
+    def current(cls, *, sequence_parallel: bool = False) -> "ParallelLayout":
+        """The layout of the initialised ``parallel_state``."""
+        from megatron.core import parallel_state as ps
+
+        return cls(
+            tensor_parallel=ps.get_tensor_model_parallel_world_size(),
+            expert_parallel=ps.get_expert_model_parallel_world_size(),
+            expert_tensor_parallel=ps.get_expert_tensor_parallel_world_size(),
+            pipeline_parallel=ps.get_pipeline_model_parallel_world_size(),
+            sequence_parallel=sequence_parallel,
+        )
+
+
+def check_layout(config: FlexOlmoConfig, layout: ParallelLayout) -> None:
+    """Reject splits that would silently compute something else (or crash deep inside Megatron)."""
+    tp, ep = layout.tensor_parallel, layout.expert_parallel
+    etp = layout.expert_tensor_parallel or tp
+    problems = []
+    if config.num_attention_heads % tp:
+        problems.append(f"num_attention_heads={config.num_attention_heads} not divisible by TP={tp}")
+    if config.num_key_value_heads % tp:
+        problems.append(f"num_key_value_heads={config.num_key_value_heads} not divisible by TP={tp} "
+                        "(full-width k-norm needs whole KV heads per rank)")
+    if config.num_experts % ep:
+        problems.append(f"num_experts={config.num_experts} not divisible by EP={ep}")
+    if config.intermediate_size % etp:
+        problems.append(f"intermediate_size={config.intermediate_size} not divisible by expert TP={etp}")
+    if config.padded_vocab_size % tp:
+        problems.append(f"padded vocab {config.padded_vocab_size} not divisible by TP={tp}")
+    if layout.pipeline_parallel != 1:
+        problems.append("pipeline parallelism is not supported yet")
+    if problems:
+        raise ConfigError("parallel layout does not fit the model: " + "; ".join(problems))
+
+
+def to_transformer_config(
+    config: FlexOlmoConfig,
+    layout: ParallelLayout,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    **overrides: Any,
+):
+    """The Megatron ``TransformerConfig`` for ``config`` at ``layout``."""
+    import torch.nn.functional as F
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    check_layout(config, layout)
+    lb_coeff = config.load_balancing_coeff
+    kwargs: dict[str, Any] = dict(
+        num_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        num_query_groups=config.num_key_value_heads,
+        kv_channels=config.kv_channels,
+        ffn_hidden_size=config.intermediate_size,
+        moe_ffn_hidden_size=config.intermediate_size,
+        num_moe_experts=config.num_experts,
+        moe_router_topk=config.top_k,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=True,
+        moe_router_topk_scaling_factor=None,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="aux_loss" if lb_coeff > 0 else "none",
+        moe_aux_loss_coeff=lb_coeff,
+        moe_z_loss_coeff=config.router_z_loss_coeff,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+        moe_permute_fusion=False,
+        normalization="RMSNorm",
+        layernorm_epsilon=config.rms_norm_eps,
+        qk_layernorm=False,  # FlexOlmo's full-width q/k norm is installed by FlexOlmoSelfAttention
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=layout.tensor_parallel,
+        expert_model_parallel_size=layout.expert_parallel,
+        expert_tensor_parallel_size=layout.expert_tensor_parallel or layout.tensor_parallel,
+        pipeline_model_parallel_size=layout.pipeline_parallel,
+        sequence_parallel=layout.sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=True,
+        init_method_std=0.02,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        cross_entropy_loss_fusion=False,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)

@@ -1,0 +1,142 @@
+"""FlexOlmo's router: one *domain embedding* row per expert, softmax over all experts, top-k.
+
+Why a ``TopKRouter`` subclass rather than the stock router:
+
+* **Per-expert rows.**  A data owner trains only its own row r_i while the public row r_pub stays
+  frozen.  Freezing must be ``requires_grad=False`` (so the optimizer and weight decay never see
+  it), which needs one ``Parameter`` per row; Megatron's router is a single ``[E, H]`` Parameter.
+  Checkpoints still see one ``[E, H]`` tensor ``...router.weight`` (each row is a shard of it), so
+  merge and conversion tools can treat the router as one matrix.
+* **Optional learned bias** ``min(b_i, 0)`` on non-public experts (paper §3.4): a per-expert
+  Parameter, absent for the public expert, clamped so that it can only lower a domain's logit.
+* **Runtime expert mask** (opt-out without a new checkpoint): masked experts get ``-inf`` logits,
+  so the softmax runs over the remaining experts -- exactly what physically removing the expert
+  and its row computes -- and are removed from the routing map even when top-k exceeds the number
+  of remaining experts.
+
+Everything else -- fp32 gating GEMM, z-loss, aux losses, capacity -- is Megatron's own code path.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from megatron.core.transformer.moe.moe_utils import router_gating_linear
+from megatron.core.transformer.moe.router import TopKRouter
+
+SUPPORTED_BALANCING = {"none", "aux_loss", "seq_aux_loss", "global_aux_loss"}
+
+
+def _check_router_config(config) -> None:
+    problems = []
+    if config.moe_router_score_function != "softmax":
+        problems.append(f"moe_router_score_function must be 'softmax' (got {config.moe_router_score_function!r})")
+    if not config.moe_router_pre_softmax:
+        problems.append("moe_router_pre_softmax must be True (softmax over all experts, then top-k)")
+    if config.moe_router_topk_scaling_factor not in (None, 1.0):
+        problems.append("moe_router_topk_scaling_factor must be None (FlexOlmo does not rescale)")
+    if config.moe_router_num_groups or config.moe_router_group_topk:
+        problems.append("group-limited routing is not FlexOlmo")
+    if config.moe_router_enable_expert_bias:
+        problems.append("moe_router_enable_expert_bias (aux-loss-free bias) is not FlexOlmo's bias; "
+                        "use the domain bias of DomainEmbeddingRouter instead")
+    if config.add_bias_linear:
+        problems.append("add_bias_linear must be False (FlexOlmo has no biases)")
+    types = config.moe_router_load_balancing_type
+    types = types if isinstance(types, (list, tuple)) else [types]
+    if not set(types) <= SUPPORTED_BALANCING:
+        problems.append(f"moe_router_load_balancing_type {types} not in {sorted(SUPPORTED_BALANCING)}")
+    if problems:
+        raise ValueError("DomainEmbeddingRouter: " + "; ".join(problems))
+
+
+class DomainEmbeddingRouter(TopKRouter):
+    """Top-k softmax router whose rows are the experts' domain embeddings (expert 0 = public)."""
+
+    def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *, domain_bias: bool = False):
+        _check_router_config(config)
+        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
+        initial = self.weight.detach()
+        del self.weight  # replaced by one Parameter per expert below
+        sequence_parallel = bool(config.sequence_parallel)
+        self.domain_embeddings = nn.ParameterList(
+            nn.Parameter(initial[e].clone()) for e in range(self.num_experts))
+        self.domain_biases = None
+        if domain_bias:
+            # Zero start: min(0, 0) = 0 leaves routing unchanged until training moves it.
+            self.domain_biases = nn.ParameterList(
+                nn.Parameter(torch.zeros(1, dtype=torch.float32)) for _ in range(self.num_experts - 1))
+        for param in self.parameters():
+            param.sequence_parallel = sequence_parallel  # replicated: grads summed over TP under SP
+        self._excluded: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ routing
+    def router_matrix(self) -> torch.Tensor:
+        """All rows stacked, ``[num_experts, hidden]`` (differentiable into each row)."""
+        return torch.stack(list(self.domain_embeddings))
+
+    def domain_bias_vector(self) -> torch.Tensor | None:
+        """``[num_experts]`` fp32 logit offsets: 0 for the public expert, ``min(b_i, 0)`` otherwise."""
+        if self.domain_biases is None:
+            return None
+        biases = torch.cat([b.float() for b in self.domain_biases]).clamp(max=0.0)
+        return torch.cat([biases.new_zeros(1), biases])
+
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        logits = router_gating_linear(input, self.router_matrix(), None, torch.float32)
+        bias = self.domain_bias_vector()
+        if bias is not None:
+            logits = logits + bias
+        if self._excluded is not None:
+            logits = logits.masked_fill(self._excluded.to(logits.device), float("-inf"))
+        return logits
+
+    def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+        if self._excluded is not None:
+            keep = ~self._excluded.to(routing_map.device)
+            routing_map = routing_map & keep
+            probs = probs * keep.to(probs.dtype)  # already exactly 0 there; keeps the map consistent
+        return probs, routing_map
+
+    # ------------------------------------------------------------------ opt-out at run time
+    def set_excluded_experts(self, experts: Iterable[int] | None) -> None:
+        """Exclude experts (global indices) from routing until called again with ``None``/``[]``."""
+        experts = sorted(set(experts or ()))
+        if not experts:
+            self._excluded = None
+            return
+        bad = [e for e in experts if not 0 <= e < self.num_experts]
+        if bad:
+            raise ValueError(f"expert indices {bad} out of range for {self.num_experts} experts")
+        if len(experts) == self.num_experts:
+            raise ValueError("cannot exclude every expert")
+        mask = torch.zeros(self.num_experts, dtype=torch.bool)
+        mask[experts] = True
+        self._excluded = mask
+
+    @property
+    def excluded_experts(self) -> list[int]:
+        return [] if self._excluded is None else self._excluded.nonzero().flatten().tolist()
+
+    # ------------------------------------------------------------------ checkpoints
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """Each row (bias) is shard ``e`` of one ``[E, H]`` (``[E-1, 1]``) checkpoint tensor."""
+        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensor_for_checkpoint
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        groups = dict(tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
+        axis = len(sharded_offsets)
+        out = {}
+        for e, row in enumerate(self.domain_embeddings):
+            out[f"{prefix}domain_embeddings.{e}"] = make_sharded_tensor_for_checkpoint(
+                row, f"{prefix}weight", prepend_offsets=(*sharded_offsets, (axis, e, self.num_experts)), **groups)
+        if self.domain_biases is not None:
+            for j, bias in enumerate(self.domain_biases):
+                out[f"{prefix}domain_biases.{j}"] = make_sharded_tensor_for_checkpoint(
+                    bias, f"{prefix}domain_bias",
+                    prepend_offsets=(*sharded_offsets, (axis, j, self.num_experts - 1)), **groups)
+        return out

@@ -1,0 +1,115 @@
+"""Module specs that assemble FlexOlmo from Megatron-Core parts (the whole "diff" is injected here).
+
+A FlexOlmo layer is Megatron's ``TransformerLayer`` with: no pre-norms, two post-sub-layer
+RMSNorms (:mod:`.layer`), full-width q/k norms (:mod:`.attention`) and the domain-embedding router
+(:mod:`.router`) plugged into Megatron's ``MoELayer`` through ``MoESubmodules(router=...)``.
+Experts are Megatron's ``SequentialMLP`` -- one module per expert, so each expert's parameters can
+be frozen or trained on their own (anchoring needs exactly that).
+
+``backend="local"`` uses only Megatron-Core modules (runs on CPU); ``backend="te"`` swaps in
+Transformer Engine linears and attention and needs transformer-engine (imported lazily).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Literal
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.transformer.attention import SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+from .attention import FlexOlmoSelfAttention
+from .layer import FlexOlmoLayerSubmodules, FlexOlmoTransformerLayer
+from .norms import FlexOlmoRMSNorm
+from .router import DomainEmbeddingRouter
+
+Backend = Literal["local", "te", "auto"]
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # ImportError, or a broken CUDA install raising at import
+        return False
+    return True
+
+
+def _backend_modules(backend: Backend):
+    if backend == "auto":
+        backend = "te" if transformer_engine_available() else "local"
+    if backend == "local":
+        from megatron.core.models.backends import LocalSpecProvider
+
+        return LocalSpecProvider()
+    if backend == "te":
+        if not transformer_engine_available():
+            raise RuntimeError("backend='te' needs transformer-engine, which is not importable here; "
+                               "use backend='local' or run inside an NGC container")
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+        return TESpecProvider()
+    raise ValueError(f"unknown backend {backend!r}; expected 'local', 'te' or 'auto'")
+
+
+def flexolmo_layer_spec(*, backend: Backend = "local", domain_bias: bool = False) -> ModuleSpec:
+    """Spec of one FlexOlmo transformer layer."""
+    provider = _backend_modules(backend)
+    experts = partial(
+        SequentialMLP,
+        submodules=MLPSubmodules(
+            linear_fc1=provider.column_parallel_linear(),
+            linear_fc2=provider.row_parallel_linear(),
+            activation_func=None,
+        ),
+    )
+    moe = partial(
+        MoELayer,
+        submodules=MoESubmodules(
+            experts=experts,
+            shared_experts=None,
+            router=partial(DomainEmbeddingRouter, domain_bias=domain_bias),
+        ),
+    )
+    attention = ModuleSpec(
+        module=FlexOlmoSelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=provider.column_parallel_linear(),
+            core_attention=provider.core_attention(),
+            linear_proj=provider.row_parallel_linear(),
+            q_layernorm=IdentityOp,
+            k_layernorm=IdentityOp,
+        ),
+    )
+    return ModuleSpec(
+        module=FlexOlmoTransformerLayer,
+        submodules=FlexOlmoLayerSubmodules(
+            input_layernorm=IdentityOp,
+            self_attention=attention,
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=IdentityOp,
+            mlp=moe,
+            mlp_bda=get_bias_dropout_add,
+            post_self_attn_layernorm=FlexOlmoRMSNorm,
+            post_mlp_layernorm=FlexOlmoRMSNorm,
+        ),
+    )
+
+
+def flexolmo_block_spec(transformer_config, *, backend: Backend = "local", domain_bias: bool = False,
+                        vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """Spec of the decoder: FlexOlmo layers plus FlexOlmo's fp32 final RMSNorm.
+
+    Passed as ``transformer_layer_spec`` to ``GPTModel`` (a bare layer spec would make Megatron
+    pick its own final norm, which computes in the input dtype).
+    """
+    layer = flexolmo_layer_spec(backend=backend, domain_bias=domain_bias)
+    num_layers = get_num_layers_to_build(transformer_config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=FlexOlmoRMSNorm)
