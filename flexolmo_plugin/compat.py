@@ -80,9 +80,10 @@ def cuda_available() -> bool:
 
 
 def _check_megatron_version() -> None:
-    import megatron.core
+    # Package metadata, not megatron.core.__version__ (which appends the git hash of the cwd).
+    from importlib.metadata import version as package_version
 
-    version = getattr(megatron.core, "__version__", None)
+    version = package_version("megatron-core")
     if version != SUPPORTED_MEGATRON_CORE:
         raise RuntimeError(
             f"flexolmo CPU compatibility was validated against megatron-core "

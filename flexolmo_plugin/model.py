@@ -94,10 +94,14 @@ def logits(model: nn.Module, input_ids, *, grad: bool = False) -> torch.Tensor:
     if seq > config.max_position_embeddings:
         raise ValueError(f"sequence length {seq} exceeds max_position_embeddings "
                          f"{config.max_position_embeddings}")
+    tp = ps.get_tensor_model_parallel_world_size()
+    if unwrap(model).config.sequence_parallel and seq % tp:
+        raise ValueError(f"with sequence parallelism the sequence length ({seq}) must be a multiple "
+                         f"of the tensor-parallel size ({tp})")
     position_ids = torch.arange(seq, device=device).expand(batch, seq)
     mask = causal_attention_mask(seq, device)
     with torch.set_grad_enabled(grad):
         out = model(input_ids, position_ids, mask)
-        if ps.get_tensor_model_parallel_world_size() > 1:
+        if tp > 1:
             out = gather_from_tensor_model_parallel_region(out)
     return out[..., : config.vocab_size]

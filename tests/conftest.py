@@ -1,0 +1,18 @@
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def megatron_single_process():
+    """A world of one with TP=EP=1, shared by the single-process tests."""
+    from flexolmo_plugin.distributed import ensure_model_parallel
+
+    ensure_model_parallel()
+    yield

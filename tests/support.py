@@ -1,0 +1,177 @@
+"""Shared test fixtures: random HF FlexOlmo checkpoints and a multi-process gloo launcher.
+
+Reference models are real ``transformers`` ``FlexOlmoForCausalLM`` instances; their norm weights
+and router rows are randomised so that a wrongly placed or skipped norm cannot hide behind
+all-ones weights.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+SPAWN_TIMEOUT_S = 300
+
+
+def hf_config(**overrides):
+    from transformers import FlexOlmoConfig
+
+    fields = dict(vocab_size=100, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
+                  num_attention_heads=6, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                  max_position_embeddings=128, pad_token_id=1, eos_token_id=2)
+    fields.update(overrides)
+    return FlexOlmoConfig(**fields)
+
+
+def make_hf_model(seed: int = 0, **overrides):
+    from transformers import FlexOlmoForCausalLM
+
+    torch.manual_seed(seed)
+    model = FlexOlmoForCausalLM(hf_config(**overrides)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                param.copy_(1.0 + 0.3 * torch.randn_like(param))
+            elif name.endswith("mlp.gate.weight"):
+                param.normal_(0.0, 0.5)  # sharp enough that top-k choices differ per token
+    return model
+
+
+def save_hf_model(model, directory: Path) -> Path:
+    model.save_pretrained(directory)
+    return directory
+
+
+def hf_reference(model, input_ids: torch.Tensor):
+    """Logits and next-token loss of the reference model."""
+    with torch.no_grad():
+        out = model(input_ids, labels=input_ids)
+    return out.logits, out.loss
+
+
+def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), input_ids[:, 1:].reshape(-1))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker_entry(rank, world_size, port, fn, args, queue, collected):
+    os.environ.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    import datetime
+
+    import torch.distributed as dist
+
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world_size, timeout=datetime.timedelta(seconds=120))
+        result = fn(rank, world_size, *args)
+        queue.put((rank, "ok", result))
+    except BaseException:  # report everything, including assertion errors, to the parent
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        # Tensors in the queue live in this process's shared memory: stay alive until the parent
+        # has unpickled every result, or it would find the backing files gone.
+        collected.wait(SPAWN_TIMEOUT_S)
+        from flexolmo_plugin.distributed import teardown_model_parallel
+
+        try:
+            teardown_model_parallel()
+        except Exception:
+            pass
+
+
+def run_distributed(fn, world_size: int, *args, timeout: float = SPAWN_TIMEOUT_S) -> dict:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` gloo processes; returns {rank: result}."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    collected = ctx.Event()
+    port = free_port()
+    procs = [ctx.Process(target=_worker_entry, args=(r, world_size, port, fn, args, queue, collected),
+                         daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results, errors = {}, []
+
+    deadline = time.monotonic() + timeout
+    while len(results) + len(errors) < world_size:
+        if time.monotonic() > deadline:
+            break
+        if queue.empty():
+            if not any(p.is_alive() for p in procs) and queue.empty():
+                break
+            time.sleep(0.05)
+            continue
+        rank, status, payload = queue.get()
+        (results.__setitem__(rank, payload) if status == "ok" else errors.append(f"rank {rank}:\n{payload}"))
+    collected.set()
+    for p in procs:
+        p.join(timeout=30)
+        if p.is_alive():
+            p.kill()
+    if errors:
+        raise AssertionError("distributed worker failed:\n" + "\n".join(errors))
+    if len(results) != world_size:
+        raise AssertionError(f"only {sorted(results)} of {world_size} ranks reported within {timeout}s")
+    return results
+
+
+def hf_per_expert_tensors(hf_model, *, grads: bool) -> dict[str, torch.Tensor]:
+    """The reference model's weights (or gradients) under the released per-expert HF names."""
+    out = {}
+    for name, param in hf_model.named_parameters():
+        value = param.grad if grads else param.detach()
+        if value is None:
+            value = torch.zeros_like(param)
+        if name.endswith("mlp.experts.gate_up_proj"):
+            prefix = name[: -len("gate_up_proj")]
+            for e in range(value.shape[0]):
+                gate, up = value[e].chunk(2, dim=0)
+                out[f"{prefix}{e}.gate_proj.weight"] = gate
+                out[f"{prefix}{e}.up_proj.weight"] = up
+        elif name.endswith("mlp.experts.down_proj"):
+            prefix = name[: -len("down_proj")]
+            for e in range(value.shape[0]):
+                out[f"{prefix}{e}.down_proj.weight"] = value[e]
+        else:
+            out[name] = value
+    return out
+
+
+def canonical_reference(hf_model, config, *, grads: bool) -> dict[str, torch.Tensor]:
+    """Reference tensors under canonical Megatron names, through the product's mapping table."""
+    from conversion.mapping import entries, to_megatron
+
+    per_expert = hf_per_expert_tensors(hf_model, grads=grads)
+    return {e.megatron: to_megatron(e, tuple(per_expert[n] for n in e.hf), config).clone()
+            for e in entries(config)}
+
+
+def slot_errors(model, reference: dict[str, torch.Tensor], *, grads: bool) -> dict[str, float]:
+    """Relative max error of every local parameter (or its gradient) against its reference slice."""
+    from flexolmo_plugin.parameters import slots
+
+    errors = {}
+    for slot in slots(model):
+        ref = slot.select(reference[slot.canonical]).float()
+        # Megatron's DDP accumulates into ``main_grad``; a bare module into ``grad``.
+        ours = getattr(slot.param, "main_grad", slot.param.grad) if grads else slot.param.detach()
+        if ours is None:
+            errors[slot.local_name] = float("inf")
+            continue
+        scale = ref.abs().max().item()
+        errors[slot.local_name] = (ours.float() - ref).abs().max().item() / (scale if scale > 0 else 1.0)
+    return errors
