@@ -17,6 +17,7 @@ _EXPORTS = {
     "read_hf_config": ".api",
     "logits": ".model",
     "build_model": ".model",
+    "next_token_loss": ".model",
     "FlexOlmoConfig": ".config",
     "ParallelLayout": ".config",
     "ConfigError": ".config",

@@ -105,3 +105,10 @@ def logits(model: nn.Module, input_ids, *, grad: bool = False) -> torch.Tensor:
         if tp > 1:
             out = gather_from_tensor_model_parallel_region(out)
     return out[..., : config.vocab_size]
+
+
+def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting token t+1 at position t (HF's ``labels=input_ids`` loss)."""
+    vocab = logits.shape[-1]
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, vocab).float(), input_ids[:, 1:].reshape(-1).to(logits.device))

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from flexolmo_plugin.model import next_token_loss  # noqa: F401  (re-exported for tests)
+
 SPAWN_TIMEOUT_S = 300
 
 
@@ -53,11 +55,6 @@ def hf_reference(model, input_ids: torch.Tensor):
     with torch.no_grad():
         out = model(input_ids, labels=input_ids)
     return out.logits, out.loss
-
-
-def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), input_ids[:, 1:].reshape(-1))
 
 
 def free_port() -> int:

@@ -1,0 +1,113 @@
+"""The ``flexolmo`` command line: one tool for the FlexOlmo lifecycle.
+
+Exit codes: 0 success, 1 a check failed (e.g. parity above tolerance), 2 bad input or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def _quiet_imports() -> None:
+    """Megatron and transformers print advisory warnings at import that say nothing to a CLI user."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import logging
+
+    for name in ("megatron", "megatron.core", "transformers", "torch.utils.cpp_extension"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    """Compare our Megatron model's logits with transformers' FlexOlmoForCausalLM on random tokens."""
+    _quiet_imports()
+    import torch
+
+    import flexolmo_plugin as fp
+
+    from .model import next_token_loss
+
+    if args.tokens < 1 or args.batch < 1:
+        raise ValueError("--tokens and --batch must be >= 1")
+    dtype = getattr(torch, _DTYPES[args.dtype])
+    config = fp.read_hf_config(args.hf_dir)
+    if args.tokens > config.max_position_embeddings:
+        raise ValueError(f"--tokens {args.tokens} exceeds max_position_embeddings {config.max_position_embeddings}")
+    print(f"FlexOlmo parity check: {args.hf_dir}")
+    print(f"  model    : {config.num_layers} layers, hidden {config.hidden_size}, {config.num_experts} experts "
+          f"(top-{config.top_k}), vocab {config.vocab_size}")
+    generator = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.tokens), generator=generator)
+    print(f"  input    : {args.batch} x {args.tokens} random token ids (seed {args.seed}); ours in {args.dtype}, "
+          f"reference in float32")
+
+    ours_model = fp.from_hf(args.hf_dir, params_dtype=dtype)
+    ours = fp.logits(ours_model, ids).float().cpu()
+    del ours_model
+
+    from transformers import AutoModelForCausalLM
+
+    reference_model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32, use_safetensors=True)
+    reference_model.eval()
+    with torch.no_grad():
+        reference = reference_model(ids).logits.float()
+    delta = (ours - reference).abs()
+    max_delta = delta.max().item()
+    print(f"  max  |Δlogit| : {max_delta:.3e}   (tolerance {args.tolerance:.1e})")
+    print(f"  mean |Δlogit| : {delta.mean().item():.3e}")
+    if args.tokens > 1:
+        ours_loss, ref_loss = next_token_loss(ours, ids).item(), next_token_loss(reference, ids).item()
+        print(f"  loss ours/ref : {ours_loss:.6f} / {ref_loss:.6f}   (|Δ| {abs(ours_loss - ref_loss):.2e})")
+    agreement = (ours.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    print(f"  top-1 agree   : {100 * agreement:.2f}%")
+    passed = max_delta <= args.tolerance
+    print("PASS" if passed else "FAIL: logits differ by more than the tolerance")
+    return EXIT_OK if passed else EXIT_CHECK_FAILED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flexolmo",
+        description="FlexOlmo on Megatron-Core: check, convert, train, merge and opt out experts.",
+        epilog="Exit codes: 0 success, 1 a check failed, 2 bad input.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    parity = sub.add_parser(
+        "parity", help="compare logits with transformers' FlexOlmoForCausalLM",
+        description="Load HF_DIR into the Megatron FlexOlmo model and into transformers, run both on the "
+                    "same random tokens, print max |Δlogit| and exit 1 if it exceeds the tolerance.")
+    parity.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face FlexOlmo directory (safetensors + config.json)")
+    parity.add_argument("--tokens", type=int, default=32, help="sequence length (default 32)")
+    parity.add_argument("--batch", type=int, default=2, help="number of sequences (default 2)")
+    parity.add_argument("--seed", type=int, default=0, help="seed of the random token ids (default 0)")
+    parity.add_argument("--tolerance", type=float, default=1e-4, help="max allowed |Δlogit| (default 1e-4)")
+    parity.add_argument("--dtype", choices=sorted(_DTYPES), default="float32",
+                        help="parameter dtype of the Megatron model (reference is always float32)")
+    parity.set_defaults(func=cmd_parity)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from conversion.safetensors_reader import CheckpointFormatError
+
+    from .config import ConfigError
+
+    try:
+        return args.func(args)
+    except (CheckpointFormatError, ConfigError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
