@@ -1,0 +1,53 @@
+"""GPU and Transformer Engine paths: run wherever CUDA (and TE) exist, skipped with a reason elsewhere.
+
+Run on a GPU machine with ``scripts/test.sh -m "gpu or te"``.
+"""
+
+import pytest
+import torch
+
+import flexolmo_plugin as fp
+from flexolmo_plugin.spec import transformer_engine_available
+from tests.support import hf_reference, make_hf_model, save_hf_model
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI machines have none)")
+needs_te = pytest.mark.skipif(not (torch.cuda.is_available() and transformer_engine_available()),
+                              reason="needs CUDA and transformer-engine (install the 'te' extra in an NGC container)")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_parity(dtype, tmp_path, megatron_single_process):
+    hf = make_hf_model(seed=4)
+    model = fp.from_hf(save_hf_model(hf, tmp_path / "hf"), params_dtype=dtype)
+    assert next(model.parameters()).is_cuda
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref32, _ = hf_reference(hf, ids)
+    ours = fp.logits(model, ids).float().cpu()
+    if dtype == torch.float32:
+        # TF32 matmuls may be on by default on Ampere+; allow their rounding
+        assert (ours - ref32).abs().max().item() <= 5e-3
+    else:
+        ref16, _ = hf_reference(hf.to(torch.bfloat16), ids)
+        assert (ours - ref32).abs().max().item() <= 2 * (ref16.float() - ref32).abs().max().item() + 1e-2
+
+
+@pytest.mark.te
+@needs_te
+def test_te_backend_matches_local_backend(tmp_path, megatron_single_process):
+    hf = make_hf_model(seed=6)
+    hf_dir = save_hf_model(hf, tmp_path / "hf")
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    local = fp.logits(fp.from_hf(hf_dir, params_dtype=torch.bfloat16), ids).float()
+    te = fp.logits(fp.from_hf(hf_dir, params_dtype=torch.bfloat16, backend="te"), ids).float()
+    assert (te - local).abs().max().item() <= 5e-2
+
+
+def test_te_backend_is_refused_clearly_without_transformer_engine(megatron_single_process):
+    if transformer_engine_available():
+        pytest.skip("transformer-engine is installed here")
+    from flexolmo_plugin.spec import flexolmo_layer_spec
+
+    with pytest.raises(RuntimeError, match="transformer-engine"):
+        flexolmo_layer_spec(backend="te")
