@@ -13,6 +13,7 @@ implies: missing, unexpected and misshaped tensors are reported together, by nam
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import torch
 
@@ -43,6 +44,7 @@ class HFWeights:
         self._fused_cache: dict[str, torch.Tensor] = {}
         self.expected = hf_shapes(config)
         self.fused_layers: set[int] = set()
+        self.reads: Counter[str] = Counter()  # file key -> times read (the audit's evidence)
         self._validate()
 
     # ------------------------------------------------------------------ validation
@@ -107,16 +109,29 @@ class HFWeights:
         return f"model.layers.{layer}.mlp.experts.{fused}" in present
 
     # ------------------------------------------------------------------ access
+    def _read(self, key: str) -> torch.Tensor:
+        self.reads[key] += 1
+        return self.checkpoint.get(key)
+
     def _fused(self, key: str) -> torch.Tensor:
         if key not in self._fused_cache:
             self._fused_cache.clear()  # one layer's fused tensor at a time bounds memory
-            self._fused_cache[key] = self.checkpoint.get(key)
+            self._fused_cache[key] = self._read(key)
         return self._fused_cache[key]
+
+    def audit(self) -> None:
+        """Every stored tensor (derived buffers aside) was read exactly once."""
+        stored = [k for k in self.checkpoint.keys() if not _IGNORED.search(k)]
+        unread = [k for k in stored if self.reads[k] == 0]
+        reread = [f"{k} ({n}x)" for k, n in self.reads.items() if n > 1]
+        if unread or reread:
+            raise CheckpointFormatError(f"{self.checkpoint.directory}: conversion audit failed: "
+                                        f"unused {unread[:5]}, read more than once {reread[:5]}")
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor stored (or derivable) under the per-expert HF name ``name``."""
         if name in self.checkpoint:
-            return self.checkpoint.get(name)
+            return self._read(name)
         match = _PER_EXPERT.match(name)
         if not match:
             raise CheckpointFormatError(f"{self.checkpoint.directory}: no tensor {name!r}")

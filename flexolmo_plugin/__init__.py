@@ -3,6 +3,7 @@
 Public API (imported lazily so that ``import flexolmo_plugin`` stays cheap):
 
 * :func:`from_hf` -- Megatron FlexOlmo model with the weights of a Hugging Face checkpoint;
+* :func:`from_mcore` / :func:`save_mcore` -- Megatron torch_dist checkpoints with their configuration;
 * :func:`logits` -- full-vocabulary causal-LM logits of such a model;
 * :func:`build_model`, :class:`FlexOlmoConfig`, :func:`flexolmo_layer_spec` -- building blocks;
 * :func:`enable_cpu_compat` -- run megatron-core on a CPU-only machine (no-op with CUDA).
@@ -15,6 +16,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "from_hf": ".api",
     "read_hf_config": ".api",
+    "from_mcore": ".api",
+    "save_mcore": ".api",
     "logits": ".model",
     "build_model": ".model",
     "next_token_loss": ".model",

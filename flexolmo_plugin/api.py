@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -54,3 +55,86 @@ def from_hf(
     load_hf_weights(model, hf_dir)
     model.eval()
     return model
+
+
+def from_mcore(
+    mcore_dir: str | os.PathLike,
+    *,
+    params_dtype: torch.dtype | None = None,
+    tensor_parallel: int = 1,
+    expert_parallel: int = 1,
+    expert_tensor_parallel: int | None = None,
+    sequence_parallel: bool = False,
+    backend: Backend = "local",
+):
+    """A FlexOlmo ``GPTModel`` from a checkpoint written by ``flexolmo convert hf-to-mcore`` or
+    :func:`save_mcore`, at the current (or requested) TP/EP layout; no other input is needed.
+
+    Parameters take the checkpoint's dtype unless ``params_dtype`` is given.  Process groups are
+    handled as in :func:`from_hf`.  The model is returned in eval mode.
+    """
+    from megatron.core import dist_checkpointing
+
+    from conversion.mcore_io import McoreCheckpointError, check_is_checkpoint, load_config, validate_model_layout
+
+    config, stored_dtype, _ = load_config(mcore_dir)
+    check_is_checkpoint(Path(mcore_dir))
+    ensure_model_parallel(tensor_parallel=tensor_parallel, expert_parallel=expert_parallel,
+                          expert_tensor_parallel=expert_tensor_parallel)
+    model = build_model(config, params_dtype=params_dtype or stored_dtype, sequence_parallel=sequence_parallel,
+                        backend=backend)
+    model.to(compat.default_device())
+    sharded = model.sharded_state_dict()
+    validate_model_layout(Path(mcore_dir), sharded)
+    try:
+        state = dist_checkpointing.load(sharded, str(mcore_dir))
+    except Exception as error:  # Megatron raises several types; say which checkpoint and why
+        raise McoreCheckpointError(f"{mcore_dir}: loading failed: {error}") from error
+    model.load_state_dict(state)
+    model.eval()
+    return model
+
+
+def save_mcore(model, mcore_dir: str | os.PathLike) -> None:
+    """Save a FlexOlmo model (any TP/EP layout; collective over all ranks) as a torch_dist
+    checkpoint plus its configuration, atomically: the directory appears only when complete."""
+    import shutil
+
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from conversion.atomic import check_new_output
+    from conversion.mcore_io import save_config
+
+    from .model import unwrap
+
+    inner = unwrap(model)
+    final = Path(mcore_dir)
+    tmp = final.parent / f".{final.name}.partial"
+    rank0 = dist.get_rank() == 0
+    error = None
+    if rank0:
+        try:
+            check_new_output(final)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        except Exception as e:  # broadcast the refusal so every rank stops
+            error = e
+    flag = [repr(error) if error else None]
+    dist.broadcast_object_list(flag, src=0)
+    if flag[0]:
+        raise error if error else FileExistsError(flag[0])
+    try:
+        dist_checkpointing.save(inner.sharded_state_dict(), str(tmp), async_sharded_save=False)
+        dist.barrier()
+        if rank0:
+            save_config(tmp, inner.flexolmo_config, dtype=inner.config.params_dtype,
+                        extra={"source": {"format": "megatron"}})
+            import os as _os
+
+            _os.rename(tmp, final)
+        dist.barrier()
+    except BaseException:
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise

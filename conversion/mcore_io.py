@@ -1,0 +1,319 @@
+"""Megatron ``torch_dist`` checkpoints of FlexOlmo, written and read one tensor at a time.
+
+Writing: the *layout* of the checkpoint (keys, global shapes, how each tensor is chunked, the small
+byte objects Megatron stores beside them) is taken from Megatron itself -- the ``sharded_state_dict``
+of a FlexOlmo model built on the ``meta`` device, which costs no memory.  The *data* is produced
+lazily: Megatron's save runs with :class:`StreamingSaveStrategy`, whose DCP planner asks a ``source``
+for each chunk only when the writer reaches it, and writes one file per chunk (torch's writer keeps
+every tensor of a file alive until the file is closed).  Peak memory is therefore a few tensors,
+whatever the model size, and the result is an ordinary checkpoint that
+``megatron.core.dist_checkpointing.load`` reads at any TP/EP layout.
+
+Reading: each canonical tensor is loaded on its own through ``dist_checkpointing.load`` with the
+matching part of the meta model's sharded state dict, so exports are bounded the same way.
+
+Canonical names are those of :mod:`conversion.mapping` (global layer/expert indices, whole tensors).
+In 0.19.2 checkpoints, per-layer tensors are stacked on a leading layer axis and expert tensors on a
+further expert axis; the router keeps its expert axis as the first axis of the canonical ``[E, H]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from flexolmo_plugin.config import FlexOlmoConfig
+
+CONFIG_FILE = "flexolmo_config.json"
+FORMAT_VERSION = 1
+_LAYERS = "decoder.layers."
+_EXPERTS = "mlp.experts.experts."
+
+
+class McoreCheckpointError(ValueError):
+    """A Megatron checkpoint that is missing, malformed, or does not match its configuration."""
+
+
+# ---------------------------------------------------------------------- configuration beside the checkpoint
+def save_config(directory: Path, config: FlexOlmoConfig, *, dtype: torch.dtype, extra: dict | None = None) -> None:
+    fields = dataclasses.asdict(config)
+    fields["expert_names"] = list(config.expert_names) if config.expert_names else None
+    payload = {"format_version": FORMAT_VERSION, "dtype": str(dtype).removeprefix("torch."),
+               "config": fields, **(extra or {})}
+    (Path(directory) / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def load_config(directory: str | os.PathLike) -> tuple[FlexOlmoConfig, torch.dtype, dict]:
+    """The FlexOlmo configuration and parameter dtype stored beside a converted checkpoint."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise McoreCheckpointError(f"{directory} is not a directory")
+    path = directory / CONFIG_FILE
+    if not path.exists():
+        raise McoreCheckpointError(f"{directory}: no {CONFIG_FILE} (not a checkpoint written by flexolmo convert)")
+    try:
+        payload = json.loads(path.read_text())
+        if payload.get("format_version") != FORMAT_VERSION:
+            raise McoreCheckpointError(f"{path}: unsupported format_version {payload.get('format_version')!r}")
+        fields = dict(payload["config"])
+        if fields.get("expert_names") is not None:
+            fields["expert_names"] = tuple(fields["expert_names"])
+        config = FlexOlmoConfig(**fields)
+        dtype = getattr(torch, payload["dtype"])
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as error:
+        raise McoreCheckpointError(f"{path}: malformed ({error})") from error
+    if not isinstance(dtype, torch.dtype):
+        raise McoreCheckpointError(f"{path}: unknown dtype {payload['dtype']!r}")
+    return config, dtype, payload
+
+
+def check_is_checkpoint(directory: Path) -> None:
+    if not (directory / ".metadata").exists() or not (directory / "metadata.json").exists():
+        raise McoreCheckpointError(f"{directory}: not a Megatron torch_dist checkpoint (.metadata / metadata.json missing)")
+
+
+# ---------------------------------------------------------------------- meta model = the layout
+@contextlib.contextmanager
+def meta_model(config: FlexOlmoConfig, dtype: torch.dtype):
+    """A FlexOlmo model with no storage, for its checkpoint layout (needs TP=EP=1 groups)."""
+    from flexolmo_plugin.distributed import ensure_model_parallel
+    from flexolmo_plugin.model import build_model
+
+    ensure_model_parallel()
+    with torch.device("meta"):
+        model = build_model(config, params_dtype=dtype)
+    yield model
+
+
+def canonical_chunk(key: str, prepend_axes: int, offsets, sizes) -> tuple[str, tuple[slice, ...]]:
+    """Canonical tensor name and the slice of it that a checkpoint chunk covers."""
+    offsets, sizes = tuple(offsets), tuple(sizes)
+    strip = 0
+    name = key
+    if key.startswith(_LAYERS) and prepend_axes >= 1:
+        rest = key[len(_LAYERS):]
+        layer = offsets[0]
+        if rest.startswith(_EXPERTS):
+            name = f"{_LAYERS}{layer}.mlp.experts.{offsets[1]}.{rest[len(_EXPERTS):]}"
+            strip = 2
+        else:
+            name = f"{_LAYERS}{layer}.{rest}"
+            strip = 1
+        if any(s != 1 for s in sizes[:strip]):
+            raise McoreCheckpointError(f"{key}: a chunk spans several layers/experts ({sizes})")
+    index = tuple(slice(o, o + s) for o, s in zip(offsets[strip:], sizes[strip:]))
+    return name, index
+
+
+# ---------------------------------------------------------------------- streaming save
+Source = Callable[[str], torch.Tensor]
+
+
+def _streaming_classes():
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.strategies.torch import (MCoreSavePlanner, TorchDistSaveShardedStrategy,
+                                                                   _replace_state_dict_keys_with_sharded_keys,
+                                                                   mcore_to_pyt_state_dict)
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    class LazyChunkPlanner(MCoreSavePlanner):
+        """Materialises each chunk from the source when the writer asks for it."""
+
+        def __init__(self, owner, **kwargs):
+            super().__init__(**kwargs)
+            self.owner = owner
+
+        def resolve_data(self, write_item):
+            if write_item.type == WriteItemType.BYTE_IO:
+                return super().resolve_data(write_item)
+            return self.owner.chunk(write_item)
+
+    class StreamingSaveStrategy(TorchDistSaveShardedStrategy):
+        """Megatron's torch_dist save, synchronous, with data pulled lazily from ``source``."""
+
+        def __init__(self, source: Source, dtype: torch.dtype, on_tensor: Callable[[str, int], None] | None = None):
+            super().__init__("torch_dist", 1)
+            self.source, self.dtype, self.on_tensor = source, dtype, on_tensor
+            self.prepend: dict[str, int] = {}
+            self._cached: tuple[str, torch.Tensor] | None = None
+            self.canonical_done: set[str] = set()
+            self.chunks_written = 0
+
+        def _canonical(self, name: str) -> torch.Tensor:
+            if self._cached is None or self._cached[0] != name:
+                if name in self.canonical_done:
+                    raise McoreCheckpointError(f"{name} requested again after it was written (unordered plan)")
+                if self._cached is not None:
+                    self.canonical_done.add(self._cached[0])
+                tensor = self.source(name)
+                self._cached = (name, tensor.to(self.dtype))
+                if self.on_tensor:
+                    self.on_tensor(name, tensor.numel() * tensor.element_size())
+            return self._cached[1]
+
+        def chunk(self, write_item) -> torch.Tensor:
+            key = write_item.index.fqn
+            chunk = write_item.tensor_data.chunk
+            name, index = canonical_chunk(key, self.prepend[key], chunk.offsets, chunk.sizes)
+            data = self._canonical(name)[index].reshape(tuple(chunk.sizes)).contiguous()
+            self.chunks_written += 1
+            return data
+
+        def save(self, sharded_state_dict, checkpoint_dir):
+            self.prepend = {t.key: t.prepend_axis_num for t in nested_values(sharded_state_dict)
+                            if isinstance(t, ShardedTensor)}
+            state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
+            writer = FileSystemWriter(checkpoint_dir, single_file_per_rank=False, thread_count=1,
+                                      per_thread_copy_ahead=0)
+            dcp_save(mcore_to_pyt_state_dict(state, False), storage_writer=writer,
+                     planner=LazyChunkPlanner(self, dedup_replicated_tensors=False, flatten_state_dict=False,
+                                              flatten_sharded_tensors=False))
+            if self._cached is not None:
+                self.canonical_done.add(self._cached[0])
+                self._cached = None
+
+    return StreamingSaveStrategy
+
+
+def write_checkpoint(directory: Path, config: FlexOlmoConfig, source: Source, *, dtype: torch.dtype,
+                     expected: set[str], on_tensor: Callable[[str, int], None] | None = None) -> int:
+    """Write a torch_dist checkpoint into the existing empty ``directory``; returns chunks written.
+
+    ``expected`` is the set of canonical names the source provides; the save must consume exactly
+    that set (the audit that no tensor is dropped or invented).
+    """
+    from megatron.core import dist_checkpointing
+
+    strategy = _streaming_classes()(source, dtype, on_tensor)
+    with meta_model(config, dtype) as model:
+        dist_checkpointing.save(model.sharded_state_dict(), str(directory), sharded_strategy=strategy,
+                                async_sharded_save=False)
+    done = strategy.canonical_done
+    if done != expected:
+        raise McoreCheckpointError(f"checkpoint audit failed: not written {sorted(expected - done)[:5]}, "
+                                   f"unexpected {sorted(done - expected)[:5]}")
+    return strategy.chunks_written
+
+
+# ---------------------------------------------------------------------- per-tensor reading
+def checkpoint_tensor_metadata(directory: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = FileSystemReader(str(directory)).read_metadata()
+    return {k: (tuple(v.size), v.properties.dtype) for k, v in metadata.state_dict_metadata.items()
+            if isinstance(v, TensorStorageMetadata)}
+
+
+_LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_EXPERT_NAME = re.compile(r"^mlp\.experts\.(\d+)\.(.+)$")
+
+
+def checkpoint_address(canonical: str) -> tuple[str, tuple[int, ...]]:
+    """Checkpoint key and leading (layer[, expert]) index of a canonical tensor (inverse of
+    :func:`canonical_chunk`)."""
+    match = _LAYER_NAME.match(canonical)
+    if not match:
+        return canonical, ()
+    layer, rest = int(match.group(1)), match.group(2)
+    expert = _EXPERT_NAME.match(rest)
+    if expert:
+        return f"{_LAYERS}{_EXPERTS}{expert.group(2)}", (layer, int(expert.group(1)))
+    return f"{_LAYERS}{rest}", (layer,)
+
+
+def _chunk_planner(requests):
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    class ChunkLoadPlanner(DefaultLoadPlanner):
+        """Reads one rectangular chunk per key into the given buffers (nothing else is read)."""
+
+        def create_local_plan(self):
+            items = []
+            for key, (offsets, buffer) in requests.items():
+                chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=buffer.shape)
+                items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
+            return LoadPlan(items)
+
+        def resolve_tensor(self, read_item):
+            view = requests[read_item.dest_index.fqn][1]
+            for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+                view = view.narrow(dim, start, length)
+            return view
+
+    return ChunkLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
+
+
+def iter_canonical(directory: str | os.PathLike, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(canonical name, whole tensor)`` one at a time from a torch_dist checkpoint saved
+    at any TP/EP layout (global tensors do not depend on the layout they were saved from)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+
+    directory = Path(directory)
+    check_is_checkpoint(directory)
+    present = checkpoint_tensor_metadata(directory)
+    for name in names:
+        key, prefix = checkpoint_address(name)
+        if key not in present:
+            raise McoreCheckpointError(f"{directory}: no tensor {key} (needed for {name})")
+        shape, dtype = present[key]
+        buffer = torch.empty((1,) * len(prefix) + shape[len(prefix):], dtype=dtype)
+        offsets = prefix + (0,) * (len(shape) - len(prefix))
+        dcp_load({key: buffer}, storage_reader=FileSystemReader(str(directory)),
+                 planner=_chunk_planner({key: (offsets, buffer)}), no_dist=True)
+        yield name, buffer.reshape(shape[len(prefix):])
+
+
+def check_canonical_shapes(directory: Path, expected: dict[str, tuple[int, ...]]) -> None:
+    """Every canonical tensor exists in the checkpoint with the shape the configuration implies."""
+    present = checkpoint_tensor_metadata(directory)
+    problems = []
+    for name, shape in expected.items():
+        key, prefix = checkpoint_address(name)
+        if key not in present:
+            problems.append(f"missing {key}")
+            continue
+        stored = present[key][0]
+        if len(stored) != len(prefix) + len(shape) or tuple(stored[len(prefix):]) != tuple(shape) or any(
+                i >= n for i, n in zip(prefix, stored)):
+            problems.append(f"{key} has shape {list(stored)}, cannot hold {name} of shape {list(shape)}")
+    if problems:
+        raise McoreCheckpointError(f"{directory}: checkpoint does not match its configuration: "
+                                   + "; ".join(sorted(set(problems))[:8]))
+
+
+def validate_model_layout(directory: Path, sharded) -> None:
+    """Every tensor key the model expects is in the checkpoint with the same global shape."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    present = checkpoint_tensor_metadata(directory)
+    problems = []
+    for item in nested_values(sharded):
+        if isinstance(item, ShardedTensorFactory):
+            if item.key not in present:
+                problems.append(f"missing {item.key}")
+            continue  # its global shape is known only once built; Megatron checks it on load
+        if isinstance(item, ShardedTensor):
+            if item.key not in present:
+                problems.append(f"missing {item.key}")
+            elif present[item.key][0] != tuple(item.global_shape):
+                problems.append(f"{item.key} has shape {list(present[item.key][0])}, "
+                                f"the configuration implies {list(item.global_shape)}")
+    if problems:
+        raise McoreCheckpointError(f"{directory}: checkpoint does not match its configuration: "
+                                   + "; ".join(sorted(set(problems))[:8]))

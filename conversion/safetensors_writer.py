@@ -1,0 +1,123 @@
+"""Write (sharded) safetensors one tensor at a time, so memory holds one tensor, not the model.
+
+``safetensors.torch.save_file`` needs every tensor of a file in memory at once.  Since all names,
+dtypes and shapes are known before conversion starts, we can write each file's header first and then
+stream the tensors' bytes in order; the result is a standard safetensors file (plus the usual
+``model.safetensors.index.json`` when sharded), readable by ``transformers``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+INDEX_NAME = "model.safetensors.index.json"
+
+_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+@dataclass
+class _Planned:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass
+class _Shard:
+    file_name: str
+    tensors: list[_Planned] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+class ShardedSafetensorsWriter:
+    """Streams tensors, in a fixed planned order, into safetensors shards of bounded size."""
+
+    def __init__(self, directory: str | os.PathLike, plan: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 *, max_shard_bytes: int = 5 * 2**30, metadata: dict[str, str] | None = None):
+        self.directory = Path(directory)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        planned = [_Planned(n, d, tuple(s)) for n, d, s in plan]
+        names = [p.name for p in planned]
+        if len(set(names)) != len(names):
+            raise ValueError("duplicate tensor names in the output plan")
+        shards: list[_Shard] = []
+        for item in planned:
+            if item.dtype not in _DTYPE_NAMES:
+                raise ValueError(f"{item.name}: dtype {item.dtype} cannot be stored in safetensors")
+            if not shards or (shards[-1].tensors and shards[-1].nbytes + item.nbytes > max_shard_bytes):
+                shards.append(_Shard(""))
+            shards[-1].tensors.append(item)
+        for i, shard in enumerate(shards, 1):
+            shard.file_name = ("model.safetensors" if len(shards) == 1
+                               else f"model-{i:05d}-of-{len(shards):05d}.safetensors")
+        self.shards = shards
+        self._order = [(s, t) for s in shards for t in s.tensors]
+        self._next = 0
+        self._file = None
+        self.bytes_written = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+    def _open(self, shard: _Shard) -> None:
+        header, offset = {}, 0
+        for t in shard.tensors:
+            header[t.name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [offset, offset + t.nbytes]}
+            offset += t.nbytes
+        header["__metadata__"] = self.metadata
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # keep the data section 8-byte aligned
+        self._file = open(self.directory / shard.file_name, "wb")
+        self._file.write(len(raw).to_bytes(8, "little"))
+        self._file.write(raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self._order):
+            raise ValueError(f"{name}: every planned tensor was already written")
+        shard, planned = self._order[self._next]
+        if name != planned.name:
+            raise ValueError(f"expected tensor {planned.name!r} next, got {name!r}")
+        if tensor.dtype != planned.dtype or tuple(tensor.shape) != planned.shape:
+            raise ValueError(f"{name}: got {tensor.dtype} {list(tensor.shape)}, planned "
+                             f"{planned.dtype} {list(planned.shape)}")
+        if self._file is None:
+            self._open(shard)
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._file.write(memoryview(data))
+        self.bytes_written += planned.nbytes
+        self._next += 1
+        if self._next == len(self._order) or self._order[self._next][0] is not shard:
+            self._file.close()
+            self._file = None
+
+    def close(self) -> None:
+        """Finish: every planned tensor must have been written; writes the index when sharded."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._next != len(self._order):
+            missing = [t.name for _, t in self._order[self._next:]]
+            raise ValueError(f"{len(missing)} planned tensors were never written, first: {missing[0]}")
+        if len(self.shards) > 1:
+            index = {"metadata": {"total_size": self.total_bytes},
+                     "weight_map": {t.name: s.file_name for s, t in self._order}}
+            (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
