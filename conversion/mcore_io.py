@@ -185,6 +185,22 @@ def _streaming_classes():
     return StreamingSaveStrategy
 
 
+@contextlib.contextmanager
+def _unwrapped_checkpoint_errors():
+    """DCP wraps exceptions raised while writing; re-raise our own validation errors as they are,
+    so that users see which tensor was bad rather than a writer traceback."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as error:
+        for failure in error.failures.values():
+            original = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(original, ValueError):
+                raise original from None
+        raise
+
+
 def write_checkpoint(directory: Path, config: FlexOlmoConfig, source: Source, *, dtype: torch.dtype,
                      expected: set[str], on_tensor: Callable[[str, int], None] | None = None) -> int:
     """Write a torch_dist checkpoint into the existing empty ``directory``; returns chunks written.
@@ -195,7 +211,7 @@ def write_checkpoint(directory: Path, config: FlexOlmoConfig, source: Source, *,
     from megatron.core import dist_checkpointing
 
     strategy = _streaming_classes()(source, dtype, on_tensor)
-    with meta_model(config, dtype) as model:
+    with meta_model(config, dtype) as model, _unwrapped_checkpoint_errors():
         dist_checkpointing.save(model.sharded_state_dict(), str(directory), sharded_strategy=strategy,
                                 async_sharded_save=False)
     done = strategy.canonical_done

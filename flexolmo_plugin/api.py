@@ -34,6 +34,7 @@ def from_hf(
     expert_tensor_parallel: int | None = None,
     sequence_parallel: bool = False,
     backend: Backend = "local",
+    dispatcher: str = "alltoall",
     **config_overrides,
 ):
     """A Megatron FlexOlmo ``GPTModel`` holding the weights of the HF checkpoint in ``hf_dir``.
@@ -50,7 +51,7 @@ def from_hf(
     ensure_model_parallel(tensor_parallel=tensor_parallel, expert_parallel=expert_parallel,
                           expert_tensor_parallel=expert_tensor_parallel)
     model = build_model(config, params_dtype=params_dtype, sequence_parallel=sequence_parallel,
-                        backend=backend)
+                        backend=backend, dispatcher=dispatcher)
     model.to(compat.default_device())
     load_hf_weights(model, hf_dir)
     model.eval()
@@ -66,6 +67,7 @@ def from_mcore(
     expert_tensor_parallel: int | None = None,
     sequence_parallel: bool = False,
     backend: Backend = "local",
+    dispatcher: str = "alltoall",
 ):
     """A FlexOlmo ``GPTModel`` from a checkpoint written by ``flexolmo convert hf-to-mcore`` or
     :func:`save_mcore`, at the current (or requested) TP/EP layout; no other input is needed.
@@ -82,7 +84,7 @@ def from_mcore(
     ensure_model_parallel(tensor_parallel=tensor_parallel, expert_parallel=expert_parallel,
                           expert_tensor_parallel=expert_tensor_parallel)
     model = build_model(config, params_dtype=params_dtype or stored_dtype, sequence_parallel=sequence_parallel,
-                        backend=backend)
+                        backend=backend, dispatcher=dispatcher)
     model.to(compat.default_device())
     sharded = model.sharded_state_dict()
     validate_model_layout(Path(mcore_dir), sharded)

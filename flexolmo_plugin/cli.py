@@ -73,6 +73,35 @@ def cmd_parity(args: argparse.Namespace) -> int:
     return EXIT_OK if passed else EXIT_CHECK_FAILED
 
 
+def _parse_size(text: str) -> int:
+    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40, "B": 1}
+    upper = text.strip().upper()
+    for unit, factor in units.items():
+        if upper.endswith(unit):
+            return int(float(upper[: -len(unit)]) * factor)
+    return int(upper)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """HF <-> Megatron conversion with a progress bar and a final summary."""
+    _quiet_imports()
+    import torch
+
+    from conversion.convert import hf_to_mcore, mcore_to_hf
+
+    dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None
+    if args.direction == "hf-to-mcore":
+        report = hf_to_mcore(args.source, args.target, dtype=dtype, num_experts=args.num_experts,
+                             top_k=args.top_k, progress=not args.quiet)
+    else:
+        if args.num_experts or args.top_k:
+            raise ValueError("--num-experts/--top-k only apply to hf-to-mcore")
+        report = mcore_to_hf(args.source, args.target, dtype=dtype, max_shard_bytes=_parse_size(args.max_shard_size),
+                             progress=not args.quiet)
+    print(f"converted {args.direction}: {report.summary()}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flexolmo",
@@ -92,6 +121,22 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--dtype", choices=sorted(_DTYPES), default="float32",
                         help="parameter dtype of the Megatron model (reference is always float32)")
     parity.set_defaults(func=cmd_parity)
+
+    convert = sub.add_parser(
+        "convert", help="convert checkpoints between Hugging Face and Megatron torch_dist",
+        description="hf-to-mcore: HF FlexOlmo (or OLMo-2 dense with --num-experts) -> a Megatron torch_dist "
+                    "checkpoint plus flexolmo_config.json (load with flexolmo_plugin.from_mcore at any TP/EP). "
+                    "mcore-to-hf: back to sharded safetensors + config.json for transformers. Streams one tensor "
+                    "at a time, validates everything, and writes the output atomically (refuses an existing path).")
+    convert.add_argument("direction", choices=["hf-to-mcore", "mcore-to-hf"])
+    convert.add_argument("source", metavar="SOURCE_DIR")
+    convert.add_argument("target", metavar="TARGET_DIR", help="must not exist yet")
+    convert.add_argument("--dtype", choices=sorted(_DTYPES), help="output dtype (default: the source's)")
+    convert.add_argument("--num-experts", type=int, help="hf-to-mcore from OLMo-2 dense: number of expert copies")
+    convert.add_argument("--top-k", type=int, help="hf-to-mcore: experts per token (default: config / all)")
+    convert.add_argument("--max-shard-size", default="5GB", help="mcore-to-hf: safetensors shard size (default 5GB)")
+    convert.add_argument("--quiet", action="store_true", help="no progress bar")
+    convert.set_defaults(func=cmd_convert)
     return parser
 
 
@@ -104,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (CheckpointFormatError, ConfigError, ValueError, FileNotFoundError) as error:
+    except (CheckpointFormatError, ConfigError, ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

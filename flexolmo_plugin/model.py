@@ -20,18 +20,20 @@ def build_model(
     params_dtype: torch.dtype = torch.float32,
     sequence_parallel: bool = False,
     backend: Backend = "local",
+    dispatcher: str = "alltoall",
     **transformer_overrides,
 ):
     """A FlexOlmo ``GPTModel`` for the current ``parallel_state`` layout (random init).
 
     Call :func:`flexolmo_plugin.distributed.ensure_model_parallel` (or run under a launcher that
-    initialises Megatron) first.  Weights are usually loaded afterwards (``from_hf`` / checkpoints).
+    initialises Megatron) first.  ``dispatcher`` is Megatron's token dispatcher: ``"alltoall"``
+    (production default) or ``"allgather"`` (lets a runtime expert mask shrink top-k).  Weights are usually loaded afterwards (``from_hf`` / checkpoints).
     """
     from megatron.core.models.gpt import GPTModel
 
     layout = ParallelLayout.current(sequence_parallel=sequence_parallel)
     transformer_config = to_transformer_config(config, layout, params_dtype=params_dtype,
-                                               **transformer_overrides)
+                                               moe_token_dispatcher_type=dispatcher, **transformer_overrides)
     spec = flexolmo_block_spec(transformer_config, backend=backend, domain_bias=config.router_bias)
     model = GPTModel(
         config=transformer_config,

@@ -11,8 +11,10 @@ Why a ``TopKRouter`` subclass rather than the stock router:
   Parameter, absent for the public expert, clamped so that it can only lower a domain's logit.
 * **Runtime expert mask** (opt-out without a new checkpoint): masked experts get ``-inf`` logits,
   so the softmax runs over the remaining experts -- exactly what physically removing the expert
-  and its row computes -- and are removed from the routing map even when top-k exceeds the number
-  of remaining experts.
+  and its row computes -- and they are never selected.  Megatron's dropless all-to-all dispatcher
+  sizes its buffers for exactly top-k selections per token, so with it at least top-k experts
+  must remain; the all-gather dispatcher (or a capacity factor) counts real selections and lets
+  top-k shrink to the remaining experts, as physical opt-out does.
 
 Everything else -- fp32 gating GEMM, z-loss, aux losses, capacity -- is Megatron's own code path.
 """
@@ -94,9 +96,19 @@ class DomainEmbeddingRouter(TopKRouter):
             logits = logits.masked_fill(self._excluded.to(logits.device), float("-inf"))
         return logits
 
+    @property
+    def fixed_selection_count(self) -> bool:
+        """Whether the token dispatcher requires exactly top-k selections per token."""
+        c = self.config
+        return (c.moe_token_dispatcher_type != "allgather" and c.moe_expert_capacity_factor is None
+                and not c.moe_router_padding_for_quantization)
+
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
-        if self._excluded is not None:
+        # With a fixed count, at least top-k unmasked experts exist and win top-k (masked
+        # probabilities are exactly 0); only an exact tie with an underflowed expert could pick a
+        # masked one, at weight 0, which must then stay in the map to keep the count.
+        if self._excluded is not None and not self.fixed_selection_count:
             keep = ~self._excluded.to(routing_map.device)
             routing_map = routing_map & keep
             probs = probs * keep.to(probs.dtype)  # already exactly 0 there; keeps the map consistent
@@ -114,6 +126,13 @@ class DomainEmbeddingRouter(TopKRouter):
             raise ValueError(f"expert indices {bad} out of range for {self.num_experts} experts")
         if len(experts) == self.num_experts:
             raise ValueError("cannot exclude every expert")
+        remaining = self.num_experts - len(experts)
+        if self.fixed_selection_count and remaining < self.topk:
+            raise ValueError(
+                f"excluding {len(experts)} experts leaves {remaining} < top-k={self.topk}, but the "
+                f"'{self.config.moe_token_dispatcher_type}' dispatcher routes exactly top-k experts per token; "
+                "build the model with dispatcher='allgather' (top-k then shrinks to the remaining experts) "
+                "or opt the experts out physically")
         mask = torch.zeros(self.num_experts, dtype=torch.bool)
         mask[experts] = True
         self._excluded = mask

@@ -96,8 +96,9 @@ def run_distributed(fn, world_size: int, *args, timeout: float = SPAWN_TIMEOUT_S
     queue = ctx.SimpleQueue()
     collected = ctx.Event()
     port = free_port()
+    # Not daemonic: Megatron's checkpoint writer starts helper processes of its own.
     procs = [ctx.Process(target=_worker_entry, args=(r, world_size, port, fn, args, queue, collected),
-                         daemon=True)
+                         daemon=False)
              for r in range(world_size)]
     for p in procs:
         p.start()

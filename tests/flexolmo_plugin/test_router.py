@@ -57,7 +57,7 @@ def test_probabilities_are_softmax_over_all_experts_without_renormalisation(num_
 
 @pytest.mark.parametrize("top_k", [1, 2, 4])
 def test_masked_experts_are_never_chosen_and_equal_physical_removal(top_k):
-    router = make_router(4, top_k)
+    router = make_router(4, top_k, moe_token_dispatcher_type="allgather")
     h = hidden(tokens=32)
     router.set_excluded_experts([1, 3])
     probs, routing_map = router(h)
@@ -71,6 +71,13 @@ def test_masked_experts_are_never_chosen_and_equal_physical_removal(top_k):
     router.set_excluded_experts(None)
     _, routing_map = router(h)
     assert routing_map[:, [1, 3]].any(), "clearing the mask restores the experts"
+
+
+def test_fixed_count_dispatcher_refuses_leaving_fewer_than_top_k_experts():
+    router = make_router(4, 3)  # alltoall: exactly top-k selections per token
+    router.set_excluded_experts([3])  # 3 remain: fine
+    with pytest.raises(ValueError, match="dispatcher='allgather'"):
+        router.set_excluded_experts([2, 3])
 
 
 def test_excluding_invalid_experts_is_refused():
