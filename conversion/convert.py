@@ -24,6 +24,7 @@ import torch
 from flexolmo_plugin.config import FlexOlmoConfig
 
 from .atomic import atomic_directory, check_new_output
+from .checks import all_finite
 from .hf_layout import HFWeights
 from .mapping import RULES, entries, hf_shapes, megatron_shape, to_hf, to_megatron
 from .mcore_io import (McoreCheckpointError, check_canonical_shapes, check_is_checkpoint, iter_canonical, load_config,
@@ -176,7 +177,7 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dty
         meter = _Progress(writer.total_bytes, progress, "mcore -> hf")
         try:
             for name, canonical in iter_canonical(mcore_dir, [e.megatron for e in ordered]):
-                if not torch.isfinite(canonical).all():
+                if not all_finite(canonical):
                     raise McoreCheckpointError(f"{mcore_dir}: {name} contains NaN/Inf")
                 entry = by_name[name]
                 for hf_name, tensor in zip(entry.hf, to_hf(entry, canonical, config)):

@@ -173,8 +173,10 @@ def _streaming_classes():
             self.prepend = {t.key: t.prepend_axis_num for t in nested_values(sharded_state_dict)
                             if isinstance(t, ShardedTensor)}
             state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
+            # No per-file fsync here: the atomic output directory fsyncs every file once before
+            # it is renamed into place.
             writer = FileSystemWriter(checkpoint_dir, single_file_per_rank=False, thread_count=1,
-                                      per_thread_copy_ahead=0)
+                                      per_thread_copy_ahead=0, sync_files=False)
             dcp_save(mcore_to_pyt_state_dict(state, False), storage_writer=writer,
                      planner=LazyChunkPlanner(self, dedup_replicated_tensors=False, flatten_state_dict=False,
                                               flatten_sharded_tensors=False))
@@ -273,13 +275,28 @@ def _chunk_planner(requests):
     return ChunkLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
 
 
+def _cached_metadata_reader(directory: Path):
+    """A DCP reader that unpickles ``.metadata`` once instead of once per tensor read."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class CachedMetadataReader(FileSystemReader):
+        _metadata = None
+
+        def read_metadata(self, *args, **kwargs):
+            if self._metadata is None:
+                self._metadata = super().read_metadata(*args, **kwargs)
+            return self._metadata
+
+    return CachedMetadataReader(str(directory))
+
+
 def iter_canonical(directory: str | os.PathLike, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(canonical name, whole tensor)`` one at a time from a torch_dist checkpoint saved
     at any TP/EP layout (global tensors do not depend on the layout they were saved from)."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint import load as dcp_load
 
     directory = Path(directory)
+    reader = _cached_metadata_reader(directory)
     check_is_checkpoint(directory)
     present = checkpoint_tensor_metadata(directory)
     for name in names:
@@ -289,7 +306,7 @@ def iter_canonical(directory: str | os.PathLike, names: list[str]) -> Iterator[t
         shape, dtype = present[key]
         buffer = torch.empty((1,) * len(prefix) + shape[len(prefix):], dtype=dtype)
         offsets = prefix + (0,) * (len(shape) - len(prefix))
-        dcp_load({key: buffer}, storage_reader=FileSystemReader(str(directory)),
+        dcp_load({key: buffer}, storage_reader=reader,
                  planner=_chunk_planner({key: (offsets, buffer)}), no_dist=True)
         yield name, buffer.reshape(shape[len(prefix):])
 

@@ -33,17 +33,18 @@ class _Planned:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass
 class _Shard:
     file_name: str
     tensors: list[_Planned] = field(default_factory=list)
+    nbytes: int = 0
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
+    def add(self, item: _Planned) -> None:
+        self.tensors.append(item)
+        self.nbytes += item.nbytes
 
 
 class ShardedSafetensorsWriter:
@@ -63,7 +64,7 @@ class ShardedSafetensorsWriter:
                 raise ValueError(f"{item.name}: dtype {item.dtype} cannot be stored in safetensors")
             if not shards or (shards[-1].tensors and shards[-1].nbytes + item.nbytes > max_shard_bytes):
                 shards.append(_Shard(""))
-            shards[-1].tensors.append(item)
+            shards[-1].add(item)
         for i, shard in enumerate(shards, 1):
             shard.file_name = ("model.safetensors" if len(shards) == 1
                                else f"model-{i:05d}-of-{len(shards):05d}.safetensors")

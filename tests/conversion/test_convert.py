@@ -222,3 +222,32 @@ def test_mcore_checkpoint_disagreeing_with_its_config_is_refused(good_src, tmp_p
 def test_not_a_converted_checkpoint_is_refused(tmp_path):
     with pytest.raises(McoreCheckpointError, match="flexolmo_config.json"):
         mcore_to_hf(tmp_path, tmp_path / "back")
+
+
+def test_killed_conversion_leaves_no_output(tmp_path):
+    """SIGKILL in the middle of writing: the target never appears (only a hidden .partial dir)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = save_hf_model(make_hf_model(seed=6, num_hidden_layers=12, num_experts=8), tmp_path / "src")
+    target = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "flexolmo_plugin", "convert", "hf-to-mcore", str(src),
+                             str(target), "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            partial = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
+            if partial and any(partial[0].glob("*.distcp")):
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, "conversion finished before it could be interrupted"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not target.exists()
