@@ -53,7 +53,7 @@ class ConversionReport:
                 f"({self.throughput_mb_s:.1f} MiB/s) -> {self.output}")
 
 
-class _Progress:
+class ProgressMeter:
     def __init__(self, total_bytes: int, enabled: bool, label: str):
         self.bar = None
         if enabled:
@@ -89,7 +89,7 @@ def _single_dtype(checkpoint: SafetensorsCheckpoint) -> torch.dtype:
     return dtypes.pop()
 
 
-def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     copied = []
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
@@ -121,7 +121,7 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype:
         by_name = {e.megatron: e for e in entries(config)}
         itemsize = torch.empty((), dtype=dtype).element_size()
         total = sum(itemsize * _numel(megatron_shape(e, config)) for e in by_name.values())
-        meter = _Progress(total, progress, "hf -> mcore")
+        meter = ProgressMeter(total, progress, "hf -> mcore")
 
         def source(name: str) -> torch.Tensor:
             entry = by_name[name]
@@ -131,7 +131,7 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype:
             with atomic_directory(out_dir) as tmp:
                 write_checkpoint(tmp, config, source, dtype=dtype, expected=set(by_name), on_tensor=meter)
                 weights.audit()
-                copied = _copy_tokenizer(hf_dir, tmp / "tokenizer")
+                copied = copy_tokenizer_files(hf_dir, tmp / "tokenizer")
                 save_config(tmp, config, dtype=dtype,
                             extra={"source": {"format": "olmo2" if is_olmo2_config(raw_config) else "hf",
                                               "path": str(hf_dir.resolve())},
@@ -174,7 +174,7 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dty
     written: set[str] = set()
     with atomic_directory(out_dir) as tmp:
         writer = ShardedSafetensorsWriter(tmp, plan, max_shard_bytes=max_shard_bytes)
-        meter = _Progress(writer.total_bytes, progress, "mcore -> hf")
+        meter = ProgressMeter(writer.total_bytes, progress, "mcore -> hf")
         try:
             for name, canonical in iter_canonical(mcore_dir, [e.megatron for e in ordered]):
                 if not all_finite(canonical):

@@ -290,25 +290,36 @@ def _cached_metadata_reader(directory: Path):
     return CachedMetadataReader(str(directory))
 
 
-def iter_canonical(directory: str | os.PathLike, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(canonical name, whole tensor)`` one at a time from a torch_dist checkpoint saved
-    at any TP/EP layout (global tensors do not depend on the layout they were saved from)."""
-    from torch.distributed.checkpoint import load as dcp_load
+class CanonicalReader:
+    """Random access to whole canonical tensors of a torch_dist checkpoint saved at any TP/EP
+    layout (global tensors do not depend on the layout they were saved from).  Each read loads
+    one chunk of one key: memory holds one tensor."""
 
-    directory = Path(directory)
-    reader = _cached_metadata_reader(directory)
-    check_is_checkpoint(directory)
-    present = checkpoint_tensor_metadata(directory)
-    for name in names:
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        check_is_checkpoint(self.directory)
+        self.present = checkpoint_tensor_metadata(self.directory)
+        self._reader = _cached_metadata_reader(self.directory)
+
+    def read(self, name: str) -> torch.Tensor:
+        from torch.distributed.checkpoint import load as dcp_load
+
         key, prefix = checkpoint_address(name)
-        if key not in present:
-            raise McoreCheckpointError(f"{directory}: no tensor {key} (needed for {name})")
-        shape, dtype = present[key]
+        if key not in self.present:
+            raise McoreCheckpointError(f"{self.directory}: no tensor {key} (needed for {name})")
+        shape, dtype = self.present[key]
         buffer = torch.empty((1,) * len(prefix) + shape[len(prefix):], dtype=dtype)
         offsets = prefix + (0,) * (len(shape) - len(prefix))
-        dcp_load({key: buffer}, storage_reader=reader,
-                 planner=_chunk_planner({key: (offsets, buffer)}), no_dist=True)
-        yield name, buffer.reshape(shape[len(prefix):])
+        dcp_load({key: buffer}, storage_reader=self._reader, planner=_chunk_planner({key: (offsets, buffer)}),
+                 no_dist=True)
+        return buffer.reshape(shape[len(prefix):])
+
+
+def iter_canonical(directory: str | os.PathLike, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(canonical name, whole tensor)`` one at a time, in the order given."""
+    reader = CanonicalReader(directory)
+    for name in names:
+        yield name, reader.read(name)
 
 
 def check_canonical_shapes(directory: Path, expected: dict[str, tuple[int, ...]]) -> None:

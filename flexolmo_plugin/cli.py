@@ -102,6 +102,54 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_upcycle(args: argparse.Namespace) -> int:
+    """Public model -> the [public, domain] 2-expert Megatron checkpoint an owner trains."""
+    _quiet_imports()
+    import torch
+
+    from conversion.upcycle import upcycle
+
+    report = upcycle(args.public_dir, args.out_dir, public_embedding=args.public_embedding,
+                     domain_embedding=args.domain_embedding, expert_names=("public", args.name),
+                     dtype=getattr(torch, _DTYPES[args.dtype]) if args.dtype else None, progress=not args.quiet)
+    print(f"upcycled: {report.summary()}")
+    return EXIT_OK
+
+
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    """JSON Lines -> Megatron indexed dataset."""
+    _quiet_imports()
+    from .data import prepare_dataset
+
+    report = prepare_dataset(args.input, args.output_prefix, tokenizer_dir=args.tokenizer, text_key=args.text_key,
+                             append_eod=not args.no_eod, progress=not args.quiet)
+    print(f"wrote {report.prefix}.bin/.idx: {report.documents} documents, {report.tokens} tokens")
+    return EXIT_OK
+
+
+def cmd_embed_domain(args: argparse.Namespace) -> int:
+    """Mean embedding of a sample of the owner's documents -> a router row."""
+    _quiet_imports()
+    from conversion.upcycle import save_embedding
+
+    from .domain_embedding import embed_documents, sample_documents
+
+    width = None
+    if args.for_model:
+        import json
+        from pathlib import Path
+
+        width = json.loads((Path(args.for_model) / "config.json").read_text())["hidden_size"]
+    docs = sample_documents(args.docs, num_docs=args.num_docs, seed=args.seed, text_key=args.text_key)
+    vector = embed_documents(args.model, docs, method=args.method, max_tokens=args.max_tokens,
+                             expected_width=width, progress=not args.quiet)
+    save_embedding(args.output, vector, {"documents": str(len(docs)), "embedder": str(args.model),
+                                         "method": args.method, "seed": str(args.seed)})
+    print(f"wrote {args.output}: mean of {len(docs)} documents, width {vector.numel()}, "
+          f"L2 norm {vector.norm().item():.4f}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flexolmo",
@@ -137,6 +185,47 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--max-shard-size", default="5GB", help="mcore-to-hf: safetensors shard size (default 5GB)")
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
     convert.set_defaults(func=cmd_convert)
+
+    up = sub.add_parser(
+        "upcycle", help="public model -> [public, domain] 2-expert checkpoint for a data owner",
+        description="Both experts start as the public FFN (expert 0 of a FlexOlmo public model); every layer's "
+                    "router rows become [PUBLIC_EMBEDDING; DOMAIN_EMBEDDING]. PUBLIC_DIR: HF OLMo-2 dense, HF "
+                    "FlexOlmo, or a Megatron checkpoint from 'flexolmo convert'. Embeddings: .safetensors or .npy.")
+    up.add_argument("public_dir", metavar="PUBLIC_DIR")
+    up.add_argument("out_dir", metavar="OUT_MCORE_DIR", help="must not exist yet")
+    up.add_argument("--public-embedding", required=True, metavar="E0")
+    up.add_argument("--domain-embedding", required=True, metavar="E1")
+    up.add_argument("--name", default="domain", help="name of the owner's expert (default 'domain')")
+    up.add_argument("--dtype", choices=sorted(_DTYPES), help="parameter dtype (default: the public model's)")
+    up.add_argument("--quiet", action="store_true")
+    up.set_defaults(func=cmd_upcycle)
+
+    prep = sub.add_parser("prepare-data", help="JSON Lines -> Megatron indexed dataset (.bin/.idx)",
+                          description="Tokenizes one document per line (streaming) and appends the end-of-document "
+                                      "token; a bad line stops with its line number and writes nothing.")
+    prep.add_argument("input", metavar="INPUT.jsonl")
+    prep.add_argument("output_prefix", metavar="OUT_PREFIX")
+    prep.add_argument("--tokenizer", required=True, metavar="TOKENIZER_DIR", help="local HF tokenizer directory")
+    prep.add_argument("--text-key", default="text")
+    prep.add_argument("--no-eod", action="store_true", help="do not append the end-of-document token")
+    prep.add_argument("--quiet", action="store_true")
+    prep.set_defaults(func=cmd_prepare_data)
+
+    emb = sub.add_parser("embed-domain", help="domain embedding (router row) from a sample of documents",
+                         description="Mean embedding of up to --num-docs documents (paper: 1000) with a local "
+                                     "encoder (sentence-transformers/HF, mean-pooled) or the public model's own "
+                                     "final hidden states. The width must equal the FlexOlmo model's hidden size.")
+    emb.add_argument("docs", metavar="DOCS.jsonl")
+    emb.add_argument("output", metavar="OUT.safetensors")
+    emb.add_argument("--model", required=True, metavar="DIR", help="local embedder or public model directory")
+    emb.add_argument("--method", choices=["auto", "encoder", "public-model"], default="auto")
+    emb.add_argument("--for-model", metavar="DIR", help="check the width against this model's hidden size")
+    emb.add_argument("--num-docs", type=int, default=1000)
+    emb.add_argument("--max-tokens", type=int, default=512)
+    emb.add_argument("--seed", type=int, default=0)
+    emb.add_argument("--text-key", default="text")
+    emb.add_argument("--quiet", action="store_true")
+    emb.set_defaults(func=cmd_embed_domain)
     return parser
 
 

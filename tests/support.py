@@ -173,3 +173,22 @@ def slot_errors(model, reference: dict[str, torch.Tensor], *, grads: bool) -> di
         scale = ref.abs().max().item()
         errors[slot.local_name] = (ours.float() - ref).abs().max().item() / (scale if scale > 0 else 1.0)
     return errors
+
+
+def make_tokenizer(directory: Path, texts: list[str] | None = None, vocab_size: int = 300) -> Path:
+    """A small byte-level BPE tokenizer (256 bytes + specials + merges, ``vocab_size`` entries)
+    trained locally on ``texts`` and saved as an HF fast tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = texts or ["the quick brown fox jumps over the lazy dog", "def add(a, b): return a + b",
+                      "lorem ipsum dolor sit amet", "numbers 0 1 2 3 4 5 6 7 8 9"] * 4
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>",
+                                   eos_token="<eos>")
+    fast.save_pretrained(directory)
+    return directory

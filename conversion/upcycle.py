@@ -1,0 +1,185 @@
+"""Upcycling: the public model becomes a data owner's 2-expert ``[public, domain]`` starting point.
+
+Both experts start as copies of the public FFN and every layer's router gets the same two rows
+``[r_pub; r_i]`` -- the domain embeddings (paper §3.3.2: mean embedding of ~1000 documents; the same
+vector seeds every layer).  The public model may be an HF OLMo-2 dense checkpoint (FlexOlmo's public
+model), an HF FlexOlmo or a converted Megatron FlexOlmo checkpoint; for the latter two its expert 0
+(the public expert) is the FFN that gets copied.
+
+Domain embeddings are files holding one float vector of the model's hidden size: ``.safetensors``
+(as written by ``flexolmo embed-domain``) or ``.npy`` (the official repository's format, read with
+``allow_pickle=False``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flexolmo_plugin.config import FlexOlmoConfig
+
+from .atomic import atomic_directory, check_new_output
+from .checks import all_finite
+from .convert import ConversionReport, copy_tokenizer_files, ProgressMeter
+from .hf_layout import HFWeights
+from .mapping import entries, to_megatron
+from .mcore_io import CONFIG_FILE, CanonicalReader, load_config, save_config, write_checkpoint
+from .olmo2 import Olmo2AsFlexOlmo, is_olmo2_config
+from .safetensors_reader import PICKLE_SUFFIXES, CheckpointFormatError, SafetensorsCheckpoint
+
+EMBEDDING_KEY = "embedding"
+_EXPERT = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.)\d+(\..+)$")
+_ROUTER = re.compile(r"^decoder\.layers\.\d+\.mlp\.router\.weight$")
+
+
+class EmbeddingError(ValueError):
+    """A domain-embedding file that is unreadable, unsafe, or does not fit the model."""
+
+
+def load_embedding(path: str | os.PathLike, hidden_size: int | None = None) -> torch.Tensor:
+    """A float32 ``[hidden]`` domain embedding from ``.safetensors`` or ``.npy`` (no pickle)."""
+    path = Path(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        raise EmbeddingError(f"{path}: pickle files are refused (unpickling can execute code); "
+                             "use .safetensors or .npy")
+    if not path.is_file():
+        raise EmbeddingError(f"{path}: no such file")
+    if path.suffix == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except ValueError as error:  # object arrays need pickle
+            raise EmbeddingError(f"{path}: not a plain numeric .npy array ({error})") from error
+        tensor = torch.from_numpy(np.asarray(array))
+    elif path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(path))
+        except Exception as error:
+            raise EmbeddingError(f"{path}: unreadable safetensors file ({error})") from error
+        if EMBEDDING_KEY in tensors:
+            tensor = tensors[EMBEDDING_KEY]
+        elif len(tensors) == 1:
+            tensor = next(iter(tensors.values()))
+        else:
+            raise EmbeddingError(f"{path}: expected one tensor (or one named '{EMBEDDING_KEY}'), found {sorted(tensors)}")
+    else:
+        raise EmbeddingError(f"{path}: unsupported embedding file type {path.suffix!r} (use .safetensors or .npy)")
+    if tensor.dim() == 2 and tensor.shape[0] == 1:
+        tensor = tensor[0]
+    if tensor.dim() != 1 or not tensor.is_floating_point():
+        raise EmbeddingError(f"{path}: expected a 1-D float vector, got {tensor.dtype} {list(tensor.shape)}")
+    if hidden_size is not None and tensor.numel() != hidden_size:
+        raise EmbeddingError(f"{path}: embedding width {tensor.numel()} does not match the model's hidden size "
+                             f"{hidden_size} (the embedder's width must equal the model's)")
+    if not all_finite(tensor):
+        raise EmbeddingError(f"{path}: embedding contains NaN/Inf")
+    return tensor.float().contiguous()
+
+
+def save_embedding(path: str | os.PathLike, embedding: torch.Tensor, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    path = Path(check_new_output(path))
+    tmp = path.with_name(f".{path.name}.partial")
+    save_file({EMBEDDING_KEY: embedding.float().contiguous()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _PublicModel:
+    """Canonical tensors of the public model (shared weights and its public FFN), any source format."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self._checkpoint = None
+        if (directory / CONFIG_FILE).exists():
+            self.config, self.dtype, _ = load_config(directory)
+            reader = CanonicalReader(directory)
+            self.read = reader.read
+            self.kind = "megatron"
+            return
+        self._checkpoint = SafetensorsCheckpoint.open(directory)
+        raw = self._checkpoint.config()
+        if raw is None:
+            raise CheckpointFormatError(f"{directory}: no config.json and no {CONFIG_FILE}: not a public model")
+        if is_olmo2_config(raw):
+            weights = Olmo2AsFlexOlmo(self._checkpoint, raw, num_experts=1)
+            self.kind = "olmo2"
+        elif raw.get("model_type") == "flex_olmo":
+            weights = HFWeights(self._checkpoint, FlexOlmoConfig.from_hf(raw))
+            self.kind = "flex_olmo"
+        else:
+            raise CheckpointFormatError(f"{directory}: model_type {raw.get('model_type')!r} is neither olmo2 nor "
+                                        "flex_olmo; the public model must be one of them")
+        self.config = weights.config if self.kind == "olmo2" else FlexOlmoConfig.from_hf(raw)
+        dtypes = {self._checkpoint.dtype(k) for k in self._checkpoint.keys()}
+        self.dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        by_name = {e.megatron: e for e in entries(self.config)}
+
+        def read(name: str) -> torch.Tensor:
+            entry = by_name[name]
+            return to_megatron(entry, tuple(weights.get(h) for h in entry.hf), self.config)
+
+        self.read = read
+
+    def close(self) -> None:
+        if self._checkpoint is not None:
+            self._checkpoint.close()
+
+
+def upcycle(public_dir: str | os.PathLike, out_dir: str | os.PathLike, *, public_embedding: str | os.PathLike,
+            domain_embedding: str | os.PathLike, expert_names: tuple[str, str] = ("public", "domain"),
+            dtype: torch.dtype | None = None, progress: bool = False) -> ConversionReport:
+    """Write the 2-expert ``[public, domain]`` Megatron checkpoint a data owner starts training from."""
+    start = time.perf_counter()
+    public_dir = Path(public_dir)
+    check_new_output(out_dir)
+    public = _PublicModel(public_dir)
+    try:
+        config = public.config.replace(num_experts=2, top_k=2, expert_names=tuple(expert_names),
+                                       router_bias=False)
+        rows = torch.stack([load_embedding(public_embedding, config.hidden_size),
+                            load_embedding(domain_embedding, config.hidden_size)])
+        out_dtype = dtype or public.dtype
+        names = {e.megatron for e in entries(config)}
+
+        def source(name: str) -> torch.Tensor:
+            if _ROUTER.match(name):
+                return rows  # the same [r_pub; r_i] seeds every layer
+            expert = _EXPERT.match(name)
+            if expert:  # both experts start as the public FFN
+                return public.read(f"{expert.group(1)}0{expert.group(2)}")
+            return public.read(name)
+
+        meter = ProgressMeter(0, progress, "upcycle")
+        try:
+            with atomic_directory(out_dir) as tmp:
+                write_checkpoint(tmp, config, source, dtype=out_dtype, expected=names, on_tensor=meter)
+                tokenizer_src = public_dir / "tokenizer" if public.kind == "megatron" else public_dir
+                copied = copy_tokenizer_files(tokenizer_src, tmp / "tokenizer")
+                save_config(tmp, config, dtype=out_dtype, extra={
+                    "source": {"format": f"upcycled from {public.kind}", "path": str(public_dir.resolve())},
+                    "domain_embeddings": {"public": {"path": str(public_embedding),
+                                                     "sha256": _file_sha256(Path(public_embedding))},
+                                          expert_names[1]: {"path": str(domain_embedding),
+                                                            "sha256": _file_sha256(Path(domain_embedding))}},
+                    "tokenizer_files": copied})
+        finally:
+            meter.close()
+    finally:
+        public.close()
+    return ConversionReport(meter.tensors, meter.bytes, time.perf_counter() - start, Path(out_dir))

@@ -1,0 +1,117 @@
+"""Domain embeddings: the router row r_i a data owner starts from (paper §3.3.2).
+
+r_i is the mean embedding of a sample of the owner's documents (the paper: 1000 documents embedded
+with GritLM-7B, whose width equals the model's).  Two embedders are supported, both from local
+paths only:
+
+* ``encoder``: a text-embedding model (sentence-transformers layout or any HF encoder) -- documents
+  are mean-pooled over their tokens, as GritLM and most sentence-transformers models do;
+* ``public-model``: the public model itself (HF OLMo-2 / FlexOlmo) -- the mean of its final hidden
+  states over each document's tokens (the paper's alternative, which needs no extra model).
+
+The embedding width must equal the FlexOlmo model's hidden size; that is checked when the vector is
+used (``flexolmo upcycle``) and, with ``expected_width``, already here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+
+from .data import DataError, iter_documents, load_tokenizer
+
+
+def sample_documents(path: str | os.PathLike, *, num_docs: int = 1000, seed: int = 0,
+                     text_key: str = "text") -> list[str]:
+    """A uniform sample of ``num_docs`` non-empty documents, in one streaming pass (reservoir)."""
+    if num_docs < 1:
+        raise DataError("num_docs must be >= 1")
+    rng = random.Random(seed)
+    sample: list[str] = []
+    seen = 0
+    for _, text in iter_documents(path, text_key=text_key):
+        if not text.strip():
+            continue
+        seen += 1
+        if len(sample) < num_docs:
+            sample.append(text)
+        else:
+            j = rng.randrange(seen)
+            if j < num_docs:
+                sample[j] = text
+    if not sample:
+        raise DataError(f"{path}: no non-empty documents to embed")
+    return sample
+
+
+def _detect_method(model_dir: Path) -> str:
+    config = model_dir / "config.json"
+    model_type = json.loads(config.read_text()).get("model_type") if config.exists() else None
+    return "public-model" if model_type in ("olmo2", "flex_olmo") else "encoder"
+
+
+def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+@torch.no_grad()
+def embed_documents(model_dir: str | os.PathLike, documents: list[str], *, method: str = "auto",
+                    max_tokens: int = 512, batch_size: int = 8, expected_width: int | None = None,
+                    progress: bool = False) -> torch.Tensor:
+    """Mean embedding ``[width]`` (float32) of ``documents``."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise DataError(f"embedding model directory {model_dir} does not exist")
+    if not documents:
+        raise DataError("no documents to embed")
+    method = _detect_method(model_dir) if method == "auto" else method
+    if method == "encoder" and (model_dir / "modules.json").exists():
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError:
+            SentenceTransformer = None
+        if SentenceTransformer is not None:
+            encoder = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
+            vectors = encoder.encode(documents, batch_size=batch_size, convert_to_tensor=True)
+            return _finish(vectors.float(), expected_width, model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    if method == "public-model":
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32)
+    elif method == "encoder":
+        model = AutoModel.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32)
+    else:
+        raise DataError(f"unknown method {method!r}; use 'auto', 'encoder' or 'public-model'")
+    model.eval()
+    steps = range(0, len(documents), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc="embedding", unit="batch")
+    vectors = []
+    for start in steps:
+        batch = tokenizer(documents[start:start + batch_size], padding=True, truncation=True,
+                          max_length=max_tokens, return_tensors="pt")
+        out = model(**batch, output_hidden_states=True)
+        hidden = out.hidden_states[-1] if method == "public-model" else out.last_hidden_state
+        vectors.append(_mean_pool(hidden.float(), batch["attention_mask"]))
+    return _finish(torch.cat(vectors), expected_width, model_dir)
+
+
+def _finish(vectors: torch.Tensor, expected_width: int | None, model_dir: Path) -> torch.Tensor:
+    vectors = vectors[torch.isfinite(vectors).all(dim=-1)]  # a failed document must not poison the mean
+    if vectors.shape[0] == 0:
+        raise DataError(f"{model_dir}: every document embedding was NaN/Inf")
+    mean = vectors.mean(0)
+    if expected_width is not None and mean.numel() != expected_width:
+        raise DataError(f"{model_dir} produces {mean.numel()}-dimensional embeddings, but the FlexOlmo model's "
+                        f"hidden size is {expected_width}: router rows need an embedder of the model's width")
+    return mean
