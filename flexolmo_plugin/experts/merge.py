@@ -1,0 +1,107 @@
+"""Merge: a coordinator stacks data owners' expert packages onto the public model.
+
+Expert 0 and every shared weight come from the public model; expert i and router row r_i from
+package i; the router becomes ``[r_pub; r_1; ...; r_n]`` in every layer (paper §3.3.2).  Nothing is
+trained or averaged.  Before anything is written, each package is verified (file hashes, model
+shape) and its anchor compared tensor by tensor with the public model's: an expert trained against
+another public model stops the merge, naming the first tensor that differs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from conversion.atomic import atomic_directory, check_new_output
+from conversion.convert import ConversionReport, ProgressMeter
+from conversion.mapping import entries
+from conversion.mcore_io import CanonicalReader, load_config, save_config, write_checkpoint
+
+from .anchor import anchor_hashes, combined_digest, first_difference
+from .package import PackageError, load_package
+
+DEFAULT_MAX_ACTIVE = 4  # paper §4.4 / Fig. 3: quality rises up to 4 active experts, then plateaus
+_EXPERT = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(linear_fc[12]\.weight)$")
+_ROUTER = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.router\.(weight|domain_bias)$")
+
+
+def bias_names(num_layers: int) -> set[str]:
+    return {f"decoder.layers.{layer}.mlp.router.domain_bias" for layer in range(num_layers)}
+
+
+def default_top_k(num_experts: int) -> int:
+    return min(num_experts, DEFAULT_MAX_ACTIVE)
+
+
+def merge_experts(public_dir: str | os.PathLike, package_dirs: list[str | os.PathLike], out_dir: str | os.PathLike,
+                  *, top_k: int | None = None, progress: bool = False) -> ConversionReport:
+    """Write the (N+1)-expert FlexOlmo checkpoint: public expert 0 plus one expert per package."""
+    start = time.perf_counter()
+    check_new_output(out_dir)
+    if not package_dirs:
+        raise PackageError("merge needs at least one expert package")
+    public_config, dtype, _ = load_config(public_dir)
+    public = CanonicalReader(public_dir)
+    packages = []
+    try:
+        for directory in package_dirs:
+            packages.append(load_package(directory))
+        names = [p.name for p in packages]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise PackageError(f"two packages are named {duplicates}; expert names must be unique")
+        for package in packages:
+            package.check_fits(public_config)
+        public_anchor = anchor_hashes(public_config, public.read)
+        for package in packages:
+            differing = first_difference(public_anchor, package.anchor_tensors)
+            if differing is not None:
+                raise PackageError(f"package {package.name!r} was trained against a different anchor: first differing "
+                                   f"tensor {differing} (package anchor {package.manifest['anchor']['sha256'][:12]}…, "
+                                   f"public {combined_digest(public_anchor)[:12]}…)")
+        num_experts = 1 + len(packages)
+        top_k = top_k or default_top_k(num_experts)
+        if not 1 <= top_k <= num_experts:
+            raise PackageError(f"top-k {top_k} must be in [1, {num_experts}]")
+        with_bias = any(p.has_bias for p in packages)
+        config = public_config.replace(num_experts=num_experts, top_k=top_k, router_bias=with_bias,
+                                       expert_names=("public", *names))
+
+        def source(name: str) -> torch.Tensor:
+            expert = _EXPERT.match(name)
+            if expert:
+                layer, index, tensor = int(expert.group(1)), int(expert.group(2)), expert.group(3)
+                if index == 0:
+                    return public.read(name)
+                return packages[index - 1].get(f"layers.{layer}.{tensor}")
+            router = _ROUTER.match(name)
+            if router:
+                layer = int(router.group(1))
+                if router.group(2) == "weight":
+                    r_pub = public.read(name)[0].to(dtype)
+                    return torch.stack([r_pub] + [p.get(f"layers.{layer}.router_row").to(dtype) for p in packages])
+                return torch.stack([p.get(f"layers.{layer}.router_bias") if p.has_bias else torch.zeros(1)
+                                    for p in packages]).float()
+            return public.read(name)
+
+        expected = {e.megatron for e in entries(config)} | (bias_names(config.num_layers) if with_bias else set())
+        meter = ProgressMeter(0, progress, "merge")
+        try:
+            with atomic_directory(out_dir) as tmp:
+                write_checkpoint(tmp, config, source, dtype=dtype, expected=expected, on_tensor=meter)
+                save_config(tmp, config, dtype=dtype, extra={
+                    "source": {"format": "merge", "public": str(Path(public_dir).resolve())},
+                    "anchor_sha256": combined_digest(public_anchor),
+                    "experts": [{"name": p.name, "description": p.manifest.get("description", ""),
+                                 "tokens_trained": p.manifest.get("tokens_trained"),
+                                 "files": p.manifest["files"]} for p in packages]})
+        finally:
+            meter.close()
+    finally:
+        for package in packages:
+            package.close()
+    return ConversionReport(meter.tensors, meter.bytes, time.perf_counter() - start, Path(out_dir))

@@ -1,0 +1,90 @@
+"""Opt-out: exclude a data owner's expert without retraining (paper §3.3.2, §5.2).
+
+Physically (:func:`opt_out`): a new checkpoint without the expert's FFNs, router rows and bias --
+its parameters are provably absent.  At run time (:func:`exclude_experts`): the router masks the
+experts by name; the softmax then runs over the remaining experts, which computes exactly what the
+physically opted-out model computes (top-k permitting).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from conversion.atomic import atomic_directory, check_new_output
+from conversion.convert import ConversionReport, ProgressMeter
+from conversion.mapping import entries
+from conversion.mcore_io import CanonicalReader, load_config, save_config, write_checkpoint
+
+from ..model import unwrap
+from .merge import bias_names
+from .package import PackageError
+
+_EXPERT = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.)(\d+)(\..+)$")
+_ROUTER = re.compile(r"^decoder\.layers\.\d+\.mlp\.router\.(weight|domain_bias)$")
+
+
+def _indices(expert_names: tuple[str, ...] | None, drop: list[str]) -> list[int]:
+    if not expert_names:
+        raise PackageError("the checkpoint records no expert names; experts can only be opted out by name")
+    unknown = sorted(set(drop) - set(expert_names))
+    if unknown:
+        raise PackageError(f"no experts named {unknown}; the model has {list(expert_names)}")
+    if expert_names[0] in drop:
+        raise PackageError("the public expert (expert 0) anchors the model and cannot be opted out")
+    return [expert_names.index(name) for name in drop]
+
+
+def opt_out(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, drop: list[str],
+            progress: bool = False) -> ConversionReport:
+    """Write a copy of the checkpoint without the experts named in ``drop``."""
+    start = time.perf_counter()
+    check_new_output(out_dir)
+    config, dtype, payload = load_config(mcore_dir)
+    dropped = _indices(config.expert_names, drop)
+    keep = [i for i in range(config.num_experts) if i not in dropped]
+    top_k = config.top_k
+    if top_k > len(keep):
+        warnings.warn(f"top-k {top_k} exceeds the {len(keep)} remaining experts; reduced to {len(keep)}")
+        top_k = len(keep)
+    new = config.replace(num_experts=len(keep), top_k=top_k,
+                         expert_names=tuple(config.expert_names[i] for i in keep))
+    reader = CanonicalReader(mcore_dir)
+    keep_bias = [i - 1 for i in keep[1:]]
+
+    def source(name: str) -> torch.Tensor:
+        expert = _EXPERT.match(name)
+        if expert:
+            return reader.read(f"{expert.group(1)}{keep[int(expert.group(2))]}{expert.group(3)}")
+        router = _ROUTER.match(name)
+        if router:
+            tensor = reader.read(name)
+            return tensor[keep] if router.group(1) == "weight" else tensor[keep_bias]
+        return reader.read(name)
+
+    expected = {e.megatron for e in entries(new)} | (bias_names(new.num_layers) if new.router_bias else set())
+    meter = ProgressMeter(0, progress, "opt-out")
+    try:
+        with atomic_directory(out_dir) as tmp:
+            write_checkpoint(tmp, new, source, dtype=dtype, expected=expected, on_tensor=meter)
+            history = list(payload.get("opted_out", [])) + list(drop)
+            save_config(tmp, new, dtype=dtype, extra={"source": {"format": "opt-out", "from": str(Path(mcore_dir).resolve())},
+                                                      "opted_out": history})
+    finally:
+        meter.close()
+    return ConversionReport(meter.tensors, meter.bytes, time.perf_counter() - start, Path(out_dir))
+
+
+def exclude_experts(model: nn.Module, names: list[str] | None) -> list[int]:
+    """Mask experts by name in every layer's router (``None``/``[]`` clears); returns their indices."""
+    inner = unwrap(model)
+    indices = _indices(inner.flexolmo_config.expert_names, list(names)) if names else []
+    for layer in inner.decoder.layers:
+        layer.mlp.router.set_excluded_experts(indices)
+    return indices

@@ -1,0 +1,173 @@
+"""Expert packages: what a data owner shares -- never data, never a whole model.
+
+A package holds, per layer, the owner's FFN (gated fc1 and fc2), its router row r_i and, if trained,
+its router bias b_i, in safetensors; plus ``manifest.json``: name, description, the model's shape,
+the anchor it was trained against (a SHA-256 per anchor tensor and one over all of them), tokens
+trained, and a SHA-256 per file.  Merge refuses packages whose anchor, shape or file hashes do not
+match, so an expert trained against a different public model can never be merged silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from conversion.atomic import atomic_directory, check_new_output
+from conversion.mcore_io import CanonicalReader, load_config
+from conversion.safetensors_reader import CheckpointFormatError, SafetensorsCheckpoint
+from conversion.safetensors_writer import ShardedSafetensorsWriter
+
+from ..config import FlexOlmoConfig
+from .anchor import anchor_hashes, combined_digest
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "rope_theta", "rms_norm_eps", "make_vocab_size_divisible_by")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class PackageError(ValueError):
+    """An expert package that is malformed, tampered with, or does not fit the model."""
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def package_tensor_names(layer: int, *, bias: bool) -> list[str]:
+    names = [f"layers.{layer}.linear_fc1.weight", f"layers.{layer}.linear_fc2.weight", f"layers.{layer}.router_row"]
+    return names + [f"layers.{layer}.router_bias"] if bias else names
+
+
+def _plan(config: FlexOlmoConfig, dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    h, i = config.hidden_size, config.intermediate_size
+    shapes = {"linear_fc1.weight": (2 * i, h), "linear_fc2.weight": (h, i), "router_row": (h,), "router_bias": (1,)}
+    plan = []
+    for layer in range(config.num_layers):
+        for name in package_tensor_names(layer, bias=config.router_bias):
+            kind = name.split(".", 2)[2]
+            plan.append((name, torch.float32 if kind == "router_bias" else dtype, shapes[kind]))
+    return plan
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name or ""):
+        raise PackageError(f"expert name {name!r} must be 1-64 letters, digits, '_', '.', '-' (starting alphanumeric)")
+    if name == "public":
+        raise PackageError("'public' is reserved for expert 0")
+    return name
+
+
+def package_expert(owner_dir: str | os.PathLike, package_dir: str | os.PathLike, *, name: str,
+                   description: str = "", tokens_trained: int | None = None, expert: int = 1) -> Path:
+    """Extract expert ``expert`` of an owner's checkpoint into a verified package directory."""
+    check_name(name)
+    check_new_output(package_dir)
+    config, dtype, _ = load_config(owner_dir)
+    if not 1 <= expert < config.num_experts:
+        raise PackageError(f"expert must be a non-public expert in [1, {config.num_experts - 1}], got {expert}")
+    reader = CanonicalReader(owner_dir)
+    anchor = anchor_hashes(config, reader.read)
+    with atomic_directory(package_dir) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, _plan(config, dtype))
+        for layer in range(config.num_layers):
+            base = f"decoder.layers.{layer}.mlp"
+            writer.write(f"layers.{layer}.linear_fc1.weight", reader.read(f"{base}.experts.{expert}.linear_fc1.weight"))
+            writer.write(f"layers.{layer}.linear_fc2.weight", reader.read(f"{base}.experts.{expert}.linear_fc2.weight"))
+            writer.write(f"layers.{layer}.router_row", reader.read(f"{base}.router.weight")[expert].contiguous())
+            if config.router_bias:
+                bias = reader.read(f"{base}.router.domain_bias")[expert - 1].float().contiguous()
+                writer.write(f"layers.{layer}.router_bias", bias)
+        writer.close()
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "name": name,
+            "description": description,
+            "source_expert": expert,
+            "model": {f: getattr(config, f) for f in SHAPE_FIELDS},
+            "dtype": str(dtype).removeprefix("torch."),
+            "router_bias": config.router_bias,
+            "anchor": {"sha256": combined_digest(anchor), "tensors": anchor},
+            "tokens_trained": tokens_trained,
+            "files": {p.name: _sha256_file(p) for p in sorted(tmp.iterdir())},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return Path(package_dir)
+
+
+@dataclass
+class ExpertPackage:
+    """A verified package (file hashes checked); tensors are read lazily."""
+
+    directory: Path
+    manifest: dict
+    tensors: SafetensorsCheckpoint
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def has_bias(self) -> bool:
+        return bool(self.manifest["router_bias"])
+
+    @property
+    def anchor_tensors(self) -> dict[str, str]:
+        return self.manifest["anchor"]["tensors"]
+
+    def get(self, tensor: str) -> torch.Tensor:
+        return self.tensors.get(tensor)
+
+    def check_fits(self, config: FlexOlmoConfig) -> None:
+        model = self.manifest["model"]
+        wrong = [f"{f} {model.get(f)!r} (model: {getattr(config, f)!r})" for f in SHAPE_FIELDS
+                 if model.get(f) != getattr(config, f)]
+        if wrong:
+            raise PackageError(f"package {self.name!r} was built for a different model shape: " + ", ".join(wrong))
+
+    def close(self) -> None:
+        self.tensors.close()
+
+
+def load_package(directory: str | os.PathLike) -> ExpertPackage:
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.exists():
+        raise PackageError(f"{directory}: no {MANIFEST}: not an expert package")
+    try:
+        manifest = json.loads(path.read_text())
+        version, files = manifest["format_version"], manifest["files"]
+        manifest["name"], manifest["model"], manifest["anchor"]["tensors"]  # noqa: B018 (presence check)
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise PackageError(f"{path}: malformed manifest ({error})") from error
+    if version != FORMAT_VERSION:
+        raise PackageError(f"{path}: unsupported package format_version {version!r}")
+    check_name(manifest["name"])
+    present = {p.name for p in directory.iterdir() if p.name != MANIFEST}
+    if present != set(files):
+        raise PackageError(f"{directory}: files {sorted(present)} differ from the manifest's {sorted(files)}")
+    for file_name, digest in files.items():
+        if _sha256_file(directory / file_name) != digest:
+            raise PackageError(f"{directory / file_name}: SHA-256 does not match the manifest (tampered or corrupt)")
+    try:
+        tensors = SafetensorsCheckpoint.open(directory)
+    except CheckpointFormatError as error:
+        raise PackageError(str(error)) from error
+    shape_config = FlexOlmoConfig(**{**{f: manifest["model"][f] for f in SHAPE_FIELDS}, "num_experts": 2, "top_k": 1,
+                                     "router_bias": bool(manifest["router_bias"])})
+    expected = {name: tuple(shape) for name, _, shape in _plan(shape_config, torch.float32)}
+    if set(tensors.keys()) != set(expected) or any(tuple(tensors.shape(k)) != s for k, s in expected.items()):
+        tensors.close()
+        raise PackageError(f"{directory}: tensors do not match the manifest's model shape")
+    return ExpertPackage(directory, manifest, tensors)

@@ -1,0 +1,170 @@
+"""Expert packages, merge and opt-out, on real checkpoints (Megatron torch_dist + safetensors)."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import flexolmo_plugin as fp
+from conversion.upcycle import upcycle
+from flexolmo_plugin.experts.merge import merge_experts
+from flexolmo_plugin.experts.opt_out import exclude_experts, opt_out
+from flexolmo_plugin.experts.package import PackageError, load_package, package_expert
+from tests.support import hf_reference, save_hf_model
+
+H = 48
+IDS = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+OWNERS = ("code", "math", "news")
+
+
+def dense_model(tmp, hidden=H, seed=1):
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Olmo2ForCausalLM(Olmo2Config(vocab_size=100, hidden_size=hidden, intermediate_size=40, num_hidden_layers=2,
+                                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+                                         pad_token_id=1, eos_token_id=2)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1 + 0.3 * torch.randn_like(param))
+    model.save_pretrained(tmp)
+    return tmp
+
+
+def embedding(path, seed, hidden=H):
+    np.save(path, (torch.randn(hidden, generator=torch.Generator().manual_seed(seed)) * 2).numpy())
+    return path
+
+
+def make_owner(anchor_dir, out_dir, seed):
+    """An owner's checkpoint: only its expert (1) and router row moved, as anchored training does."""
+    model = fp.from_mcore(anchor_dir)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.decoder.layers:
+            for param in layer.mlp.experts.local_experts[1].parameters():
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+            layer.mlp.router.domain_embeddings[1].add_(torch.randn(H, generator=generator))
+    fp.save_mcore(model, out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, megatron_single_process):
+    root = tmp_path_factory.mktemp("merge")
+    dense = dense_model(root / "dense")
+    anchor = root / "anchor"
+    upcycle(dense, anchor, public_embedding=embedding(root / "e0.npy", 0),
+            domain_embedding=embedding(root / "e1.npy", 1))
+    owners, packages = {}, {}
+    for i, name in enumerate(OWNERS):
+        owners[name] = make_owner(anchor, root / f"owner_{name}", seed=10 + i)
+        packages[name] = package_expert(owners[name], root / f"pkg_{name}", name=name, tokens_trained=1000 * (i + 1))
+    merged = root / "merged"
+    merge_experts(anchor, [packages[n] for n in OWNERS], merged)
+    return root, anchor, owners, packages, merged
+
+
+def test_package_manifest_records_what_was_shared(world):
+    root, anchor, owners, packages, merged = world
+    package = load_package(packages["math"])
+    manifest = package.manifest
+    assert manifest["name"] == "math" and manifest["tokens_trained"] == 2000
+    assert manifest["model"]["hidden_size"] == H and manifest["source_expert"] == 1
+    assert len(manifest["anchor"]["sha256"]) == 64 and manifest["anchor"]["tensors"]
+    assert set(manifest["files"]) == {"model.safetensors"}
+    assert sorted(package.tensors.keys())[:3] == ["layers.0.linear_fc1.weight", "layers.0.linear_fc2.weight",
+                                                  "layers.0.router_row"]
+    package.close()
+
+
+def test_merged_model_with_all_but_one_owner_masked_is_that_owners_model(world):
+    root, anchor, owners, packages, merged = world
+    config = json.loads((merged / "flexolmo_config.json").read_text())["config"]
+    assert config["expert_names"] == ["public", *OWNERS] and config["num_experts"] == 4 and config["top_k"] == 4
+    model = fp.from_mcore(merged, dispatcher="allgather")
+    for name in OWNERS:
+        exclude_experts(model, [n for n in OWNERS if n != name])
+        own = fp.logits(fp.from_mcore(owners[name]), IDS)
+        assert (fp.logits(model, IDS) - own).abs().max().item() <= 1e-5, name
+    exclude_experts(model, None)
+
+
+def test_physical_opt_out_equals_the_runtime_mask_and_leaves_no_trace(world):
+    root, anchor, owners, packages, merged = world
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt_out(merged, root / "without_math", drop=["math"])
+    assert any("top-k 4 exceeds the 3 remaining experts" in str(w.message) for w in caught)
+    physical = fp.from_mcore(root / "without_math")
+    assert physical.flexolmo_config.expert_names == ("public", "code", "news")
+    masked = fp.from_mcore(merged, dispatcher="allgather")
+    exclude_experts(masked, ["math"])
+    assert (fp.logits(physical, IDS) - fp.logits(masked, IDS)).abs().max().item() <= 1e-5
+    # no 64-byte window of the math expert's weights survives in any output file
+    package = load_package(packages["math"])
+    windows = []
+    for key in ("layers.0.linear_fc1.weight", "layers.1.linear_fc2.weight", "layers.1.router_row"):
+        raw = package.get(key).contiguous().view(torch.uint8).numpy().tobytes()
+        windows += [raw[i:i + 64] for i in range(0, len(raw) - 64, max(64, len(raw) // 8))]
+    package.close()
+    blobs = [p.read_bytes() for p in (root / "without_math").rglob("*") if p.is_file()]
+    assert windows and not any(w in blob for w in windows for blob in blobs)
+    merged_blobs = [p.read_bytes() for p in merged.rglob("*") if p.is_file()]
+    assert any(windows[0] in blob for blob in merged_blobs), "the search must find the expert where it is"
+
+
+def test_merge_refuses_bad_packages_and_writes_nothing(world, tmp_path):
+    root, anchor, owners, packages, merged = world
+    # an expert trained against another public model (a different public router row r_pub)
+    other_anchor = tmp_path / "other_anchor"
+    upcycle(root / "dense", other_anchor, public_embedding=embedding(tmp_path / "x.npy", 99),
+            domain_embedding=root / "e1.npy")
+    stranger = package_expert(make_owner(other_anchor, tmp_path / "stranger", 5), tmp_path / "pkg_s", name="stranger")
+    with pytest.raises(PackageError, match=r"different anchor: first differing tensor decoder\.layers\.0\.mlp\.router\.weight\[0\]"):
+        merge_experts(anchor, [packages["code"], stranger], tmp_path / "out")
+    # tampered package
+    tampered = tmp_path / "pkg_t"
+    import shutil
+
+    shutil.copytree(packages["news"], tampered)
+    data = bytearray((tampered / "model.safetensors").read_bytes())
+    data[-10] ^= 0xFF
+    (tampered / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(PackageError, match="tampered or corrupt"):
+        merge_experts(anchor, [tampered], tmp_path / "out")
+    # duplicate names
+    with pytest.raises(PackageError, match=r"named \['code'\]"):
+        merge_experts(anchor, [packages["code"], packages["code"]], tmp_path / "out")
+    # a package from a model of another width
+    wide = tmp_path / "wide_anchor"
+    upcycle(dense_model(tmp_path / "dense64", hidden=60), wide, public_embedding=embedding(tmp_path / "w0.npy", 0, 60),
+            domain_embedding=embedding(tmp_path / "w1.npy", 1, 60))
+    wide_owner = package_expert(wide, tmp_path / "pkg_w", name="wide")
+    with pytest.raises(PackageError, match="hidden_size 60"):
+        merge_experts(anchor, [wide_owner], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_opt_out_refuses_the_public_expert_and_unknown_names(world, tmp_path):
+    root, anchor, owners, packages, merged = world
+    with pytest.raises(PackageError, match="public expert"):
+        opt_out(merged, tmp_path / "x", drop=["public"])
+    with pytest.raises(PackageError, match=r"no experts named \['legal'\]"):
+        opt_out(merged, tmp_path / "x", drop=["legal"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_merged_model_exports_to_transformers_with_identical_logits(world, tmp_path):
+    from conversion.convert import mcore_to_hf
+    from transformers import AutoModelForCausalLM
+
+    root, anchor, owners, packages, merged = world
+    mcore_to_hf(merged, tmp_path / "hf")
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert reference.config.num_experts == 4
+    ref, _ = hf_reference(reference, IDS)
+    assert (fp.logits(fp.from_mcore(merged), IDS) - ref).abs().max().item() <= 1e-5
