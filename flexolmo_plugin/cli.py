@@ -150,6 +150,34 @@ def cmd_embed_domain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_package_expert(args: argparse.Namespace) -> int:
+    _quiet_imports()
+    from .experts.package import package_expert
+
+    path = package_expert(args.owner_dir, args.package_dir, name=args.name, description=args.description,
+                          tokens_trained=args.tokens_trained, expert=args.expert)
+    print(f"packaged expert {args.name!r} -> {path}")
+    return EXIT_OK
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    _quiet_imports()
+    from .experts.merge import merge_experts
+
+    report = merge_experts(args.public_dir, args.packages, args.out, top_k=args.top_k, progress=not args.quiet)
+    print(f"merged {len(args.packages)} expert(s) onto the public model: {report.summary()}")
+    return EXIT_OK
+
+
+def cmd_opt_out(args: argparse.Namespace) -> int:
+    _quiet_imports()
+    from .experts.opt_out import opt_out
+
+    report = opt_out(args.mcore_dir, args.out, drop=args.drop, progress=not args.quiet)
+    print(f"opted out {args.drop}: {report.summary()}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flexolmo",
@@ -226,6 +254,38 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--text-key", default="text")
     emb.add_argument("--quiet", action="store_true")
     emb.set_defaults(func=cmd_embed_domain)
+
+    pkg = sub.add_parser("package-expert", help="extract an owner's expert into a shareable, verifiable package",
+                         description="Writes the owner's per-layer FFN, router row and bias (safetensors) and "
+                                     "manifest.json (name, model shape, anchor SHA-256s, tokens trained, file hashes).")
+    pkg.add_argument("owner_dir", metavar="OWNER_MCORE_DIR")
+    pkg.add_argument("package_dir", metavar="PKG_DIR", help="must not exist yet")
+    pkg.add_argument("--name", required=True)
+    pkg.add_argument("--description", default="")
+    pkg.add_argument("--tokens-trained", type=int)
+    pkg.add_argument("--expert", type=int, default=1, help="index of the owner's expert (default 1)")
+    pkg.set_defaults(func=cmd_package_expert)
+
+    mrg = sub.add_parser("merge", help="public model + expert packages -> (N+1)-expert FlexOlmo",
+                         description="Expert 0 and shared weights from PUBLIC_DIR (e.g. the upcycled [public, public] "
+                                     "checkpoint); one expert per package, verified against the public anchor. "
+                                     "Default top-k: min(experts, 4).")
+    mrg.add_argument("public_dir", metavar="PUBLIC_DIR")
+    mrg.add_argument("packages", metavar="PKG_DIR", nargs="+")
+    mrg.add_argument("--out", required=True, metavar="MCORE_DIR")
+    mrg.add_argument("--top-k", type=int)
+    mrg.add_argument("--quiet", action="store_true")
+    mrg.set_defaults(func=cmd_merge)
+
+    opt = sub.add_parser("opt-out", help="remove experts by name (physically) into a new checkpoint",
+                         description="Drops the experts' FFNs, router rows and biases; top-k is reduced (with a "
+                                     "warning) if it exceeds the remaining experts. For a run-time exclusion use "
+                                     "flexolmo_plugin.experts.opt_out.exclude_experts or 'flexolmo eval --exclude'.")
+    opt.add_argument("mcore_dir", metavar="MCORE_DIR")
+    opt.add_argument("--drop", required=True, nargs="+", metavar="NAME")
+    opt.add_argument("--out", required=True, metavar="MCORE_DIR2")
+    opt.add_argument("--quiet", action="store_true")
+    opt.set_defaults(func=cmd_opt_out)
     return parser
 
 

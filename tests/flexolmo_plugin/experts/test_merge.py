@@ -168,3 +168,17 @@ def test_merged_model_exports_to_transformers_with_identical_logits(world, tmp_p
     assert reference.config.num_experts == 4
     ref, _ = hf_reference(reference, IDS)
     assert (fp.logits(fp.from_mcore(merged), IDS) - ref).abs().max().item() <= 1e-5
+
+
+def test_cli_package_merge_opt_out(world, tmp_path, capsys):
+    from flexolmo_plugin.cli import EXIT_BAD_INPUT, EXIT_OK, main
+
+    root, anchor, owners, packages, merged = world
+    assert main(["package-expert", str(owners["code"]), str(tmp_path / "pkg"), "--name", "code2"]) == EXIT_OK
+    assert main(["merge", str(anchor), str(tmp_path / "pkg"), str(packages["news"]), "--out", str(tmp_path / "m"),
+                 "--top-k", "2", "--quiet"]) == EXIT_OK
+    assert fp.from_mcore(tmp_path / "m").flexolmo_config.expert_names == ("public", "code2", "news")
+    assert main(["opt-out", str(tmp_path / "m"), "--drop", "news", "--out", str(tmp_path / "o"), "--quiet"]) == EXIT_OK
+    assert main(["merge", str(anchor), str(packages["code"]), str(packages["code"]), "--out",
+                 str(tmp_path / "bad")]) == EXIT_BAD_INPUT
+    assert "unique" in capsys.readouterr().err
