@@ -178,6 +178,35 @@ def cmd_opt_out(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Per-domain loss / perplexity and routing shares, optionally with experts excluded."""
+    _quiet_imports()
+    import flexolmo_plugin as fp
+
+    from .evaluation import evaluate, format_routing, format_table, plot_routing
+    from .experts.opt_out import exclude_experts
+
+    datasets = {}
+    for item in args.data:
+        name, sep, prefix = item.partition("=")
+        if not sep or not name or not prefix:
+            raise ValueError(f"--data expects NAME=PREFIX, got {item!r}")
+        datasets[name] = prefix
+    model = fp.from_mcore(args.mcore_dir, dispatcher="allgather" if args.exclude else "alltoall")
+    names = model.flexolmo_config.expert_names or tuple(f"expert{i}" for i in range(model.flexolmo_config.num_experts))
+    if args.exclude:
+        exclude_experts(model, args.exclude)
+    results = evaluate(model, datasets, seq_len=args.seq_len, max_tokens=args.max_tokens)
+    title = f"{args.mcore_dir}" + (f" (excluding {', '.join(args.exclude)})" if args.exclude else "")
+    print(format_table(results, title))
+    print("\nshare of tokens per expert (mean over layers):")
+    print(format_routing(results, names))
+    if args.plot:
+        plot_routing(results, names, args.plot)
+        print(f"\nrouting heatmap: {args.plot}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flexolmo",
@@ -286,6 +315,18 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--out", required=True, metavar="MCORE_DIR2")
     opt.add_argument("--quiet", action="store_true")
     opt.set_defaults(func=cmd_opt_out)
+
+    ev = sub.add_parser("eval", help="per-domain loss / perplexity and routing shares of a checkpoint",
+                        description="Evaluates MCORE_DIR on Megatron indexed datasets (from prepare-data), prints a "
+                                    "loss/perplexity table and each expert's share of each domain's tokens; "
+                                    "--exclude masks experts by name at run time (no new checkpoint).")
+    ev.add_argument("mcore_dir", metavar="MCORE_DIR")
+    ev.add_argument("--data", required=True, nargs="+", metavar="NAME=PREFIX")
+    ev.add_argument("--exclude", nargs="*", default=[], metavar="NAME")
+    ev.add_argument("--plot", metavar="routing.png", help="write a routing heatmap (needs matplotlib)")
+    ev.add_argument("--seq-len", type=int, default=256)
+    ev.add_argument("--max-tokens", type=int, default=16384, help="per domain")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

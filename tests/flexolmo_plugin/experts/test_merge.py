@@ -3,7 +3,6 @@
 import json
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,60 +11,8 @@ from conversion.upcycle import upcycle
 from flexolmo_plugin.experts.merge import merge_experts
 from flexolmo_plugin.experts.opt_out import exclude_experts, opt_out
 from flexolmo_plugin.experts.package import PackageError, load_package, package_expert
-from tests.support import hf_reference, save_hf_model
-
-H = 48
-IDS = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
-OWNERS = ("code", "math", "news")
-
-
-def dense_model(tmp, hidden=H, seed=1):
-    from transformers import Olmo2Config, Olmo2ForCausalLM
-
-    torch.manual_seed(seed)
-    model = Olmo2ForCausalLM(Olmo2Config(vocab_size=100, hidden_size=hidden, intermediate_size=40, num_hidden_layers=2,
-                                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
-                                         pad_token_id=1, eos_token_id=2)).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1 + 0.3 * torch.randn_like(param))
-    model.save_pretrained(tmp)
-    return tmp
-
-
-def embedding(path, seed, hidden=H):
-    np.save(path, (torch.randn(hidden, generator=torch.Generator().manual_seed(seed)) * 2).numpy())
-    return path
-
-
-def make_owner(anchor_dir, out_dir, seed):
-    """An owner's checkpoint: only its expert (1) and router row moved, as anchored training does."""
-    model = fp.from_mcore(anchor_dir)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in model.decoder.layers:
-            for param in layer.mlp.experts.local_experts[1].parameters():
-                param.add_(0.05 * torch.randn(param.shape, generator=generator))
-            layer.mlp.router.domain_embeddings[1].add_(torch.randn(H, generator=generator))
-    fp.save_mcore(model, out_dir)
-    return out_dir
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, megatron_single_process):
-    root = tmp_path_factory.mktemp("merge")
-    dense = dense_model(root / "dense")
-    anchor = root / "anchor"
-    upcycle(dense, anchor, public_embedding=embedding(root / "e0.npy", 0),
-            domain_embedding=embedding(root / "e1.npy", 1))
-    owners, packages = {}, {}
-    for i, name in enumerate(OWNERS):
-        owners[name] = make_owner(anchor, root / f"owner_{name}", seed=10 + i)
-        packages[name] = package_expert(owners[name], root / f"pkg_{name}", name=name, tokens_trained=1000 * (i + 1))
-    merged = root / "merged"
-    merge_experts(anchor, [packages[n] for n in OWNERS], merged)
-    return root, anchor, owners, packages, merged
+from tests.flexolmo_plugin.experts.helpers import H, IDS, OWNERS, dense_model, embedding, make_owner
+from tests.support import hf_reference
 
 
 def test_package_manifest_records_what_was_shared(world):

@@ -1,0 +1,131 @@
+"""Per-domain evaluation of a FlexOlmo model: loss, perplexity and where the router sends tokens.
+
+The routing statistics come from forward hooks on the real routers (the ``routing_map`` Megatron's
+dispatcher uses), so they show exactly which experts computed each token -- e.g. that a merged
+model sends code to the code expert, and that an opted-out expert receives nothing.  Statistics are
+those of this process's tokens (run single-process, or read them per rank).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .model import logits, next_token_loss, unwrap
+
+
+@dataclass
+class DomainResult:
+    name: str
+    tokens: int  # predicted tokens
+    loss: float
+    routing: torch.Tensor  # [layers, experts]: share of this domain's tokens each expert computed
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 50.0))
+
+
+def read_windows(prefix: str | os.PathLike, *, seq_len: int, max_tokens: int) -> torch.Tensor:
+    """Non-overlapping ``[n, seq_len]`` windows over the concatenated documents of an indexed dataset."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    prefix = str(prefix)
+    if not (os.path.exists(prefix + ".idx") and os.path.exists(prefix + ".bin")):
+        raise FileNotFoundError(f"no Megatron indexed dataset at {prefix} (.bin/.idx)")
+    dataset = IndexedDataset(prefix)
+    pieces, total = [], 0
+    for i in range(len(dataset)):
+        doc = torch.from_numpy(dataset[i].astype("int64"))
+        pieces.append(doc)
+        total += doc.numel()
+        if total >= max_tokens:
+            break
+    stream = torch.cat(pieces)[:max_tokens] if pieces else torch.empty(0, dtype=torch.long)
+    n = stream.numel() // seq_len
+    if n == 0:
+        raise ValueError(f"{prefix}: fewer than {seq_len} tokens; lower --seq-len")
+    return stream[: n * seq_len].reshape(n, seq_len)
+
+
+@contextlib.contextmanager
+def routing_counts(model: nn.Module):
+    """Yields a ``[layers, experts]`` tensor that accumulates routed-token counts while active."""
+    inner = unwrap(model)
+    layers = inner.decoder.layers
+    counts = torch.zeros(len(layers), inner.flexolmo_config.num_experts, dtype=torch.float64)
+    handles = []
+    for index, layer in enumerate(layers):
+        def hook(module, args, output, index=index):
+            counts[index] += output[1].sum(0).to(torch.float64).cpu()
+        handles.append(layer.mlp.router.register_forward_hook(hook))
+    try:
+        yield counts
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, datasets: dict[str, str | os.PathLike], *, seq_len: int = 256,
+             max_tokens: int = 16384, batch_size: int = 8) -> list[DomainResult]:
+    results = []
+    for name, prefix in datasets.items():
+        windows = read_windows(prefix, seq_len=seq_len, max_tokens=max_tokens)
+        loss_sum, predicted = 0.0, 0
+        with routing_counts(model) as counts:
+            for start in range(0, windows.shape[0], batch_size):
+                batch = windows[start:start + batch_size]
+                loss = next_token_loss(logits(model, batch), batch)
+                n = batch.shape[0] * (seq_len - 1)
+                loss_sum += loss.item() * n
+                predicted += n
+        seen = windows.numel()
+        results.append(DomainResult(name, predicted, loss_sum / predicted, (counts / seen).float()))
+    return results
+
+
+def format_table(results: list[DomainResult], title: str = "") -> str:
+    width = max(len(r.name) for r in results)
+    lines = [title] if title else []
+    lines.append(f"{'domain':<{width}}  {'tokens':>8}  {'loss':>8}  {'ppl':>10}")
+    for r in results:
+        lines.append(f"{r.name:<{width}}  {r.tokens:>8}  {r.loss:>8.4f}  {r.perplexity:>10.2f}")
+    return "\n".join(lines)
+
+
+def format_routing(results: list[DomainResult], expert_names: tuple[str, ...]) -> str:
+    """Share of each domain's tokens per expert, averaged over layers."""
+    width = max(len(r.name) for r in results)
+    head = "  ".join(f"{n:>8}" for n in expert_names)
+    lines = [f"{'domain':<{width}}  {head}"]
+    for r in results:
+        shares = r.routing.mean(0)
+        lines.append(f"{r.name:<{width}}  " + "  ".join(f"{100 * s:>7.1f}%" for s in shares.tolist()))
+    return "\n".join(lines)
+
+
+def plot_routing(results: list[DomainResult], expert_names: tuple[str, ...], path: str | os.PathLike) -> None:
+    """Heatmap per domain: layers x experts, share of the domain's tokens routed to each expert."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise RuntimeError("plotting needs matplotlib (pip install matplotlib)") from error
+    fig, axes = plt.subplots(1, len(results), figsize=(2.2 + 1.6 * len(results) * max(1, len(expert_names) / 4), 3.2),
+                             squeeze=False)
+    for ax, result in zip(axes[0], results):
+        image = ax.imshow(result.routing.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_title(result.name)
+        ax.set_xticks(range(len(expert_names)), expert_names, rotation=60, fontsize=7)
+        ax.set_ylabel("layer")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="share of tokens")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)

@@ -1,0 +1,64 @@
+"""flexolmo eval: per-domain loss and routing shares, with and without run-time exclusion."""
+
+import numpy as np
+import pytest
+import torch
+
+import flexolmo_plugin as fp
+from flexolmo_plugin.evaluation import evaluate, read_windows
+from flexolmo_plugin.experts.opt_out import exclude_experts
+
+
+def write_dataset(prefix, documents):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
+    for doc in documents:
+        builder.add_item(torch.tensor(doc, dtype=torch.int64))
+        builder.end_document()
+    builder.finalize(str(prefix) + ".idx")
+    return prefix
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    generator = torch.Generator().manual_seed(0)
+    low = [torch.randint(3, 50, (40,), generator=generator).tolist() for _ in range(4)]
+    high = [torch.randint(50, 100, (40,), generator=generator).tolist() for _ in range(4)]
+    return {"low": write_dataset(root / "low", low), "high": write_dataset(root / "high", high)}
+
+
+def test_loss_and_routing_match_an_independent_computation(world, datasets):
+    root, anchor, owners, packages, merged = world
+    model = fp.from_mcore(merged)
+    results = evaluate(model, datasets, seq_len=16, max_tokens=160, batch_size=3)
+    assert [r.name for r in results] == ["low", "high"]
+    for result in results:
+        windows = read_windows(datasets[result.name], seq_len=16, max_tokens=160)
+        assert windows.shape == (10, 16)
+        expected = fp.next_token_loss(fp.logits(model, windows), windows).item()
+        assert abs(result.loss - expected) < 1e-5 and result.tokens == 10 * 15
+        assert result.routing.shape == (2, 4)
+        # every token is computed by exactly top-k (= 4) experts in every layer
+        torch.testing.assert_close(result.routing.sum(1), torch.full((2,), 4.0))
+
+
+def test_excluded_expert_receives_nothing(world, datasets):
+    root, anchor, owners, packages, merged = world
+    model = fp.from_mcore(merged, dispatcher="allgather")
+    exclude_experts(model, ["math"])
+    for result in evaluate(model, datasets, seq_len=16, max_tokens=160):
+        assert (result.routing[:, 2] == 0).all()
+        torch.testing.assert_close(result.routing.sum(1), torch.full((2,), 3.0))
+
+
+def test_eval_cli_prints_tables(world, datasets, capsys):
+    from flexolmo_plugin.cli import EXIT_BAD_INPUT, EXIT_OK, main
+
+    root, anchor, owners, packages, merged = world
+    args = ["eval", str(merged), "--data", f"low={datasets['low']}", f"high={datasets['high']}", "--seq-len", "16"]
+    assert main(args + ["--exclude", "news"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "excluding news" in out and "ppl" in out and "public" in out
+    assert main(["eval", str(merged), "--data", "nonsense"]) == EXIT_BAD_INPUT
