@@ -153,19 +153,38 @@ def _hf_order(config: FlexOlmoConfig):
     return sorted(entries(config), key=key)
 
 
+def router_bias_magnitude(mcore_dir: str | os.PathLike) -> float:
+    """Largest |min(b, 0)| over all layers' router biases (0 when the model has none)."""
+    config, _, _ = load_config(mcore_dir)
+    if not config.router_bias:
+        return 0.0
+    from .mcore_io import CanonicalReader
+
+    reader = CanonicalReader(mcore_dir)
+    return max(reader.read(f"decoder.layers.{layer}.mlp.router.domain_bias").float().clamp(max=0).abs().max().item()
+               for layer in range(config.num_layers))
+
+
 def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                max_shard_bytes: int = 5 * 2**30, progress: bool = False) -> ConversionReport:
-    """Convert a FlexOlmo torch_dist checkpoint (any save layout) to an HF directory."""
+                max_shard_bytes: int = 5 * 2**30, drop_router_bias: bool = False,
+                progress: bool = False) -> ConversionReport:
+    """Convert a FlexOlmo torch_dist checkpoint (any save layout) to an HF directory.
+
+    HF ``flex_olmo`` has no router bias.  A model whose biases are all zero (no effect) exports as
+    is; a non-zero bias is refused unless ``drop_router_bias`` -- the export then computes a
+    different function (see :func:`router_bias_logit_change`).
+    """
     start = time.perf_counter()
     mcore_dir = Path(mcore_dir)
     check_new_output(out_dir)
     config, stored_dtype, _ = load_config(mcore_dir)
     check_is_checkpoint(mcore_dir)
     check_canonical_shapes(mcore_dir, {e.megatron: megatron_shape(e, config) for e in entries(config)})
-    if config.router_bias:
+    bias = router_bias_magnitude(mcore_dir)
+    if bias > 0 and not drop_router_bias:
         raise McoreCheckpointError(
-            f"{mcore_dir}: the model has a learned router bias, which HF flex_olmo cannot represent; "
-            "exporting it requires dropping the bias explicitly (not supported yet)")
+            f"{mcore_dir}: the model has a learned router bias (largest |min(b,0)| = {bias:.4g}), which HF "
+            "flex_olmo cannot represent; pass --drop-router-bias to export without it (routing changes)")
     out_dtype = dtype or stored_dtype
     ordered = _hf_order(config)
     shapes = hf_shapes(config)
@@ -199,3 +218,22 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dty
             for item in tokenizer.iterdir():
                 shutil.copy2(item, tmp / item.name)
     return ConversionReport(meter.tensors, meter.bytes, time.perf_counter() - start, Path(out_dir))
+
+
+def router_bias_logit_change(mcore_dir: str | os.PathLike, *, tokens: int = 64, seed: int = 0) -> float:
+    """Max |Δlogit| on random tokens between the model with its router bias and without it.
+
+    Loads the whole model once (a report step, not part of the streaming export).
+    """
+    import flexolmo_plugin as fp
+
+    model = fp.from_mcore(mcore_dir, dispatcher="allgather")
+    config = model.flexolmo_config
+    ids = torch.randint(0, config.vocab_size, (2, min(tokens, config.max_position_embeddings)),
+                        generator=torch.Generator().manual_seed(seed))
+    with_bias = fp.logits(model, ids)
+    with torch.no_grad():
+        for layer in model.decoder.layers:
+            for bias in layer.mlp.router.domain_biases or []:
+                bias.zero_()
+    return (fp.logits(model, ids) - with_bias).abs().max().item()

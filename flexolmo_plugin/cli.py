@@ -97,8 +97,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if args.num_experts or args.top_k:
             raise ValueError("--num-experts/--top-k only apply to hf-to-mcore")
         report = mcore_to_hf(args.source, args.target, dtype=dtype, max_shard_bytes=_parse_size(args.max_shard_size),
-                             progress=not args.quiet)
+                             drop_router_bias=args.drop_router_bias, progress=not args.quiet)
     print(f"converted {args.direction}: {report.summary()}")
+    if args.direction == "mcore-to-hf" and args.drop_router_bias:
+        from conversion.convert import router_bias_logit_change, router_bias_magnitude
+
+        if router_bias_magnitude(args.source) > 0:
+            change = router_bias_logit_change(args.source)
+            print(f"router bias dropped: max |Δlogit| vs the Megatron model on random tokens = {change:.4g}")
     return EXIT_OK
 
 
@@ -240,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--num-experts", type=int, help="hf-to-mcore from OLMo-2 dense: number of expert copies")
     convert.add_argument("--top-k", type=int, help="hf-to-mcore: experts per token (default: config / all)")
     convert.add_argument("--max-shard-size", default="5GB", help="mcore-to-hf: safetensors shard size (default 5GB)")
+    convert.add_argument("--drop-router-bias", action="store_true",
+                         help="mcore-to-hf: export a model with a non-zero learned router bias without it "
+                              "(HF flex_olmo has none) and report the logit change")
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
     convert.set_defaults(func=cmd_convert)
 

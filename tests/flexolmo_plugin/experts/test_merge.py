@@ -129,3 +129,29 @@ def test_cli_package_merge_opt_out(world, tmp_path, capsys):
     assert main(["merge", str(anchor), str(packages["code"]), str(packages["code"]), "--out",
                  str(tmp_path / "bad")]) == EXIT_BAD_INPUT
     assert "unique" in capsys.readouterr().err
+
+
+def test_export_with_a_router_bias_needs_the_flag_and_reports_the_change(world, tmp_path, capsys):
+    from conversion.convert import mcore_to_hf
+    from conversion.mcore_io import McoreCheckpointError
+    from flexolmo_plugin.cli import EXIT_BAD_INPUT, EXIT_OK, main
+
+    root, anchor, owners, packages, merged = world
+    model = fp.from_mcore(merged)
+    config = model.flexolmo_config.replace(router_bias=True)
+    biased = fp.build_model(config)
+    biased.load_state_dict({**model.state_dict(), **{k: v for k, v in biased.state_dict().items()
+                                                    if "domain_biases" in k}})
+    with torch.no_grad():
+        for layer in biased.decoder.layers:
+            layer.mlp.router.domain_biases[1].fill_(-3.0)  # math's logit lowered by 3
+    fp.save_mcore(biased, tmp_path / "biased")
+    with pytest.raises(McoreCheckpointError, match="--drop-router-bias"):
+        mcore_to_hf(tmp_path / "biased", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    assert main(["convert", "mcore-to-hf", str(tmp_path / "biased"), str(tmp_path / "hf2"), "--quiet"]) == EXIT_BAD_INPUT
+    assert main(["convert", "mcore-to-hf", str(tmp_path / "biased"), str(tmp_path / "hf3"), "--quiet",
+                 "--drop-router-bias"]) == EXIT_OK
+    out = capsys.readouterr().out
+    change = float(out.split("max |Δlogit| vs the Megatron model on random tokens = ")[1].split()[0])
+    assert change > 1e-3
