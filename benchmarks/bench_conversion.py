@@ -51,7 +51,7 @@ print(json.dumps({"seconds": seconds, "bytes": report.bytes, "baseline_rss": bas
 """
 
 
-def make_checkpoint(directory: Path, layers: int, seed: int = 0) -> dict:
+def make_checkpoint(directory: Path, layers: int, seed: int = 0, num_experts: int = EXPERTS) -> dict:
     import torch
 
     from conversion.mapping import hf_shapes
@@ -59,7 +59,7 @@ def make_checkpoint(directory: Path, layers: int, seed: int = 0) -> dict:
     from flexolmo_plugin.config import FlexOlmoConfig
 
     config = FlexOlmoConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_layers=layers,
-                            num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, num_experts=EXPERTS, top_k=2)
+                            num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, num_experts=num_experts, top_k=2)
     shapes = hf_shapes(config)
     directory.mkdir(parents=True)
     plan = [(name, torch.bfloat16, shape) for name, shape in shapes.items()]
