@@ -10,6 +10,7 @@ so production runs execute unmodified Megatron code.
 Product modules must never call CUDA-only APIs themselves; everything CPU-specific lives here.
 The shims were established by measurement (shared/research/feasibility.md, Appendix A) against
 megatron-core 0.19.2, which is asserted below because two of them replace Megatron internals.
+:func:`enable_bridge_compat` (end of file) does the same for Megatron-Bridge 0.6.2's training loop.
 """
 
 from __future__ import annotations
@@ -197,3 +198,232 @@ def default_device() -> torch.device:
 
 def default_backend() -> str:
     return "nccl" if cuda_available() else "gloo"
+
+
+# ====================================================================== Megatron-Bridge
+# Megatron-Bridge is installed ``--no-deps``: its declared closure (Transformer Engine,
+# nvidia-resiliency-ext, flashinfer, ...) cannot be built on CPU, yet two of those packages are
+# imported unconditionally at module level, and its training loop refuses to start without CUDA.
+# Measured against exactly megatron-bridge 0.6.2 + megatron-core 0.19.2
+# (shared/research/bridge_cpu.md); each patch applies only where what it replaces is missing.
+
+SUPPORTED_MEGATRON_BRIDGE = "0.6.2"
+
+
+class _AbsentTransformerEngineClass:
+    """Placeholder TE class: ``isinstance(x, te.Linear)`` is False and constructing one fails."""
+
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError("transformer_engine is not installed (flexolmo import-time stand-in)")
+
+
+def _transformer_engine_stub() -> dict:
+    """I1: ``lora_layers`` uses ``te`` only in annotations/isinstance until LoRA is built."""
+    import types
+
+    te, pytorch = types.ModuleType("transformer_engine"), types.ModuleType("transformer_engine.pytorch")
+    te.__path__, pytorch.__path__, te.pytorch = [], [], pytorch
+    absent = {name: type(name, (_AbsentTransformerEngineClass,), {}) for name in (
+        "Sequential", "Linear", "LayerNorm", "RMSNorm", "Quantize", "MakeExtraOutput", "Dropout",
+        "ConstantScale", "AddExtraInput", "LayerNormLinear")}
+    pytorch.ops = types.SimpleNamespace(**absent)
+    pytorch.Linear, pytorch.LayerNormLinear = absent["Linear"], absent["LayerNormLinear"]
+    pytorch.fp8_autocast = lambda *a, **k: contextlib.nullcontext()
+    return {"transformer_engine": te, "transformer_engine.pytorch": pytorch}
+
+
+def _resiliency_inprocess_stub() -> dict:
+    """I2: ``pretrain`` imports ``nvidia_resiliency_ext.inprocess.CallWrapper`` for an annotation."""
+    import types
+
+    package, inprocess = (types.ModuleType("nvidia_resiliency_ext"),
+                          types.ModuleType("nvidia_resiliency_ext.inprocess"))
+    package.__path__ = []  # any other nvidia_resiliency_ext.* import still fails: features stay off
+    package.__version__ = "0.0.0"  # below megatron-core's minimum, should anything compare it
+    package.inprocess = inprocess
+    inprocess.CallWrapper = type("CallWrapper", (), {"iteration": 0})
+    return {"nvidia_resiliency_ext": package, "nvidia_resiliency_ext.inprocess": inprocess}
+
+
+_STUBS = {  # module that needs a stand-in -> (stand-in factory, package it stands in for)
+    "megatron.bridge.peft.lora_layers": ("I1", _transformer_engine_stub, "transformer_engine"),
+    "megatron.bridge.training.pretrain": ("I2", _resiliency_inprocess_stub, "nvidia_resiliency_ext"),
+}
+
+
+def _preimport_dependencies(name: str, source: str, stubbed: str) -> None:
+    """Import ``name``'s module-level imports (other than the stubbed package) beforehand.
+
+    Then, while the stand-in is in ``sys.modules``, only the target's own body runs: no other
+    module is imported for the first time in that window, so none can see the stand-in (and flip
+    a ``HAVE_TE``-style flag).  This is checked after the fact in ``_StubbingLoader``.
+    """
+    import ast
+    import importlib
+    import importlib.util
+
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            relative = "." * node.level + (node.module or "")
+            modules = [importlib.util.resolve_name(relative, name.rpartition(".")[0])]
+        else:
+            continue
+        for module in modules:
+            if module.split(".")[0] != stubbed:
+                try:
+                    importlib.import_module(module)
+                except ImportError:
+                    pass  # the real execution reports it
+
+
+class _StubbingLoader:
+    """Wraps one module's real loader: the stand-in exists only while that module executes."""
+
+    def __init__(self, real, factory, stubbed: str):
+        self.real, self.factory, self.stubbed = real, factory, stubbed
+
+    def __getattr__(self, attribute):  # get_source, get_code, ... of the real loader
+        return getattr(self.real, attribute)
+
+    def create_module(self, spec):
+        return self.real.create_module(spec)
+
+    def exec_module(self, module):
+        import sys
+
+        _preimport_dependencies(module.__name__, self.real.get_source(module.__name__), self.stubbed)
+        stubs = {k: v for k, v in self.factory().items() if k not in sys.modules}
+        before = set(sys.modules)
+        sys.modules.update(stubs)
+        try:
+            self.real.exec_module(module)
+        finally:
+            for key in stubs:
+                sys.modules.pop(key, None)
+        if leaked := sorted(set(sys.modules) - before):  # they may have kept the stand-in
+            raise RuntimeError(f"{leaked} were first imported while {module.__name__} ran with a "
+                               "stand-in for a missing package; re-validate flexolmo_plugin/compat.py")
+
+
+class _ScopedStubFinder:
+    """``sys.meta_path`` hook that hands :class:`_StubbingLoader` to the modules in ``_STUBS``."""
+
+    def __init__(self, targets: dict):
+        self.targets = targets
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in self.targets:
+            return None
+        from importlib.machinery import PathFinder
+
+        spec = PathFinder.find_spec(fullname, path)
+        if spec is not None and spec.loader is not None:
+            _, factory, stubbed = self.targets[fullname]
+            spec.loader = _StubbingLoader(spec.loader, factory, stubbed)
+        return spec
+
+
+def _check_bridge_version() -> None:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        version = package_version("megatron-bridge")
+    except PackageNotFoundError:
+        version = "nothing"
+    if version != SUPPORTED_MEGATRON_BRIDGE:
+        raise RuntimeError(
+            f"flexolmo's Megatron-Bridge patches were validated against megatron-bridge "
+            f"{SUPPORTED_MEGATRON_BRIDGE}, found {version}; install requirements/lock-cpu.txt or "
+            f"re-validate enable_bridge_compat in flexolmo_plugin/compat.py")
+
+
+def _patch_initialize_megatron() -> None:
+    """B1: ``setup()`` calls ``initialize_megatron`` without ``allow_no_cuda``, and with
+    ``device_count() == 0`` bridge's ``_set_random_seed`` skips the model-parallel RNG seeding
+    that every forward needs; it is done here exactly as that function would."""
+    import functools
+
+    import megatron.bridge.training.initialize as binit
+    import megatron.bridge.training.setup as bsetup
+    import torch.distributed as dist
+    from megatron.core import tensor_parallel
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.utils import get_pg_rank
+
+    original = binit.initialize_megatron
+
+    @functools.wraps(original)
+    def initialize_megatron(cfg, *args, **kwargs):
+        kwargs["allow_no_cuda"] = True
+        groups = original(cfg, *args, **kwargs)
+        if isinstance(groups, ProcessGroupCollection):  # not with lazy (externally finished) init
+            rank = dist.get_rank()
+            seed = cfg.rng.seed + 100 * dist.get_group_rank(groups.pp, rank)
+            if cfg.rng.data_parallel_random_init:
+                seed += 10 * dist.get_group_rank(groups.dp, rank)
+            tensor_parallel.model_parallel_cuda_manual_seed(
+                seed, cfg.rng.te_rng_tracker, cfg.rng.inference_rng_tracker,
+                cfg.model.cuda_graph_impl != "none", tp_rank=get_pg_rank(groups.tp),
+                ep_rank=get_pg_rank(groups.ep), etp_rank=get_pg_rank(groups.expt_tp))
+        return groups
+
+    binit.initialize_megatron = bsetup.initialize_megatron = initialize_megatron
+
+
+def _patch_compile_helpers() -> bool:
+    """B2: the megatron-core wheel ships the built ``helpers_cpp`` but no Makefile, and bridge
+    runs ``make`` there on local rank 0 and exits when it fails.  Not CPU-specific; skipped where a
+    Makefile exists (source checkouts, NGC containers) or the prebuilt module does not import."""
+    import os
+
+    import megatron.bridge.training.initialize as binit
+    import megatron.core.datasets as mdatasets
+
+    if os.path.exists(os.path.join(os.path.dirname(mdatasets.__file__), "Makefile")):
+        return False
+    try:
+        from megatron.core.datasets import helpers_cpp  # noqa: F401
+    except ImportError:
+        return False
+    binit.compile_helpers = lambda: None
+    return True
+
+
+def enable_bridge_compat() -> frozenset[str]:
+    """Make Megatron-Bridge 0.6.2's training entry points importable and runnable here.
+
+    Call before importing ``megatron.bridge`` (and in every spawned worker).  Applies
+    :func:`enable_cpu_compat` ``(training=True)`` (``"cpu"``) and, each only where needed:
+    ``I1`` a Transformer Engine stand-in visible only while ``megatron.bridge.peft.lora_layers``
+    executes (TE absent); ``I2`` ``nvidia_resiliency_ext.inprocess.CallWrapper`` visible only
+    while ``megatron.bridge.training.pretrain`` executes (nvrx absent); ``B1`` CUDA-free
+    ``initialize_megatron`` (no CUDA); ``B2`` no-op ``compile_helpers`` (prebuilt helpers, no
+    Makefile).  Raises unless megatron-bridge is exactly 0.6.2.  Idempotent; returns the names of
+    the patches active in this process.
+    """
+    import importlib.util
+    import sys
+
+    _check_bridge_version()
+    cpu = enable_cpu_compat(training=True)
+    with _lock:
+        if cpu:
+            _enabled.add("cpu")
+        if "stubs-checked" not in _enabled:
+            _enabled.add("stubs-checked")
+            missing = {target: entry for target, entry in _STUBS.items()
+                       if importlib.util.find_spec(entry[2]) is None and target not in sys.modules}
+            if missing:
+                sys.meta_path.insert(0, _ScopedStubFinder(missing))
+                _enabled.update(entry[0] for entry in missing.values())
+        if not cuda_available() and "B1" not in _enabled:
+            _patch_initialize_megatron()
+            _enabled.add("B1")
+        if "B2-checked" not in _enabled:
+            _enabled.add("B2-checked")
+            if _patch_compile_helpers():
+                _enabled.add("B2")
+        return frozenset(_enabled & {"cpu", "I1", "I2", "B1", "B2"})

@@ -1,0 +1,20 @@
+"""Megatron-Bridge recipes for FlexOlmo.
+
+:mod:`recipes.provider` holds :class:`~recipes.provider.FlexOlmoModelProvider`, the bridge model
+provider.  It is exported lazily: importing ``megatron.bridge`` takes seconds and, on machines
+without Transformer Engine, needs :func:`flexolmo_plugin.compat.enable_bridge_compat` first.
+"""
+
+from importlib import import_module
+
+_EXPORTS = {"FlexOlmoModelProvider": ".provider", "flexolmo_transformer_layer_spec": ".provider"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'recipes' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value

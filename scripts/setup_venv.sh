@@ -19,7 +19,7 @@ fi
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | quiet_pip
 .venv/bin/python - <<'PY'
 import importlib.metadata as md
-want = {"megatron-core": "0.19.2", "transformers": "5.12.1"}
+want = {"megatron-core": "0.19.2", "megatron-bridge": "0.6.2", "transformers": "5.12.1"}
 for name, version in want.items():
     got = md.version(name)
     assert got == version, f"{name} {got} installed, {version} required (CPU shims depend on it)"
