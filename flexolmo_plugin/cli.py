@@ -213,6 +213,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_train_expert(args: argparse.Namespace) -> int:
+    """Anchored expert training / router tuning on Megatron-Bridge (torchrun-compatible)."""
+    _quiet_imports()
+    from recipes.train import run
+
+    log = run(args.recipe, args.overrides)
+    if log.history:
+        first, last = log.history[0], log.history[-1]
+        print(f"trained iterations {first[0]}-{last[0]}: lm loss {first[1]:.4f} -> {last[1]:.4f}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flexolmo",
@@ -336,6 +348,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seq-len", type=int, default=256)
     ev.add_argument("--max-tokens", type=int, default=16384, help="per domain")
     ev.set_defaults(func=cmd_eval)
+
+    tr = sub.add_parser("train-expert", help="anchored expert training or router tuning (Megatron-Bridge)",
+                        description="RECIPE: 'expert' (anchored training of the owner's expert from an upcycled "
+                                    "checkpoint: top-2 of 2, LB loss off, z-loss 1e-3, LR 9e-4 cosine, wd 0) or "
+                                    "'router-tune' (only router rows/biases, all experts active). Overrides: "
+                                    "recipe.ARG=VALUE for the recipe function (init_from, save_dir, data_paths, "
+                                    "tokenizer_dir, seq_length, train_iters, global_batch_size, lr, expert_parallel, "
+                                    "...), and KEY=VALUE for the Bridge ConfigContainer (e.g. train.train_iters=10). "
+                                    "Run under torchrun for several processes.")
+    tr.add_argument("recipe", metavar="RECIPE", choices=["expert", "router-tune"])
+    tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    tr.set_defaults(func=cmd_train_expert)
     return parser
 
 

@@ -62,6 +62,12 @@ class FlexOlmoModelProvider(GPTModelProvider):
 
     # FlexOlmo-specific
     router_bias: bool = False
+    # Training setup applied to the model before it is wrapped for distributed training:
+    # load this FlexOlmo checkpoint (e.g. from ``flexolmo upcycle``), then freeze per ``trainable``:
+    # "all", "anchored" (only expert ``owner_expert``'s FFN, router row and bias) or "router".
+    init_from: str | None = None
+    trainable: str = "all"
+    owner_expert: int = 1
     flexolmo_backend: Literal["local", "te", "auto"] = "auto"  # "auto": TE when importable
     max_position_embeddings: int | None = None  # None: seq_length (HF export metadata)
     expert_names: tuple[str, ...] | None = None
@@ -198,6 +204,18 @@ class FlexOlmoModelProvider(GPTModelProvider):
             sequence_parallel=self.sequence_parallel))
         return config
 
+    def provide_distributed_model(self, *args, **kwargs):
+        """Bridge's builder, with FlexOlmo's initialisation and freezing run before DDP wrapping
+        (frozen tensors then get no gradient buffer and never reach the optimizer)."""
+        user_hook = kwargs.pop("pre_wrap_hook", None) or self.pre_wrap_hook
+
+        def hook(chunks):
+            chunks = prepare_for_training(chunks, init_from=self.init_from, trainable=self.trainable,
+                                          owner_expert=self.owner_expert)
+            return user_hook(chunks) if user_hook else chunks
+
+        return super().provide_distributed_model(*args, pre_wrap_hook=hook, **kwargs)
+
     def provide(self, pre_process=None, post_process=None, vp_stage=None):
         """Bridge's ``GPTModel`` construction, with FlexOlmo's vocabulary padding and metadata.
 
@@ -216,3 +234,33 @@ class FlexOlmoModelProvider(GPTModelProvider):
             self.vocab_size, self.should_pad_vocab = saved
         model.flexolmo_config = config
         return model
+
+
+TRAINABLE_POLICIES = ("all", "anchored", "router")
+
+
+def prepare_for_training(chunks, *, init_from: str | None, trainable: str, owner_expert: int = 1):
+    """Load ``init_from`` into each model chunk and apply the freezing policy."""
+    from pathlib import Path
+
+    from flexolmo_plugin import anchoring
+    from flexolmo_plugin.model import unwrap
+
+    if trainable not in TRAINABLE_POLICIES:
+        raise ConfigError(f"trainable={trainable!r}; expected one of {TRAINABLE_POLICIES}")
+    for chunk in chunks:
+        model = unwrap(chunk)
+        if init_from:
+            from megatron.core import dist_checkpointing
+
+            from conversion.mcore_io import check_is_checkpoint, validate_model_layout
+
+            check_is_checkpoint(Path(init_from))
+            sharded = model.sharded_state_dict()
+            validate_model_layout(Path(init_from), sharded)
+            model.load_state_dict(dist_checkpointing.load(sharded, str(init_from)))
+        if trainable == "anchored":
+            anchoring.anchor(model, owner_expert=owner_expert)
+        elif trainable == "router":
+            anchoring.router_only(model)
+    return chunks

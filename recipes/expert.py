@@ -1,0 +1,135 @@
+"""Megatron-Bridge recipes for FlexOlmo's two training phases after upcycling.
+
+* :func:`flexolmo_expert_config` -- a data owner's anchored expert training (paper §3.3.1, §4.4):
+  start from the upcycled ``[public, owner]`` checkpoint, train only the owner's FFN, router row
+  and bias; top-2 of 2, load-balancing loss off, router z-loss 1e-3, LR 9e-4 with warmup and
+  cosine decay, weight decay 0, gradient clipping 1.0.
+* :func:`flexolmo_router_tuning_config` -- optional router tuning of a merged model (§3.3.3): only
+  router rows (r_pub included) and biases train, every expert active (top-k = number of experts).
+
+Each returns a Bridge ``ConfigContainer`` for ``megatron.bridge.training.pretrain.pretrain``; any
+field can be overridden afterwards (``flexolmo train-expert`` applies Hydra-style overrides).
+``cpu=True`` (the default where CUDA is absent) selects the settings measured to run Bridge on CPU:
+fp32, the non-distributed optimizer, fusions off, gloo.  ``save_dir=None`` trains without checkpoints.
+
+Known limit: with the non-distributed optimizer (the CPU setting), saving a checkpoint of *anchored*
+training fails Megatron's sharding-integrity check -- the public expert and public router row share
+checkpoint keys with the owner's but have no optimizer state, leaving holes the check rejects.  The
+distributed optimizer stores its state in flat per-rank buffers instead (not verified here: it does not
+run on CPU).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from conversion.mcore_io import load_config
+
+from .provider import FlexOlmoModelProvider
+
+EXPERT_DEFAULTS = dict(top_k=2, router_z_loss_coeff=1e-3, load_balancing_coeff=0.0)
+
+
+def _container(provider: FlexOlmoModelProvider, *, data_paths, tokenizer_dir, save_dir, seq_length, train_iters,
+               global_batch_size, micro_batch_size, lr, min_lr, lr_warmup_iters, weight_decay, save_interval,
+               log_interval, seed, cpu, load_dir):
+    from megatron.bridge.training.config import (CheckpointConfig, ConfigContainer, DistributedDataParallelConfig,
+                                                 DistributedInitConfig, GPTDatasetConfig, LoggerConfig,
+                                                 MockGPTDatasetConfig, OptimizerConfig, RNGConfig, SchedulerConfig,
+                                                 TokenizerConfig, TrainingConfig, ValidationConfig)
+
+    data_args = dict(random_seed=seed, seq_length=seq_length, reset_attention_mask=False, reset_position_ids=False,
+                     eod_mask_loss=False, num_dataset_builder_threads=1, dataloader_type="single",
+                     num_workers=0 if cpu else 2, pin_memory=not cpu, persistent_workers=False, data_sharding=True)
+    if data_paths:
+        dataset = GPTDatasetConfig(data_path=[str(p) for p in data_paths], split="100,0,0", **data_args)
+    else:
+        dataset = MockGPTDatasetConfig(**data_args)
+    if tokenizer_dir:
+        tokenizer = TokenizerConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tokenizer_dir))
+    else:  # data is pre-tokenized; only the vocabulary size matters
+        tokenizer = TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=provider.vocab_size)
+    if cpu:
+        for fusion in ("gradient_accumulation_fusion", "masked_softmax_fusion", "cross_entropy_loss_fusion",
+                       "bias_activation_fusion", "bias_dropout_fusion", "apply_rope_fusion"):
+            setattr(provider, fusion, False)
+        provider.bf16, provider.params_dtype, provider.pipeline_dtype = False, torch.float32, torch.float32
+    provider.seq_length = seq_length
+    return ConfigContainer(
+        model=provider,
+        train=TrainingConfig(train_iters=train_iters, global_batch_size=global_batch_size,
+                             micro_batch_size=micro_batch_size),
+        validation=ValidationConfig(eval_interval=max(train_iters, 1) * 10, eval_iters=0),
+        optimizer=OptimizerConfig(optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=weight_decay, adam_beta1=0.9,
+                                  adam_beta2=0.95, clip_grad=1.0, bf16=not cpu, fp16=False,
+                                  use_distributed_optimizer=not cpu),
+        scheduler=SchedulerConfig(lr_decay_style="cosine", lr_warmup_iters=lr_warmup_iters,
+                                  lr_decay_iters=train_iters, start_weight_decay=weight_decay,
+                                  end_weight_decay=weight_decay, weight_decay_incr_style="constant"),
+        ddp=DistributedDataParallelConfig(overlap_grad_reduce=False, overlap_param_gather=False,
+                                          use_distributed_optimizer=not cpu, check_for_nan_in_grad=True,
+                                          grad_reduce_in_fp32=True),
+        dataset=dataset,
+        logger=LoggerConfig(log_interval=log_interval, tensorboard_dir=None),
+        tokenizer=tokenizer,
+        checkpoint=CheckpointConfig(save_interval=save_interval if save_dir else None,
+                                    save=str(save_dir) if save_dir else None,
+                                    load=str(load_dir) if load_dir else None, ckpt_format="torch_dist",
+                                    fully_parallel_save=not cpu, async_save=False),
+        rng=RNGConfig(seed=seed),
+        dist=DistributedInitConfig(distributed_backend="gloo" if cpu else "nccl"),
+        mixed_precision=None if cpu else "bf16_mixed",
+    )
+
+
+def _provider(init_from, *, trainable: str, owner_expert: int, overrides: dict, parallel: dict) -> FlexOlmoModelProvider:
+    config, _, _ = load_config(init_from)
+    config = config.replace(**overrides)
+    return FlexOlmoModelProvider.from_flexolmo_config(config, init_from=str(Path(init_from).resolve()),
+                                                      trainable=trainable, owner_expert=owner_expert, **parallel)
+
+
+def _parallel(tensor_parallel: int, expert_parallel: int) -> dict:
+    return dict(tensor_model_parallel_size=tensor_parallel, expert_model_parallel_size=expert_parallel,
+                expert_tensor_parallel_size=1 if tensor_parallel > 1 and expert_parallel > 1 else None,
+                sequence_parallel=tensor_parallel > 1)
+
+
+def flexolmo_expert_config(*, init_from: str, save_dir: str | None, data_paths: list[str] | None = None,
+                           tokenizer_dir: str | None = None, owner_expert: int = 1, seq_length: int = 4096,
+                           train_iters: int = 12000, global_batch_size: int = 1024, micro_batch_size: int = 1,
+                           lr: float = 9e-4, min_lr: float = 9e-5, lr_warmup_iters: int = 2000,
+                           weight_decay: float = 0.0, save_interval: int = 1000, log_interval: int = 1,
+                           seed: int = 1234, tensor_parallel: int = 1, expert_parallel: int = 1,
+                           load_dir: str | None = None, cpu: bool | None = None):
+    """Anchored expert training of ``owner_expert`` from an upcycled checkpoint."""
+    cpu = (not torch.cuda.is_available()) if cpu is None else cpu
+    provider = _provider(init_from, trainable="anchored", owner_expert=owner_expert, overrides=EXPERT_DEFAULTS,
+                         parallel=_parallel(tensor_parallel, expert_parallel))
+    return _container(provider, data_paths=data_paths, tokenizer_dir=tokenizer_dir, save_dir=save_dir,
+                      seq_length=seq_length, train_iters=train_iters, global_batch_size=global_batch_size,
+                      micro_batch_size=micro_batch_size, lr=lr, min_lr=min_lr, lr_warmup_iters=lr_warmup_iters,
+                      weight_decay=weight_decay, save_interval=save_interval, log_interval=log_interval, seed=seed,
+                      cpu=cpu, load_dir=load_dir)
+
+
+def flexolmo_router_tuning_config(*, init_from: str, save_dir: str | None, data_paths: list[str] | None = None,
+                                  tokenizer_dir: str | None = None, seq_length: int = 4096, train_iters: int = 1200,
+                                  global_batch_size: int = 1024, micro_batch_size: int = 1, lr: float = 2e-3,
+                                  min_lr: float = 2e-4, lr_warmup_iters: int = 100, weight_decay: float = 0.0,
+                                  save_interval: int = 200, log_interval: int = 1, seed: int = 1234,
+                                  tensor_parallel: int = 1, expert_parallel: int = 1, load_dir: str | None = None,
+                                  cpu: bool | None = None):
+    """Router tuning of a merged model: only router rows and biases train, all experts active."""
+    cpu = (not torch.cuda.is_available()) if cpu is None else cpu
+    stored, _, _ = load_config(init_from)
+    provider = _provider(init_from, trainable="router", owner_expert=1,
+                         overrides=dict(top_k=stored.num_experts, router_z_loss_coeff=1e-3, load_balancing_coeff=0.0),
+                         parallel=_parallel(tensor_parallel, expert_parallel))
+    return _container(provider, data_paths=data_paths, tokenizer_dir=tokenizer_dir, save_dir=save_dir,
+                      seq_length=seq_length, train_iters=train_iters, global_batch_size=global_batch_size,
+                      micro_batch_size=micro_batch_size, lr=lr, min_lr=min_lr, lr_warmup_iters=lr_warmup_iters,
+                      weight_decay=weight_decay, save_interval=save_interval, log_interval=log_interval, seed=seed,
+                      cpu=cpu, load_dir=load_dir)

@@ -1,0 +1,137 @@
+"""Run a FlexOlmo recipe on Megatron-Bridge's ``pretrain()`` loop (``flexolmo train-expert``).
+
+Arguments are Hydra-style ``key=value`` overrides: ``recipe.<arg>=...`` go to the recipe function
+(e.g. ``recipe.init_from=ckpt/code-start recipe.data_paths=[data/code]``), everything else to the
+resulting ``ConfigContainer`` (e.g. ``train.train_iters=100 optimizer.lr=3e-4``).  Works in a plain
+process (a world of one) and under ``torchrun`` (one process per rank).
+
+Checkpoints are Bridge's torch_dist checkpoints: each save goes to a new ``iter_*`` directory and
+the ``latest`` tracker is updated only after it is complete, so an interrupted save never replaces
+the last good checkpoint; rerunning with ``checkpoint.load=<save dir>`` resumes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from pathlib import Path
+
+RECIPE_PREFIX = "recipe."
+
+
+def _recipes():
+    from .expert import flexolmo_expert_config, flexolmo_router_tuning_config
+
+    return {"expert": flexolmo_expert_config, "router-tune": flexolmo_router_tuning_config}
+
+
+def training_log_callback(*, print_fn=print):
+    """A Bridge callback logging loss, tokens/s and each expert's share of routed tokens.
+
+    Shares come from forward hooks on the routers (this rank's tokens, all layers pooled), so they
+    show directly whether the owner's expert is being used.  ``callback.history`` keeps
+    ``(iteration, loss, tokens_per_s, shares)`` for programmatic use.
+    """
+    import torch
+    import torch.distributed as dist
+    from megatron.bridge.training.callbacks import Callback
+
+    from flexolmo_plugin.model import unwrap
+
+    class FlexOlmoTrainingLog(Callback):
+        def __init__(self):
+            self.history: list[tuple[int, float, float, list[float]]] = []
+            self._handles, self._counts, self._names, self._last = [], None, (), None
+
+        def on_train_start(self, context):
+            models = [unwrap(chunk) for chunk in context.model]
+            config = models[0].flexolmo_config
+            self._names = config.expert_names or tuple(f"expert{i}" for i in range(config.num_experts))
+            self._counts = torch.zeros(config.num_experts, dtype=torch.float64)
+
+            def hook(module, args, output):
+                self._counts += output[1].sum(0).to(torch.float64).cpu()
+
+            self._handles = [layer.mlp.router.register_forward_hook(hook)
+                             for model in models for layer in model.decoder.layers]
+            self._last = time.perf_counter()
+
+        def on_train_step_end(self, context):
+            now = time.perf_counter()
+            cfg = context.state.cfg
+            iteration = context.state.train_state.step + 1  # the counter advances after this event
+            loss = float(context.loss_dict["lm loss"])
+            tokens_per_s = cfg.train.global_batch_size * cfg.model.seq_length / max(now - self._last, 1e-9)
+            total = self._counts.sum().item()
+            shares = (self._counts / total).tolist() if total else [0.0] * len(self._counts)
+            self.history.append((iteration, loss, tokens_per_s, shares))
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                routed = ", ".join(f"{n} {100 * s:.1f}%" for n, s in zip(self._names, shares))
+                print_fn(f"[flexolmo] iteration {iteration} | lm loss {loss:.6f} | {tokens_per_s:,.0f} tokens/s | "
+                         f"routed tokens: {routed}")
+            self._counts.zero_()
+            self._last = time.perf_counter()
+
+        def on_train_end(self, context):
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
+
+    return FlexOlmoTrainingLog()
+
+
+def build_config(recipe: str, overrides: list[str]):
+    """The recipe's ``ConfigContainer`` with ``recipe.*`` arguments and config overrides applied."""
+    from omegaconf import OmegaConf
+
+    recipes = _recipes()
+    if recipe not in recipes:
+        raise ValueError(f"unknown recipe {recipe!r}; available: {sorted(recipes)}")
+    recipe_args = [o[len(RECIPE_PREFIX):] for o in overrides if o.startswith(RECIPE_PREFIX)]
+    config_overrides = [o for o in overrides if not o.startswith(RECIPE_PREFIX)]
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ValueError(f"overrides must look like key=value, got {bad}")
+    kwargs = OmegaConf.to_container(OmegaConf.from_dotlist(recipe_args)) if recipe_args else {}
+    config = recipes[recipe](**kwargs)
+    if config_overrides:
+        from megatron.bridge.training.utils.omegaconf_utils import process_config_with_overrides
+
+        config = process_config_with_overrides(config, cli_overrides=config_overrides)
+    return config
+
+
+def _init_process_group(backend: str) -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    timeout = datetime.timedelta(minutes=10)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / srun
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+
+
+def run(recipe: str, overrides: list[str], *, callbacks=()):
+    """Train; returns the logging callback (its ``history`` holds the per-iteration records)."""
+    from flexolmo_plugin.compat import enable_bridge_compat
+
+    enable_bridge_compat()
+    import torch.distributed as dist
+    from megatron.bridge.training.gpt_step import forward_step
+    from megatron.bridge.training.pretrain import pretrain
+
+    config = build_config(recipe, overrides)
+    _init_process_group(config.dist.distributed_backend)
+    if dist.get_rank() == 0 and config.checkpoint.save:
+        Path(config.checkpoint.save).mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    log = training_log_callback()
+    try:
+        pretrain(config, forward_step, callbacks=[log, *callbacks])
+    except SystemExit as stop:  # Bridge exits this way at train.exit_interval
+        if stop.code not in (0, None):
+            raise
+    return log

@@ -1,0 +1,123 @@
+"""Anchored expert training on Megatron-Bridge's real pretrain() loop, from an upcycled checkpoint.
+
+Anchoring is checked on the trained model at the end of the run against the upcycled checkpoint, with
+the same per-tensor anchor digests that expert packages carry.  (Checkpoints of anchored training with
+the non-distributed optimizer are a known gap: see recipes/expert.py.)
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.support import make_tokenizer, run_distributed
+
+ITERS, SEQ = 6, 32
+TEXT = ["def add(a, b): return a + b", "for i in range(10): print(i)", "class Box: pass",
+        "if x > 0: return x else: return -x", "import os, sys"]
+
+
+def _overrides(init, prefix, **extra):
+    args = {"init_from": init, "save_dir": "null", "data_paths": f"[{prefix}]", "seq_length": SEQ,
+            "train_iters": ITERS, "global_batch_size": 4, "micro_batch_size": 2, "lr": 0.01, "min_lr": 0.001,
+            "lr_warmup_iters": 1, **extra}
+    return [f"recipe.{k}={v}" for k, v in args.items()]
+
+
+def _train(rank, world_size, init, prefix, expert_parallel):
+    from flexolmo_plugin.compat import enable_bridge_compat
+
+    enable_bridge_compat()  # before any megatron.bridge import
+    from megatron.bridge.training.callbacks import Callback
+
+    from flexolmo_plugin.evaluation import read_windows
+    from flexolmo_plugin.experts.anchor import anchor_hashes
+    from flexolmo_plugin.model import logits, next_token_loss, unwrap
+    from flexolmo_plugin.parameters import slots
+    from recipes.train import run
+
+    windows = read_windows(prefix, seq_len=SEQ, max_tokens=SEQ * 8)
+    seen = {}
+
+    class Inspect(Callback):
+        def _snapshot(self, model):
+            model = unwrap(model)
+            with torch.no_grad():
+                loss = next_token_loss(logits(model, windows), windows).item()
+            tensors = {}
+            for slot in slots(model):
+                tensors.setdefault(slot.canonical, []).append(slot.param.detach().clone())
+            whole = {k: (torch.stack(v) if k.endswith("router.weight") else v[0]) for k, v in tensors.items()}
+            return loss, whole
+
+        def on_train_start(self, context):
+            seen["loss_before"], seen["before"] = self._snapshot(context.model[0])
+
+        def on_train_end(self, context):
+            seen["loss_after"], after = self._snapshot(context.model[0])
+            if expert_parallel == 1:
+                config = unwrap(context.model[0]).flexolmo_config
+                seen["anchor_equal"] = (anchor_hashes(config, seen["before"].__getitem__)
+                                        == anchor_hashes(config, after.__getitem__))
+                seen["owner_moved"] = [not torch.equal(seen["before"][n], after[n]) for n in after
+                                       if ".mlp.experts.1." in n]
+                seen["rows"] = (torch.equal(seen["before"]["decoder.layers.0.mlp.router.weight"][0],
+                                            after["decoder.layers.0.mlp.router.weight"][0]),
+                                torch.equal(seen["before"]["decoder.layers.0.mlp.router.weight"][1],
+                                            after["decoder.layers.0.mlp.router.weight"][1]))
+            seen.pop("before")
+
+    log = run("expert", _overrides(init, prefix, expert_parallel=expert_parallel), callbacks=[Inspect()])
+    return {"losses": [h[1] for h in log.history], "shares": log.history[-1][3], **seen}
+
+
+@pytest.fixture(scope="module")
+def owner(tmp_path_factory, megatron_single_process):
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    from conversion.upcycle import upcycle
+    from flexolmo_plugin.data import prepare_dataset
+
+    root = tmp_path_factory.mktemp("owner")
+    tokenizer = make_tokenizer(root / "tok")
+    torch.manual_seed(0)
+    Olmo2ForCausalLM(Olmo2Config(vocab_size=300, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
+                                 num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+                                 pad_token_id=1, eos_token_id=2)).save_pretrained(root / "public")
+    generator = torch.Generator().manual_seed(1)
+    for name in ("e0", "e1"):
+        np.save(root / f"{name}.npy", torch.randn(48, generator=generator).numpy())
+    upcycle(root / "public", root / "init", public_embedding=root / "e0.npy", domain_embedding=root / "e1.npy",
+            expert_names=("public", "code"))
+    (root / "code.jsonl").write_text("".join(json.dumps({"text": TEXT[i % 5]}) + "\n" for i in range(120)))
+    prepare_dataset(root / "code.jsonl", root / "code", tokenizer_dir=tokenizer)
+    return root, run_distributed(_train, 1, str(root / "init"), str(root / "code"), 1)[0]
+
+
+@pytest.mark.multiprocess
+def test_anchored_bridge_training_moves_only_the_owners_expert(owner):
+    _, result = owner
+    assert result["anchor_equal"], "an anchor tensor (shared, public FFN or r_pub) changed"
+    assert result["owner_moved"] and all(result["owner_moved"])
+    assert result["rows"] == (True, False)  # r_pub frozen, r_code trained
+    assert len(result["shares"]) == 2 and abs(sum(result["shares"]) - 1.0) < 1e-6  # top-2 of 2
+
+
+@pytest.mark.multiprocess
+def test_loss_on_the_owners_domain_decreased(owner):
+    _, result = owner
+    assert result["losses"][-1] < result["losses"][0]
+    assert result["loss_after"] < result["loss_before"] - 0.1, (result["loss_before"], result["loss_after"])
+
+
+@pytest.mark.multiprocess
+def test_expert_parallel_training_matches_single_process(owner):
+    root, result = owner
+    ep2 = run_distributed(_train, 2, str(root / "init"), str(root / "code"), 2)
+    for rank in (0, 1):
+        got = ep2[rank]["losses"]
+        assert len(got) == ITERS
+        assert max(abs(a - b) for a, b in zip(got, result["losses"])) <= 1e-6, (got, result["losses"])
