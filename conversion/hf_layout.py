@@ -114,8 +114,14 @@ class HFWeights:
         return self.checkpoint.get(key)
 
     def _fused(self, key: str) -> torch.Tensor:
+        """Fused expert tensors of the current layer (gate_up and down), read once each.
+
+        Experts are requested layer by layer, alternating between the two fused tensors, so two
+        entries suffice; each is the largest tensor of such a file, which bounds memory."""
         if key not in self._fused_cache:
-            self._fused_cache.clear()  # one layer's fused tensor at a time bounds memory
+            layer = key.split(".")[2]
+            for old in [k for k in self._fused_cache if k.split(".")[2] != layer]:
+                del self._fused_cache[old]
             self._fused_cache[key] = self._read(key)
         return self._fused_cache[key]
 

@@ -13,8 +13,11 @@ Reading: each canonical tensor is loaded on its own through ``dist_checkpointing
 matching part of the meta model's sharded state dict, so exports are bounded the same way.
 
 Canonical names are those of :mod:`conversion.mapping` (global layer/expert indices, whole tensors).
-In 0.19.2 checkpoints, per-layer tensors are stacked on a leading layer axis and expert tensors on a
-further expert axis; the router keeps its expert axis as the first axis of the canonical ``[E, H]``.
+In the checkpoints, per-layer tensors are stacked on a leading layer axis (megatron-core 0.19.2's
+default); each expert has its own keys, with the gated fc1 as ``weight_w`` (gate) and ``weight_v``
+(up) halves; each router row (and bias) has its own key -- so that frozen and trained parts of the
+model never share a key (:mod:`flexolmo_plugin.expert_mlp`).  :func:`canonical_parts` and
+:func:`canonical_chunk` are the only places that know this key layout.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from flexolmo_plugin.config import FlexOlmoConfig
 CONFIG_FILE = "flexolmo_config.json"
 FORMAT_VERSION = 1
 _LAYERS = "decoder.layers."
-_EXPERTS = "mlp.experts.experts."
+_EXPERT_KEY = re.compile(r"^mlp\.experts\.experts\.(\d+)\.(linear_fc[12]\.weight)(_w|_v)?$")
+_ROW_KEY = re.compile(r"^mlp\.router\.(domain_embeddings|domain_biases)\.(\d+)$")
+_ROW_CANONICAL = {"domain_embeddings": "mlp.router.weight", "domain_biases": "mlp.router.domain_bias"}
 
 
 class McoreCheckpointError(ValueError):
@@ -92,24 +97,27 @@ def meta_model(config: FlexOlmoConfig, dtype: torch.dtype):
     yield model
 
 
-def canonical_chunk(key: str, prepend_axes: int, offsets, sizes) -> tuple[str, tuple[slice, ...]]:
-    """Canonical tensor name and the slice of it that a checkpoint chunk covers."""
-    offsets, sizes = tuple(offsets), tuple(sizes)
-    strip = 0
-    name = key
-    if key.startswith(_LAYERS) and prepend_axes >= 1:
-        rest = key[len(_LAYERS):]
-        layer = offsets[0]
-        if rest.startswith(_EXPERTS):
-            name = f"{_LAYERS}{layer}.mlp.experts.{offsets[1]}.{rest[len(_EXPERTS):]}"
-            strip = 2
-        else:
-            name = f"{_LAYERS}{layer}.{rest}"
-            strip = 1
-        if any(s != 1 for s in sizes[:strip]):
-            raise McoreCheckpointError(f"{key}: a chunk spans several layers/experts ({sizes})")
-    index = tuple(slice(o, o + s) for o, s in zip(offsets[strip:], sizes[strip:]))
-    return name, index
+def canonical_chunk(key: str, prepend_axes: int, offsets, sizes, global_shape) -> tuple[str, tuple]:
+    """Canonical tensor name and the index of it that a checkpoint chunk covers."""
+    offsets, sizes, global_shape = tuple(offsets), tuple(sizes), tuple(global_shape)
+    if not (key.startswith(_LAYERS) and prepend_axes >= 1):
+        return key, tuple(slice(o, o + s) for o, s in zip(offsets, sizes))
+    if sizes[0] != 1:
+        raise McoreCheckpointError(f"{key}: a chunk spans several layers ({sizes})")
+    layer, rest = offsets[0], key[len(_LAYERS):]
+    inner = tuple(slice(o, o + s) for o, s in zip(offsets[1:], sizes[1:]))
+    expert = _EXPERT_KEY.match(rest)
+    if expert:
+        index, tensor, half = expert.groups()
+        name = f"{_LAYERS}{layer}.mlp.experts.{index}.{tensor}"
+        if half == "_v":  # the up half sits after the gate half in the canonical [gate; up]
+            rows = global_shape[1]
+            inner = (slice(inner[0].start + rows, inner[0].stop + rows), *inner[1:])
+        return name, inner
+    row = _ROW_KEY.match(rest)
+    if row:
+        return f"{_LAYERS}{layer}.{_ROW_CANONICAL[row.group(1)]}", (int(row.group(2)), *inner)
+    return f"{_LAYERS}{layer}.{rest}", inner
 
 
 # ---------------------------------------------------------------------- streaming save
@@ -132,6 +140,24 @@ def _streaming_classes():
         def __init__(self, owner, **kwargs):
             super().__init__(**kwargs)
             self.owner = owner
+
+        def create_local_plan(self):
+            """Megatron's plan, reordered layer by layer with all chunks of one canonical tensor
+            adjacent: the writer then builds each canonical tensor once, holding one at a time, and
+            sources read their files roughly in order (one layer's fused experts at a time)."""
+            plan = super().create_local_plan()
+            order: dict[str, int] = {}
+
+            def rank(item):
+                if item.type == WriteItemType.BYTE_IO:
+                    return (-2, -1)
+                name = self.owner.canonical_of(item)
+                layer = _LAYER_NAME.match(name)
+                return (int(layer.group(1)) if layer else -1, order.setdefault(name, len(order)))
+
+            items = sorted(plan.items, key=rank)  # stable: chunks keep their relative order
+            self.plan = dataclasses.replace(plan, items=items)
+            return self.plan
 
         def resolve_data(self, write_item):
             if write_item.type == WriteItemType.BYTE_IO:
@@ -161,10 +187,17 @@ def _streaming_classes():
                     self.on_tensor(name, tensor.numel() * tensor.element_size())
             return self._cached[1]
 
-        def chunk(self, write_item) -> torch.Tensor:
+        def _locate(self, write_item):
             key = write_item.index.fqn
             chunk = write_item.tensor_data.chunk
-            name, index = canonical_chunk(key, self.prepend[key], chunk.offsets, chunk.sizes)
+            return canonical_chunk(key, self.prepend[key], chunk.offsets, chunk.sizes, write_item.tensor_data.size)
+
+        def canonical_of(self, write_item) -> str:
+            return self._locate(write_item)[0]
+
+        def chunk(self, write_item) -> torch.Tensor:
+            chunk = write_item.tensor_data.chunk
+            name, index = self._locate(write_item)
             data = self._canonical(name)[index].reshape(tuple(chunk.sizes)).contiguous()
             self.chunks_written += 1
             return data
@@ -234,20 +267,30 @@ def checkpoint_tensor_metadata(directory: Path) -> dict[str, tuple[tuple[int, ..
 
 
 _LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-_EXPERT_NAME = re.compile(r"^mlp\.experts\.(\d+)\.(.+)$")
+_EXPERT_NAME = re.compile(r"^mlp\.experts\.(\d+)\.(linear_fc[12]\.weight)$")
 
 
-def checkpoint_address(canonical: str) -> tuple[str, tuple[int, ...]]:
-    """Checkpoint key and leading (layer[, expert]) index of a canonical tensor (inverse of
-    :func:`canonical_chunk`)."""
+def canonical_parts(canonical: str, present: dict) -> list[tuple[str, tuple[int, ...], object]]:
+    """``(key, layer prefix, place)`` of every checkpoint key a canonical tensor is made of.
+
+    ``place`` is ``None`` (the key holds the whole tensor), ``"w"`` / ``"v"`` (gate / up half of a
+    gated fc1) or an int (one router row / bias).  Inverse of :func:`canonical_chunk`.
+    """
     match = _LAYER_NAME.match(canonical)
     if not match:
-        return canonical, ()
+        return [(canonical, (), None)]
     layer, rest = int(match.group(1)), match.group(2)
     expert = _EXPERT_NAME.match(rest)
     if expert:
-        return f"{_LAYERS}{_EXPERTS}{expert.group(2)}", (layer, int(expert.group(1)))
-    return f"{_LAYERS}{rest}", (layer,)
+        base = f"{_LAYERS}mlp.experts.experts.{expert.group(1)}.{expert.group(2)}"
+        if expert.group(2) == "linear_fc1.weight":
+            return [(f"{base}_w", (layer,), "w"), (f"{base}_v", (layer,), "v")]
+        return [(base, (layer,), None)]
+    for kind, canonical_rest in _ROW_CANONICAL.items():
+        if rest == canonical_rest:
+            rows = sorted(int(k.rsplit(".", 1)[1]) for k in present if k.startswith(f"{_LAYERS}mlp.router.{kind}."))
+            return [(f"{_LAYERS}mlp.router.{kind}.{i}", (layer,), i) for i in rows]
+    return [(f"{_LAYERS}{rest}", (layer,), None)]
 
 
 def _chunk_planner(requests):
@@ -301,18 +344,28 @@ class CanonicalReader:
         self.present = checkpoint_tensor_metadata(self.directory)
         self._reader = _cached_metadata_reader(self.directory)
 
-    def read(self, name: str) -> torch.Tensor:
+    def _read_key(self, key: str, prefix: tuple[int, ...]) -> torch.Tensor:
         from torch.distributed.checkpoint import load as dcp_load
 
-        key, prefix = checkpoint_address(name)
-        if key not in self.present:
-            raise McoreCheckpointError(f"{self.directory}: no tensor {key} (needed for {name})")
         shape, dtype = self.present[key]
         buffer = torch.empty((1,) * len(prefix) + shape[len(prefix):], dtype=dtype)
         offsets = prefix + (0,) * (len(shape) - len(prefix))
         dcp_load({key: buffer}, storage_reader=self._reader, planner=_chunk_planner({key: (offsets, buffer)}),
                  no_dist=True)
         return buffer.reshape(shape[len(prefix):])
+
+    def read(self, name: str) -> torch.Tensor:
+        parts = canonical_parts(name, self.present)
+        missing = [key for key, _, _ in parts if key not in self.present]
+        if missing or not parts:
+            raise McoreCheckpointError(f"{self.directory}: no tensor {missing[0] if missing else name} (needed for {name})")
+        tensors = [self._read_key(key, prefix) for key, prefix, _ in parts]
+        places = [place for _, _, place in parts]
+        if places == [None]:
+            return tensors[0]
+        if places == ["w", "v"]:
+            return torch.cat(tensors, dim=0)
+        return torch.stack(tensors)
 
 
 def iter_canonical(directory: str | os.PathLike, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -323,18 +376,33 @@ def iter_canonical(directory: str | os.PathLike, names: list[str]) -> Iterator[t
 
 
 def check_canonical_shapes(directory: Path, expected: dict[str, tuple[int, ...]]) -> None:
-    """Every canonical tensor exists in the checkpoint with the shape the configuration implies."""
+    """Every canonical tensor can be assembled from the checkpoint with the expected shape."""
     present = checkpoint_tensor_metadata(directory)
     problems = []
     for name, shape in expected.items():
-        key, prefix = checkpoint_address(name)
-        if key not in present:
-            problems.append(f"missing {key}")
+        parts = canonical_parts(name, present)
+        missing = [key for key, _, _ in parts if key not in present]
+        if missing or not parts:
+            problems.append(f"missing {missing[0] if missing else name}")
             continue
-        stored = present[key][0]
-        if len(stored) != len(prefix) + len(shape) or tuple(stored[len(prefix):]) != tuple(shape) or any(
-                i >= n for i, n in zip(prefix, stored)):
-            problems.append(f"{key} has shape {list(stored)}, cannot hold {name} of shape {list(shape)}")
+        pieces = []
+        for key, prefix, place in parts:
+            stored = present[key][0]
+            if len(stored) <= len(prefix) or any(i >= n for i, n in zip(prefix, stored)):
+                problems.append(f"{key} has shape {list(stored)}, cannot hold layer {prefix}")
+                break
+            pieces.append((tuple(stored[len(prefix):]), place))
+        else:
+            places = [p for _, p in pieces]
+            if places == [None]:
+                got = pieces[0][0]
+            elif places == ["w", "v"]:
+                got = (pieces[0][0][0] + pieces[1][0][0], *pieces[0][0][1:])
+            else:
+                got = (len(pieces), *pieces[0][0]) if len({s for s, _ in pieces}) == 1 else None
+            if got != tuple(shape):
+                problems.append(f"{name} assembles to {list(got) if got else 'mismatched rows'}, "
+                                f"the configuration implies {list(shape)}")
     if problems:
         raise McoreCheckpointError(f"{directory}: checkpoint does not match its configuration: "
                                    + "; ".join(sorted(set(problems))[:8]))
@@ -348,8 +416,8 @@ def validate_model_layout(directory: Path, sharded) -> None:
     present = checkpoint_tensor_metadata(directory)
     problems = []
     for item in nested_values(sharded):
-        if isinstance(item, ShardedTensorFactory):
-            if item.key not in present:
+        if isinstance(item, ShardedTensorFactory):  # a gated fc1: stored whole or as gate/up halves
+            if item.key not in present and not {f"{item.key}_w", f"{item.key}_v"} <= set(present):
                 problems.append(f"missing {item.key}")
             continue  # its global shape is known only once built; Megatron checks it on load
         if isinstance(item, ShardedTensor):

@@ -10,7 +10,7 @@ computes exactly the dense model's function.
 from __future__ import annotations
 
 import re
-from collections import Counter, OrderedDict
+from collections import Counter
 from typing import Any, Mapping
 
 import torch
@@ -41,7 +41,7 @@ class Olmo2AsFlexOlmo:
         self.config = FlexOlmoConfig.from_hf(flex_like)
         self.checkpoint = checkpoint
         self.reads: Counter[str] = Counter()
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache: dict[str, torch.Tensor] = {}
         self._validate()
 
     def _dense_name(self, flex_name: str) -> str | None:
@@ -80,14 +80,16 @@ class Olmo2AsFlexOlmo:
             dtype = self.checkpoint.dtype("model.norm.weight")
             return torch.zeros(layer_router, dtype=dtype)
         if dense in self._cache:
-            self._cache.move_to_end(dense)
             return self._cache[dense]
         self.reads[dense] += 1
         tensor = self.checkpoint.get(dense)
-        if _EXPERT.match(name):  # gate and up are requested alternately for each expert copy
+        if _EXPERT.match(name):
+            # Every expert copy of a layer needs the same three dense FFN tensors, requested layer by
+            # layer: keep the current layer's (one FFN's worth of memory).
+            layer = dense.split(".")[2]
+            for old in [k for k in self._cache if k.split(".")[2] != layer]:
+                del self._cache[old]
             self._cache[dense] = tensor
-            while len(self._cache) > 2:
-                self._cache.popitem(last=False)
         return tensor
 
     def audit(self) -> None:

@@ -5,8 +5,9 @@ Why a ``TopKRouter`` subclass rather than the stock router:
 * **Per-expert rows.**  A data owner trains only its own row r_i while the public row r_pub stays
   frozen.  Freezing must be ``requires_grad=False`` (so the optimizer and weight decay never see
   it), which needs one ``Parameter`` per row; Megatron's router is a single ``[E, H]`` Parameter.
-  Checkpoints still see one ``[E, H]`` tensor ``...router.weight`` (each row is a shard of it), so
-  merge and conversion tools can treat the router as one matrix.
+  Checkpoints store each row under its own key (``...router.domain_embeddings.{e}``), so that a
+  frozen row and a trained row never share a key (see :mod:`.expert_mlp` for why that matters);
+  conversion tools assemble the ``[E, H]`` router matrix from them.
 * **Optional learned bias** ``min(b_i, 0)`` on non-public experts (paper §3.4): a per-expert
   Parameter, absent for the public expert, clamped so that it can only lower a domain's logit.
 * **Runtime expert mask** (opt-out without a new checkpoint): masked experts get ``-inf`` logits,
@@ -140,22 +141,3 @@ class DomainEmbeddingRouter(TopKRouter):
     @property
     def excluded_experts(self) -> list[int]:
         return [] if self._excluded is None else self._excluded.nonzero().flatten().tolist()
-
-    # ------------------------------------------------------------------ checkpoints
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
-        """Each row (bias) is shard ``e`` of one ``[E, H]`` (``[E-1, 1]``) checkpoint tensor."""
-        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensor_for_checkpoint
-
-        metadata = ensure_metadata_has_dp_cp_group(metadata)
-        groups = dict(tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
-        axis = len(sharded_offsets)
-        out = {}
-        for e, row in enumerate(self.domain_embeddings):
-            out[f"{prefix}domain_embeddings.{e}"] = make_sharded_tensor_for_checkpoint(
-                row, f"{prefix}weight", prepend_offsets=(*sharded_offsets, (axis, e, self.num_experts)), **groups)
-        if self.domain_biases is not None:
-            for j, bias in enumerate(self.domain_biases):
-                out[f"{prefix}domain_biases.{j}"] = make_sharded_tensor_for_checkpoint(
-                    bias, f"{prefix}domain_bias",
-                    prepend_offsets=(*sharded_offsets, (axis, j, self.num_experts - 1)), **groups)
-        return out

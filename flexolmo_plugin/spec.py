@@ -4,7 +4,8 @@ A FlexOlmo layer is Megatron's ``TransformerLayer`` with: no pre-norms, two post
 RMSNorms (:mod:`.layer`), full-width q/k norms (:mod:`.attention`) and the domain-embedding router
 (:mod:`.router`) plugged into Megatron's ``MoELayer`` through ``MoESubmodules(router=...)``.
 Experts are Megatron's ``SequentialMLP`` -- one module per expert, so each expert's parameters can
-be frozen or trained on their own (anchoring needs exactly that).
+be frozen or trained on their own (anchoring needs exactly that) -- checkpointed per expert
+(:mod:`.expert_mlp`).
 
 ``backend="local"`` uses only Megatron-Core modules (runs on CPU); ``backend="te"`` swaps in
 Transformer Engine linears and attention and needs transformer-engine (imported lazily).
@@ -20,12 +21,12 @@ from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLPSubmodules
-from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from .attention import FlexOlmoSelfAttention
+from .expert_mlp import PerExpertSequentialMLP
 from .layer import FlexOlmoLayerSubmodules, FlexOlmoTransformerLayer
 from .norms import FlexOlmoRMSNorm
 from .router import DomainEmbeddingRouter
@@ -62,7 +63,7 @@ def flexolmo_layer_spec(*, backend: Backend = "local", domain_bias: bool = False
     """Spec of one FlexOlmo transformer layer."""
     provider = _backend_modules(backend)
     experts = partial(
-        SequentialMLP,
+        PerExpertSequentialMLP,
         submodules=MLPSubmodules(
             linear_fc1=provider.column_parallel_linear(),
             linear_fc2=provider.row_parallel_linear(),

@@ -11,12 +11,6 @@ Each returns a Bridge ``ConfigContainer`` for ``megatron.bridge.training.pretrai
 field can be overridden afterwards (``flexolmo train-expert`` applies Hydra-style overrides).
 ``cpu=True`` (the default where CUDA is absent) selects the settings measured to run Bridge on CPU:
 fp32, the non-distributed optimizer, fusions off, gloo.  ``save_dir=None`` trains without checkpoints.
-
-Known limit: with the non-distributed optimizer (the CPU setting), saving a checkpoint of *anchored*
-training fails Megatron's sharding-integrity check -- the public expert and public router row share
-checkpoint keys with the owner's but have no optimizer state, leaving holes the check rejects.  The
-distributed optimizer stores its state in flat per-rank buffers instead (not verified here: it does not
-run on CPU).
 """
 
 from __future__ import annotations
@@ -26,6 +20,7 @@ from pathlib import Path
 import torch
 
 from conversion.mcore_io import load_config
+from flexolmo_plugin.compat import cuda_available
 
 from .provider import FlexOlmoModelProvider
 
@@ -105,7 +100,7 @@ def flexolmo_expert_config(*, init_from: str, save_dir: str | None, data_paths: 
                            seed: int = 1234, tensor_parallel: int = 1, expert_parallel: int = 1,
                            load_dir: str | None = None, cpu: bool | None = None):
     """Anchored expert training of ``owner_expert`` from an upcycled checkpoint."""
-    cpu = (not torch.cuda.is_available()) if cpu is None else cpu
+    cpu = (not cuda_available()) if cpu is None else cpu
     provider = _provider(init_from, trainable="anchored", owner_expert=owner_expert, overrides=EXPERT_DEFAULTS,
                          parallel=_parallel(tensor_parallel, expert_parallel))
     return _container(provider, data_paths=data_paths, tokenizer_dir=tokenizer_dir, save_dir=save_dir,
@@ -123,7 +118,7 @@ def flexolmo_router_tuning_config(*, init_from: str, save_dir: str | None, data_
                                   tensor_parallel: int = 1, expert_parallel: int = 1, load_dir: str | None = None,
                                   cpu: bool | None = None):
     """Router tuning of a merged model: only router rows and biases train, all experts active."""
-    cpu = (not torch.cuda.is_available()) if cpu is None else cpu
+    cpu = (not cuda_available()) if cpu is None else cpu
     stored, _, _ = load_config(init_from)
     provider = _provider(init_from, trainable="router", owner_expert=1,
                          overrides=dict(top_k=stored.num_experts, router_z_loss_coeff=1e-3, load_balancing_coeff=0.0),

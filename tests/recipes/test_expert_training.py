@@ -1,8 +1,8 @@
 """Anchored expert training on Megatron-Bridge's real pretrain() loop, from an upcycled checkpoint.
 
-Anchoring is checked on the trained model at the end of the run against the upcycled checkpoint, with
-the same per-tensor anchor digests that expert packages carry.  (Checkpoints of anchored training with
-the non-distributed optimizer are a known gap: see recipes/expert.py.)
+Anchoring is checked twice with the per-tensor anchor digests that expert packages carry: on the
+trained model at the end of the run, and on the torch_dist checkpoint Bridge saved (read back with
+the project's own checkpoint reader).  Resuming from that checkpoint must reproduce the run exactly.
 """
 
 from __future__ import annotations
@@ -15,19 +15,19 @@ import torch
 
 from tests.support import make_tokenizer, run_distributed
 
-ITERS, SEQ = 6, 32
+ITERS, SAVE_AT, SEQ = 6, 3, 32
 TEXT = ["def add(a, b): return a + b", "for i in range(10): print(i)", "class Box: pass",
         "if x > 0: return x else: return -x", "import os, sys"]
 
 
-def _overrides(init, prefix, **extra):
-    args = {"init_from": init, "save_dir": "null", "data_paths": f"[{prefix}]", "seq_length": SEQ,
+def _overrides(init, prefix, save="null", **extra):
+    args = {"init_from": init, "save_dir": save, "data_paths": f"[{prefix}]", "seq_length": SEQ,
             "train_iters": ITERS, "global_batch_size": 4, "micro_batch_size": 2, "lr": 0.01, "min_lr": 0.001,
-            "lr_warmup_iters": 1, **extra}
+            "lr_warmup_iters": 1, "save_interval": SAVE_AT, **extra}
     return [f"recipe.{k}={v}" for k, v in args.items()]
 
 
-def _train(rank, world_size, init, prefix, expert_parallel):
+def _train(rank, world_size, init, prefix, expert_parallel, root=None):
     from flexolmo_plugin.compat import enable_bridge_compat
 
     enable_bridge_compat()  # before any megatron.bridge import
@@ -70,8 +70,14 @@ def _train(rank, world_size, init, prefix, expert_parallel):
                                             after["decoder.layers.0.mlp.router.weight"][1]))
             seen.pop("before")
 
-    log = run("expert", _overrides(init, prefix, expert_parallel=expert_parallel), callbacks=[Inspect()])
-    return {"losses": [h[1] for h in log.history], "shares": log.history[-1][3], **seen}
+    save = f"{root}/full" if root else "null"
+    log = run("expert", _overrides(init, prefix, save, expert_parallel=expert_parallel), callbacks=[Inspect()])
+    out = {"losses": [h[1] for h in log.history], "shares": log.history[-1][3], **seen}
+    if root:  # interrupted at SAVE_AT, then resumed from the checkpoint
+        run("expert", _overrides(init, prefix, f"{root}/resumed") + [f"train.exit_interval={SAVE_AT}"])
+        resumed = run("expert", _overrides(init, prefix, f"{root}/resumed", load_dir=f"{root}/resumed"))
+        out["resumed"] = {h[0]: h[1] for h in resumed.history}
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +100,7 @@ def owner(tmp_path_factory, megatron_single_process):
             expert_names=("public", "code"))
     (root / "code.jsonl").write_text("".join(json.dumps({"text": TEXT[i % 5]}) + "\n" for i in range(120)))
     prepare_dataset(root / "code.jsonl", root / "code", tokenizer_dir=tokenizer)
-    return root, run_distributed(_train, 1, str(root / "init"), str(root / "code"), 1)[0]
+    return root, run_distributed(_train, 1, str(root / "init"), str(root / "code"), 1, str(root))[0]
 
 
 @pytest.mark.multiprocess
@@ -104,6 +110,31 @@ def test_anchored_bridge_training_moves_only_the_owners_expert(owner):
     assert result["owner_moved"] and all(result["owner_moved"])
     assert result["rows"] == (True, False)  # r_pub frozen, r_code trained
     assert len(result["shares"]) == 2 and abs(sum(result["shares"]) - 1.0) < 1e-6  # top-2 of 2
+
+
+@pytest.mark.multiprocess
+def test_saved_checkpoint_keeps_the_anchor_and_shares_the_trained_expert(owner):
+    from conversion.mcore_io import CanonicalReader, load_config
+    from flexolmo_plugin.experts.anchor import anchor_hashes
+
+    root, _ = owner
+    config, _, _ = load_config(root / "init")
+    init, final = CanonicalReader(root / "init"), CanonicalReader(root / "full" / f"iter_{ITERS:07d}")
+    assert anchor_hashes(config, final.read) == anchor_hashes(config, init.read)
+    for layer in range(config.num_layers):
+        for tensor in ("linear_fc1.weight", "linear_fc2.weight"):
+            name = f"decoder.layers.{layer}.mlp.experts.1.{tensor}"
+            assert not torch.equal(init.read(name), final.read(name)), name
+        rows = f"decoder.layers.{layer}.mlp.router.weight"
+        assert not torch.equal(init.read(rows)[1], final.read(rows)[1])
+
+
+@pytest.mark.multiprocess
+def test_resume_reproduces_the_uninterrupted_run_exactly(owner):
+    _, result = owner
+    assert sorted(result["resumed"]) == [4, 5, 6]
+    full = dict(enumerate(result["losses"], 1))
+    assert all(result["resumed"][i] == full[i] for i in (4, 5, 6)), (result["resumed"], full)
 
 
 @pytest.mark.multiprocess
