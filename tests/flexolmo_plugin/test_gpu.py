@@ -51,3 +51,21 @@ def test_te_backend_is_refused_clearly_without_transformer_engine(megatron_singl
 
     with pytest.raises(RuntimeError, match="transformer-engine"):
         flexolmo_layer_spec(backend="te")
+
+
+@pytest.mark.te
+@needs_te
+def test_te_backend_keeps_the_public_expert_frozen_under_anchoring(tmp_path, megatron_single_process):
+    """TE's grouped linear shares requires_grad across experts; our TE experts are per-expert modules."""
+    from flexolmo_plugin.anchoring import anchor
+
+    hf = make_hf_model(seed=6, num_experts=2, num_experts_per_tok=2)
+    model = fp.from_hf(save_hf_model(hf, tmp_path / "hf"), params_dtype=torch.bfloat16, backend="te")
+    anchor(model, owner_expert=1)
+    model.train()
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    fp.next_token_loss(fp.logits(model, ids, grad=True), ids).backward()
+    for layer in model.decoder.layers:
+        public, owner = layer.mlp.experts.local_experts
+        assert all(p.grad is None and not p.requires_grad for p in public.parameters())
+        assert all(p.requires_grad and p.grad is not None for p in owner.parameters())

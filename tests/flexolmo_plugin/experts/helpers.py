@@ -1,9 +1,13 @@
 """Builders for expert tests: a dense public model, domain embeddings, owners who trained only their expert."""
 
 import numpy as np
+import pytest
 import torch
 
 import flexolmo_plugin as fp
+from conversion.upcycle import upcycle
+from flexolmo_plugin.experts.merge import merge_experts
+from flexolmo_plugin.experts.package import package_expert
 
 H = 48
 IDS = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -41,3 +45,19 @@ def make_owner(anchor_dir, out_dir, seed):
             layer.mlp.router.domain_embeddings[1].add_(torch.randn(H, generator=generator))
     fp.save_mcore(model, out_dir)
     return out_dir
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, megatron_single_process):
+    root = tmp_path_factory.mktemp("merge")
+    dense = dense_model(root / "dense")
+    anchor = root / "anchor"
+    upcycle(dense, anchor, public_embedding=embedding(root / "e0.npy", 0),
+            domain_embedding=embedding(root / "e1.npy", 1))
+    owners, packages = {}, {}
+    for i, name in enumerate(OWNERS):
+        owners[name] = make_owner(anchor, root / f"owner_{name}", seed=10 + i)
+        packages[name] = package_expert(owners[name], root / f"pkg_{name}", name=name, tokens_trained=1000 * (i + 1))
+    merged = root / "merged"
+    merge_experts(anchor, [packages[n] for n in OWNERS], merged)
+    return root, anchor, owners, packages, merged
