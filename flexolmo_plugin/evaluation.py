@@ -119,13 +119,17 @@ def plot_routing(results: list[DomainResult], expert_names: tuple[str, ...], pat
         import matplotlib.pyplot as plt
     except ImportError as error:
         raise RuntimeError("plotting needs matplotlib (pip install matplotlib)") from error
-    fig, axes = plt.subplots(1, len(results), figsize=(2.2 + 1.6 * len(results) * max(1, len(expert_names) / 4), 3.2),
-                             squeeze=False)
-    for ax, result in zip(axes[0], results):
+    layers = results[0].routing.shape[0]
+    width = 1.0 + len(results) * (0.9 + 0.35 * len(expert_names))
+    fig, axes = plt.subplots(1, len(results), figsize=(width, 1.2 + 0.3 * layers + 0.6), squeeze=False,
+                             sharey=True, constrained_layout=True)
+    for column, (ax, result) in enumerate(zip(axes[0], results)):
         image = ax.imshow(result.routing.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
-        ax.set_title(result.name)
+        ax.set_title(result.name, fontsize=9)
         ax.set_xticks(range(len(expert_names)), expert_names, rotation=60, fontsize=7)
-        ax.set_ylabel("layer")
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="share of tokens")
+        ax.set_yticks(range(layers), [str(i) for i in range(layers)], fontsize=7)
+        if column == 0:
+            ax.set_ylabel("layer")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9, label="share of the domain's tokens")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -62,3 +62,14 @@ def test_eval_cli_prints_tables(world, datasets, capsys):
     out = capsys.readouterr().out
     assert "excluding news" in out and "ppl" in out and "public" in out
     assert main(["eval", str(merged), "--data", "nonsense"]) == EXIT_BAD_INPUT
+
+
+def test_routing_heatmap_is_written_as_png(world, datasets, tmp_path):
+    from flexolmo_plugin.cli import EXIT_OK, main
+
+    root, anchor, owners, packages, merged = world
+    png = tmp_path / "routing.png"
+    assert main(["eval", str(merged), "--data", f"low={datasets['low']}", f"high={datasets['high']}", "--seq-len",
+                 "16", "--plot", str(png)]) == EXIT_OK
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
