@@ -19,6 +19,7 @@ import torch
 
 from flexolmo_plugin.config import FlexOlmoConfig
 
+from .checks import audit_reads
 from .mapping import hf_shapes
 from .safetensors_reader import CheckpointFormatError, SafetensorsCheckpoint
 
@@ -127,12 +128,8 @@ class HFWeights:
 
     def audit(self) -> None:
         """Every stored tensor (derived buffers aside) was read exactly once."""
-        stored = [k for k in self.checkpoint.keys() if not _IGNORED.search(k)]
-        unread = [k for k in stored if self.reads[k] == 0]
-        reread = [f"{k} ({n}x)" for k, n in self.reads.items() if n > 1]
-        if unread or reread:
-            raise CheckpointFormatError(f"{self.checkpoint.directory}: conversion audit failed: "
-                                        f"unused {unread[:5]}, read more than once {reread[:5]}")
+        audit_reads(self.checkpoint.directory, [k for k in self.checkpoint.keys() if not _IGNORED.search(k)],
+                    self.reads)
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor stored (or derivable) under the per-expert HF name ``name``."""

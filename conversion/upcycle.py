@@ -13,7 +13,6 @@ Domain embeddings are files holding one float vector of the model's hidden size:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import time
@@ -25,7 +24,7 @@ import torch
 from flexolmo_plugin.config import FlexOlmoConfig
 
 from .atomic import atomic_directory, check_new_output
-from .checks import all_finite
+from .checks import all_finite, file_sha256
 from .convert import ConversionReport, copy_tokenizer_files, ProgressMeter
 from .hf_layout import HFWeights
 from .mapping import entries, to_megatron
@@ -90,14 +89,6 @@ def save_embedding(path: str | os.PathLike, embedding: torch.Tensor, metadata: d
     tmp = path.with_name(f".{path.name}.partial")
     save_file({EMBEDDING_KEY: embedding.float().contiguous()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _PublicModel:
@@ -174,9 +165,9 @@ def upcycle(public_dir: str | os.PathLike, out_dir: str | os.PathLike, *, public
                 save_config(tmp, config, dtype=out_dtype, extra={
                     "source": {"format": f"upcycled from {public.kind}", "path": str(public_dir.resolve())},
                     "domain_embeddings": {"public": {"path": str(public_embedding),
-                                                     "sha256": _file_sha256(Path(public_embedding))},
+                                                     "sha256": file_sha256(Path(public_embedding))},
                                           expert_names[1]: {"path": str(domain_embedding),
-                                                            "sha256": _file_sha256(Path(domain_embedding))}},
+                                                            "sha256": file_sha256(Path(domain_embedding))}},
                     "tokenizer_files": copied})
         finally:
             meter.close()

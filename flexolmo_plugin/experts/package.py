@@ -9,7 +9,6 @@ match, so an expert trained against a different public model can never be merged
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from conversion.atomic import atomic_directory, check_new_output
+from conversion.checks import file_sha256
 from conversion.mcore_io import CanonicalReader, load_config
 from conversion.safetensors_reader import CheckpointFormatError, SafetensorsCheckpoint
 from conversion.safetensors_writer import ShardedSafetensorsWriter
@@ -35,14 +35,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 class PackageError(ValueError):
     """An expert package that is malformed, tampered with, or does not fit the model."""
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def package_tensor_names(layer: int, *, bias: bool) -> list[str]:
@@ -100,7 +92,7 @@ def package_expert(owner_dir: str | os.PathLike, package_dir: str | os.PathLike,
             "router_bias": config.router_bias,
             "anchor": {"sha256": combined_digest(anchor), "tensors": anchor},
             "tokens_trained": tokens_trained,
-            "files": {p.name: _sha256_file(p) for p in sorted(tmp.iterdir())},
+            "files": {p.name: file_sha256(p) for p in sorted(tmp.iterdir())},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return Path(package_dir)
@@ -158,7 +150,7 @@ def load_package(directory: str | os.PathLike) -> ExpertPackage:
     if present != set(files):
         raise PackageError(f"{directory}: files {sorted(present)} differ from the manifest's {sorted(files)}")
     for file_name, digest in files.items():
-        if _sha256_file(directory / file_name) != digest:
+        if file_sha256(directory / file_name) != digest:
             raise PackageError(f"{directory / file_name}: SHA-256 does not match the manifest (tampered or corrupt)")
     try:
         tensors = SafetensorsCheckpoint.open(directory)
