@@ -101,6 +101,7 @@ def save_mcore(model, mcore_dir: str | os.PathLike) -> None:
     """Save a FlexOlmo model (any TP/EP layout; collective over all ranks) as a torch_dist
     checkpoint plus its configuration, atomically: the directory appears only when complete."""
     import shutil
+    import uuid
 
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
@@ -112,29 +113,27 @@ def save_mcore(model, mcore_dir: str | os.PathLike) -> None:
 
     inner = unwrap(model)
     final = Path(mcore_dir)
-    tmp = final.parent / f".{final.name}.partial"
     rank0 = dist.get_rank() == 0
-    error = None
+    decision = [None, None]  # [temporary directory, refusal]
     if rank0:
         try:
             check_new_output(final)
-            shutil.rmtree(tmp, ignore_errors=True)
+            tmp = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
             tmp.mkdir()
-        except Exception as e:  # broadcast the refusal so every rank stops
-            error = e
-    flag = [repr(error) if error else None]
-    dist.broadcast_object_list(flag, src=0)
-    if flag[0]:
-        raise error if error else FileExistsError(flag[0])
+            decision = [str(tmp), None]
+        except Exception as error:  # every rank must stop, not only rank 0
+            decision = [None, f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(decision, src=0)
+    if decision[1]:
+        raise FileExistsError(f"save_mcore refused: {decision[1]}")
+    tmp = Path(decision[0])
     try:
         dist_checkpointing.save(inner.sharded_state_dict(), str(tmp), async_sharded_save=False)
         dist.barrier()
         if rank0:
             save_config(tmp, inner.flexolmo_config, dtype=inner.config.params_dtype,
                         extra={"source": {"format": "megatron"}})
-            import os as _os
-
-            _os.rename(tmp, final)
+            os.rename(tmp, final)
         dist.barrier()
     except BaseException:
         if rank0:

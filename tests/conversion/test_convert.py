@@ -251,3 +251,13 @@ def test_killed_conversion_leaves_no_output(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert not target.exists()
+
+
+def test_save_mcore_refuses_an_existing_directory(good_src, tmp_path):
+    model = fp.from_hf(good_src)
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(FileExistsError, match="already exists"):
+        fp.save_mcore(model, tmp_path / "taken")
+    fp.save_mcore(model, tmp_path / "fresh")
+    assert (tmp_path / "fresh" / "flexolmo_config.json").exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
