@@ -1,0 +1,87 @@
+"""P1: FlexOlmo's MoE layer vs Megatron's stock MoE layer, forward + backward, same shapes, same run.
+
+Both are Megatron ``MoELayer``s built from the same ``TransformerConfig`` (softmax over all experts,
+top-k, fp32 router): one with ``DomainEmbeddingRouter`` and ``PerExpertSequentialMLP`` (FlexOlmo), one
+with ``TopKRouter`` and ``SequentialMLP`` (stock), holding identical weights.  Timed steps alternate
+between the two; the median is reported.  Target: FlexOlmo <= 1.02x stock.
+
+    .venv/bin/python benchmarks/bench_moe_layer.py [--hidden 1024] [--ffn 2816] [--experts 4] [--topk 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    for name, default in (("hidden", 1024), ("ffn", 2816), ("experts", 4), ("topk", 2), ("seq", 512),
+                          ("batch", 4), ("steps", 20), ("warmup", 3)):
+        parser.add_argument(f"--{name}", type=int, default=default)
+    args = parser.parse_args()
+
+    import torch
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.mlp import MLPSubmodules
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    from flexolmo_plugin.config import FlexOlmoConfig, ParallelLayout, to_transformer_config
+    from flexolmo_plugin.distributed import ensure_model_parallel
+    from flexolmo_plugin.expert_mlp import PerExpertSequentialMLP
+    from flexolmo_plugin.router import DomainEmbeddingRouter
+
+    ensure_model_parallel()
+    config = FlexOlmoConfig(vocab_size=128, hidden_size=args.hidden, intermediate_size=args.ffn, num_layers=1,
+                            num_attention_heads=8, num_key_value_heads=8, num_experts=args.experts, top_k=args.topk)
+    tc = to_transformer_config(config, ParallelLayout())
+    mlp = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear, activation_func=None)
+    torch.manual_seed(0)
+    stock = MoELayer(tc, submodules=MoESubmodules(experts=partial(SequentialMLP, submodules=mlp), router=TopKRouter))
+    ours = MoELayer(tc, submodules=MoESubmodules(experts=partial(PerExpertSequentialMLP, submodules=mlp),
+                                                 router=DomainEmbeddingRouter))
+    with torch.no_grad():
+        for e, row in enumerate(ours.router.domain_embeddings):
+            row.copy_(stock.router.weight[e])
+        for a, b in zip(ours.experts.parameters(), stock.experts.parameters()):
+            a.copy_(b)
+    x = torch.randn(args.seq, args.batch, args.hidden)
+    out_ours, out_stock = ours(x)[0], stock(x)[0]
+    max_diff = (out_ours - out_stock).abs().max().item()
+
+    def step(layer):
+        inp = x.detach().requires_grad_(True)
+        start = time.perf_counter()
+        out, _ = layer(inp)
+        out.float().square().mean().backward()
+        return time.perf_counter() - start
+
+    times = {"stock": [], "flexolmo": []}
+    for i in range(args.warmup + args.steps):
+        for name, layer in (("stock", stock), ("flexolmo", ours)) if i % 2 else (("flexolmo", ours), ("stock", stock)):
+            t = step(layer)
+            if i >= args.warmup:
+                times[name].append(t)
+    s, f = statistics.median(times["stock"]), statistics.median(times["flexolmo"])
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, threads {torch.get_num_threads()}")
+    print(f"MoE layer: hidden {args.hidden}, FFN {args.ffn}, {args.experts} experts top-{args.topk}, "
+          f"{args.seq * args.batch} tokens; outputs differ by {max_diff:.1e}; median of {args.steps} steps")
+    print("| MoE layer | forward + backward (median) | ratio |")
+    print("|---|---|---|")
+    print(f"| Megatron stock (TopKRouter, SequentialMLP) | {1000 * s:.1f} ms | 1.00 |")
+    print(f"| FlexOlmo (DomainEmbeddingRouter, PerExpertSequentialMLP) | {1000 * f:.1f} ms | {f / s:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
