@@ -79,6 +79,18 @@ def _container(provider: FlexOlmoModelProvider, *, data_paths, tokenizer_dir, sa
     )
 
 
+_RUN_FIELDS = ("data_paths", "tokenizer_dir", "save_dir", "seq_length", "train_iters", "global_batch_size",
+               "micro_batch_size", "lr", "min_lr", "lr_warmup_iters", "weight_decay", "save_interval", "log_interval",
+               "seed", "load_dir")
+
+
+def _run_arguments(arguments: dict) -> dict:
+    """The recipe arguments that describe the run (as opposed to the model), plus the CPU choice."""
+    run = {name: arguments[name] for name in _RUN_FIELDS}
+    run["cpu"] = (not cuda_available()) if arguments["cpu"] is None else arguments["cpu"]
+    return run
+
+
 def _provider(init_from, *, trainable: str, owner_expert: int, overrides: dict, parallel: dict) -> FlexOlmoModelProvider:
     config, _, _ = load_config(init_from)
     config = config.replace(**overrides)
@@ -100,14 +112,10 @@ def flexolmo_expert_config(*, init_from: str, save_dir: str | None, data_paths: 
                            seed: int = 1234, tensor_parallel: int = 1, expert_parallel: int = 1,
                            load_dir: str | None = None, cpu: bool | None = None):
     """Anchored expert training of ``owner_expert`` from an upcycled checkpoint."""
-    cpu = (not cuda_available()) if cpu is None else cpu
+    arguments = dict(locals())
     provider = _provider(init_from, trainable="anchored", owner_expert=owner_expert, overrides=EXPERT_DEFAULTS,
                          parallel=_parallel(tensor_parallel, expert_parallel))
-    return _container(provider, data_paths=data_paths, tokenizer_dir=tokenizer_dir, save_dir=save_dir,
-                      seq_length=seq_length, train_iters=train_iters, global_batch_size=global_batch_size,
-                      micro_batch_size=micro_batch_size, lr=lr, min_lr=min_lr, lr_warmup_iters=lr_warmup_iters,
-                      weight_decay=weight_decay, save_interval=save_interval, log_interval=log_interval, seed=seed,
-                      cpu=cpu, load_dir=load_dir)
+    return _container(provider, **_run_arguments(arguments))
 
 
 def flexolmo_router_tuning_config(*, init_from: str, save_dir: str | None, data_paths: list[str] | None = None,
@@ -118,13 +126,9 @@ def flexolmo_router_tuning_config(*, init_from: str, save_dir: str | None, data_
                                   tensor_parallel: int = 1, expert_parallel: int = 1, load_dir: str | None = None,
                                   cpu: bool | None = None):
     """Router tuning of a merged model: only router rows and biases train, all experts active."""
-    cpu = (not cuda_available()) if cpu is None else cpu
+    arguments = dict(locals())
     stored, _, _ = load_config(init_from)
     provider = _provider(init_from, trainable="router", owner_expert=1,
                          overrides=dict(top_k=stored.num_experts, router_z_loss_coeff=1e-3, load_balancing_coeff=0.0),
                          parallel=_parallel(tensor_parallel, expert_parallel))
-    return _container(provider, data_paths=data_paths, tokenizer_dir=tokenizer_dir, save_dir=save_dir,
-                      seq_length=seq_length, train_iters=train_iters, global_batch_size=global_batch_size,
-                      micro_batch_size=micro_batch_size, lr=lr, min_lr=min_lr, lr_warmup_iters=lr_warmup_iters,
-                      weight_decay=weight_decay, save_interval=save_interval, log_interval=log_interval, seed=seed,
-                      cpu=cpu, load_dir=load_dir)
+    return _container(provider, **_run_arguments(arguments))

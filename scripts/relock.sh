@@ -20,7 +20,7 @@ pip=("$tmp/venv/bin/python" -m pip)
 "${pip[@]}" install -q -r requirements/bridge.txt -c requirements/cpu.in
 {
   echo "# Exact CPU CI environment (Python 3.12, linux x86_64). Regenerate with scripts/relock.sh; install with --no-deps."
-  echo "# torch from PyPI is a CUDA build; it runs on CPU. Never add the PyPI package \"apex\" (unrelated; breaks Megatron)."
+  echo "# torch from PyPI is a CUDA build; it runs on CPU. See README \"Installing\" for packages that must never be added."
   echo "# $BRIDGE is listed without its declared dependencies on purpose (see requirements/bridge.txt)."
   "${pip[@]}" freeze --all | grep -v -e '^pip=='
 } > requirements/lock-cpu.txt.new

@@ -192,3 +192,21 @@ def make_tokenizer(directory: Path, texts: list[str] | None = None, vocab_size: 
                                    eos_token="<eos>")
     fast.save_pretrained(directory)
     return directory
+
+
+def make_dense_model(directory: Path | None = None, *, seed: int = 1, vocab_size: int = 100, hidden_size: int = 48):
+    """A small random HF OLMo-2 dense model (FlexOlmo's public architecture), norms randomised;
+    saved to ``directory`` when given."""
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Olmo2ForCausalLM(Olmo2Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=40,
+                                         num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                                         max_position_embeddings=64, pad_token_id=1, eos_token_id=2)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1 + 0.3 * torch.randn_like(param))
+    if directory is not None:
+        model.save_pretrained(directory)
+    return model

@@ -12,7 +12,7 @@ from conversion.atomic import OutputExistsError
 from conversion.convert import hf_to_mcore, mcore_to_hf
 from conversion.mcore_io import McoreCheckpointError
 from conversion.safetensors_reader import CheckpointFormatError, SafetensorsCheckpoint
-from tests.support import hf_reference, make_hf_model, save_hf_model
+from tests.support import hf_reference, make_dense_model, make_hf_model, save_hf_model
 
 IDS = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
 
@@ -96,17 +96,7 @@ def test_tokenizer_files_travel_both_ways(tmp_path):
 
 
 def test_olmo2_dense_upcycled_with_one_expert_left_is_the_dense_model(tmp_path):
-    from transformers import Olmo2Config, Olmo2ForCausalLM
-
-    torch.manual_seed(0)
-    dense = Olmo2ForCausalLM(Olmo2Config(vocab_size=100, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
-                                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
-                                         pad_token_id=1, eos_token_id=2)).eval()
-    with torch.no_grad():
-        for name, param in dense.named_parameters():
-            if "norm" in name:
-                param.copy_(1 + 0.3 * torch.randn_like(param))
-    dense.save_pretrained(tmp_path / "dense")
+    dense = make_dense_model(tmp_path / "dense", seed=0)
     hf_to_mcore(tmp_path / "dense", tmp_path / "mcore", num_experts=3, top_k=2)
     model = fp.from_mcore(tmp_path / "mcore", dispatcher="allgather")  # top-3 of the 1 expert left
     assert model.flexolmo_config.num_experts == 3

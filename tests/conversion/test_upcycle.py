@@ -11,7 +11,7 @@ import flexolmo_plugin as fp
 from conversion.convert import hf_to_mcore
 from conversion.safetensors_reader import CheckpointFormatError
 from conversion.upcycle import EmbeddingError, load_embedding, upcycle
-from tests.support import hf_reference, make_hf_model, save_hf_model
+from tests.support import hf_reference, make_dense_model, make_hf_model, save_hf_model
 
 H = 48
 IDS = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -24,19 +24,8 @@ def _groups(megatron_single_process):
 
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory):
-    from transformers import Olmo2Config, Olmo2ForCausalLM
-
-    torch.manual_seed(1)
-    model = Olmo2ForCausalLM(Olmo2Config(vocab_size=100, hidden_size=H, intermediate_size=40, num_hidden_layers=2,
-                                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
-                                         pad_token_id=1, eos_token_id=2)).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1 + 0.3 * torch.randn_like(param))
     directory = tmp_path_factory.mktemp("dense") / "hf"
-    model.save_pretrained(directory)
-    return model, directory
+    return make_dense_model(directory, hidden_size=H), directory
 
 
 @pytest.fixture(scope="module")

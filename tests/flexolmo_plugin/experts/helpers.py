@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import flexolmo_plugin as fp
+from tests.support import make_dense_model
 from conversion.upcycle import upcycle
 from flexolmo_plugin.experts.merge import merge_experts
 from flexolmo_plugin.experts.package import package_expert
@@ -15,17 +16,7 @@ OWNERS = ("code", "math", "news")
 
 
 def dense_model(tmp, hidden=H, seed=1):
-    from transformers import Olmo2Config, Olmo2ForCausalLM
-
-    torch.manual_seed(seed)
-    model = Olmo2ForCausalLM(Olmo2Config(vocab_size=100, hidden_size=hidden, intermediate_size=40, num_hidden_layers=2,
-                                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
-                                         pad_token_id=1, eos_token_id=2)).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1 + 0.3 * torch.randn_like(param))
-    model.save_pretrained(tmp)
+    make_dense_model(tmp, seed=seed, hidden_size=hidden)
     return tmp
 
 
