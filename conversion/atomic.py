@@ -38,13 +38,50 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         _fsync_tree(tmp)
         os.rename(tmp, final)  # atomic on POSIX; fails (and we clean up) if final appeared meanwhile
+        fsync_path(final.parent)  # the rename itself on disk
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 def _fsync_tree(root: Path) -> None:
+    """Every file and directory under ``root`` (and ``root``) on disk.  Files that a writer already
+    synced while the conversion ran (see :class:`BackgroundSync`) cost almost nothing here."""
     for path in sorted(root.rglob("*")):
         if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+            fsync_path(path)
+    for path in sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True):
+        fsync_path(path)
+    fsync_path(root)
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BackgroundSync:
+    """fsyncs finished (or growing) output files on a helper thread while the conversion goes on,
+    so the disk writes back while the CPU converts, instead of all at the end before the rename.
+    ``wait()`` re-raises the first failure; the final :func:`_fsync_tree` still covers every file."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fsync")
+        self._pending: list = []
+
+    def submit(self, path: str | os.PathLike) -> None:
+        self._pending = [f for f in self._pending if not f.done() or f.exception()]
+        self._pending.append(self._pool.submit(fsync_path, path))
+
+    def wait(self) -> None:
+        try:
+            for future in self._pending:
+                future.result()
+        finally:
+            self._pending = []
+            self._pool.shutdown(wait=True)

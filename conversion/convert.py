@@ -195,15 +195,16 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dty
         writer = ShardedSafetensorsWriter(tmp, plan, max_shard_bytes=max_shard_bytes)
         meter = ProgressMeter(writer.total_bytes, progress, "mcore -> hf")
         try:
-            for name, canonical in iter_canonical(mcore_dir, [e.megatron for e in ordered]):
-                if not all_finite(canonical):
-                    raise McoreCheckpointError(f"{mcore_dir}: {name} contains NaN/Inf")
-                entry = by_name[name]
-                for hf_name, tensor in zip(entry.hf, to_hf(entry, canonical, config)):
-                    writer.write(hf_name, tensor.to(out_dtype).contiguous())
-                    meter(hf_name, tensor.numel() * torch.empty((), dtype=out_dtype).element_size())
-                written.add(name)
-            writer.close()
+            with writer:  # the writer thread writes one tensor while this one reads the next
+                for name, canonical in iter_canonical(mcore_dir, [e.megatron for e in ordered]):
+                    if not all_finite(canonical):
+                        raise McoreCheckpointError(f"{mcore_dir}: {name} contains NaN/Inf")
+                    entry = by_name[name]
+                    for hf_name, tensor in zip(entry.hf, to_hf(entry, canonical, config)):
+                        writer.write(hf_name, tensor.to(out_dtype).contiguous())
+                        meter(hf_name, tensor.numel() * out_dtype.itemsize)
+                    written.add(name)
+                writer.close()
         finally:
             meter.close()
         if written != set(by_name):

@@ -100,8 +100,9 @@ def _streaming_classes():
     from megatron.core.dist_checkpointing.strategies.torch import (MCoreSavePlanner, TorchDistSaveShardedStrategy,
                                                                    _replace_state_dict_keys_with_sharded_keys,
                                                                    mcore_to_pyt_state_dict)
-    from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint import save as dcp_save
+
+    from .dcp_io import PipelinedWriter
     from torch.distributed.checkpoint.planner import WriteItemType
 
     class LazyChunkPlanner(MCoreSavePlanner):
@@ -176,11 +177,8 @@ def _streaming_classes():
             self.prepend = {t.key: t.prepend_axis_num for t in nested_values(sharded_state_dict)
                             if isinstance(t, ShardedTensor)}
             state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
-            # No per-file fsync here: the atomic output directory fsyncs every file once before
-            # it is renamed into place.
-            writer = FileSystemWriter(checkpoint_dir, single_file_per_rank=False, thread_count=1,
-                                      per_thread_copy_ahead=0, sync_files=False)
-            dcp_save(mcore_to_pyt_state_dict(state, False), storage_writer=writer,
+            # Chunks are produced on this thread while another writes them (bounded bytes in flight).
+            dcp_save(mcore_to_pyt_state_dict(state, False), storage_writer=PipelinedWriter(checkpoint_dir),
                      planner=LazyChunkPlanner(self, dedup_replicated_tensors=False, flatten_state_dict=False,
                                               flatten_sharded_tensors=False))
             if self._cached is not None:
@@ -236,79 +234,58 @@ def checkpoint_tensor_metadata(directory: Path) -> dict[str, tuple[tuple[int, ..
             if isinstance(v, TensorStorageMetadata)}
 
 
-def _chunk_planner(requests):
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-    from torch.distributed.checkpoint.planner import LoadPlan
-    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-
-    class ChunkLoadPlanner(DefaultLoadPlanner):
-        """Reads one rectangular chunk per key into the given buffers (nothing else is read)."""
-
-        def create_local_plan(self):
-            items = []
-            for key, (offsets, buffer) in requests.items():
-                chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=buffer.shape)
-                items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
-            return LoadPlan(items)
-
-        def resolve_tensor(self, read_item):
-            view = requests[read_item.dest_index.fqn][1]
-            for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
-                view = view.narrow(dim, start, length)
-            return view
-
-    return ChunkLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
-
-
-def _cached_metadata_reader(directory: Path):
-    """A DCP reader that unpickles ``.metadata`` once instead of once per tensor read."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    class CachedMetadataReader(FileSystemReader):
-        _metadata = None
-
-        def read_metadata(self, *args, **kwargs):
-            if self._metadata is None:
-                self._metadata = super().read_metadata(*args, **kwargs)
-            return self._metadata
-
-    return CachedMetadataReader(str(directory))
-
-
 class CanonicalReader:
     """Random access to whole canonical tensors of a torch_dist checkpoint saved at any TP/EP
     layout (global tensors do not depend on the layout they were saved from).  Each read loads
     one chunk of one key: memory holds one tensor."""
 
     def __init__(self, directory: str | os.PathLike):
+        from .dcp_io import ChunkReader, cached_metadata_reader
+
         self.directory = Path(directory)
         check_is_checkpoint(self.directory)
         self.present = checkpoint_tensor_metadata(self.directory)
-        self._reader = _cached_metadata_reader(self.directory)
+        self._reader = cached_metadata_reader(self.directory)
+        self._chunks = ChunkReader(self.directory, self._reader.read_metadata())
 
-    def _read_key(self, key: str, prefix: tuple[int, ...]) -> torch.Tensor:
+    def _read_key_into(self, key: str, prefix: tuple[int, ...], out: torch.Tensor) -> None:
+        """Read layer ``prefix`` of ``key`` into ``out``: straight from the file when the chunk is
+        a plain record (one copy), else through ``dcp.load``."""
         from torch.distributed.checkpoint import load as dcp_load
 
-        shape, dtype = self.present[key]
-        buffer = torch.empty((1,) * len(prefix) + shape[len(prefix):], dtype=dtype)
+        from .dcp_io import chunk_planner
+
+        shape = self.present[key][0]
+        view = out.view((1,) * len(prefix) + shape[len(prefix):])
         offsets = prefix + (0,) * (len(shape) - len(prefix))
-        dcp_load({key: buffer}, storage_reader=self._reader, planner=_chunk_planner({key: (offsets, buffer)}),
-                 no_dist=True)
-        return buffer.reshape(shape[len(prefix):])
+        if not self._chunks.read_into(key, offsets, view):
+            dcp_load({key: view}, storage_reader=self._reader, planner=chunk_planner({key: (offsets, view)}),
+                     no_dist=True)
 
     def read(self, name: str) -> torch.Tensor:
+        """The whole canonical tensor; split keys (gate / up halves, router rows) are read straight
+        into their place in it, never concatenated afterwards."""
         parts = canonical_parts(name, self.present)
         missing = [key for key, _, _ in parts if key not in self.present]
         if missing or not parts:
             raise McoreCheckpointError(f"{self.directory}: no tensor {missing[0] if missing else name} (needed for {name})")
-        tensors = [self._read_key(key, prefix) for key, prefix, _ in parts]
+        shapes = [self.present[key][0][len(prefix):] for key, prefix, _ in parts]
         places = [place for _, _, place in parts]
-        if places == [None]:
-            return tensors[0]
+        dtype = self.present[parts[0][0]][1]
         if places == ["w", "v"]:
-            return torch.cat(tensors, dim=0)
-        return torch.stack(tensors)
+            out = torch.empty((shapes[0][0] + shapes[1][0], *shapes[0][1:]), dtype=dtype)
+            targets = [out[: shapes[0][0]], out[shapes[0][0]:]]
+        elif places == [None]:
+            out = torch.empty(shapes[0], dtype=dtype)
+            targets = [out]
+        else:
+            if len(set(shapes)) != 1:
+                raise McoreCheckpointError(f"{self.directory}: the rows of {name} have different shapes")
+            out = torch.empty((len(parts), *shapes[0]), dtype=dtype)
+            targets = list(out)
+        for (key, prefix, _), target in zip(parts, targets):
+            self._read_key_into(key, prefix, target)
+        return out
 
 
 def iter_canonical(directory: str | os.PathLike, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:

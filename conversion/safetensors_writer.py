@@ -4,6 +4,10 @@
 dtypes and shapes are known before conversion starts, we can write each file's header first and then
 stream the tensors' bytes in order; the result is a standard safetensors file (plus the usual
 ``model.safetensors.index.json`` when sharded), readable by ``transformers``.
+
+The bytes are written by a helper thread (file writes release the GIL) so that the caller can read
+and transform the next tensor meanwhile; at most ``inflight_bytes`` wait in between, and every shard
+is fsynced as soon as it is complete.  Errors surface at the next ``write`` or at ``close``.
 """
 
 from __future__ import annotations
@@ -11,10 +15,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from .atomic import BackgroundSync
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -51,7 +59,8 @@ class ShardedSafetensorsWriter:
     """Streams tensors, in a fixed planned order, into safetensors shards of bounded size."""
 
     def __init__(self, directory: str | os.PathLike, plan: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 *, max_shard_bytes: int = 5 * 2**30, metadata: dict[str, str] | None = None):
+                 *, max_shard_bytes: int = 5 * 2**30, metadata: dict[str, str] | None = None,
+                 inflight_bytes: int = 128 * 2**20):
         self.directory = Path(directory)
         self.metadata = {"format": "pt", **(metadata or {})}
         planned = [_Planned(n, d, tuple(s)) for n, d, s in plan]
@@ -73,6 +82,13 @@ class ShardedSafetensorsWriter:
         self._next = 0
         self._file = None
         self.bytes_written = 0
+        self._inflight_limit, self._inflight = inflight_bytes, 0
+        self._budget = threading.Condition()
+        self._queue: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._sync = BackgroundSync()
+        self._thread = threading.Thread(target=self._drain, name="safetensors-writer", daemon=True)
+        self._thread.start()
 
     @property
     def total_bytes(self) -> int:
@@ -91,7 +107,37 @@ class ShardedSafetensorsWriter:
         self._file.write(len(raw).to_bytes(8, "little"))
         self._file.write(raw)
 
+    def _drain(self) -> None:
+        """The writer thread: tensors in plan order; a shard is closed and fsynced once complete."""
+        try:
+            while (job := self._queue.get()) is not None:
+                shard, data, last = job
+                if self._file is None:
+                    self._open(shard)
+                self._file.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+                nbytes = data.numel() * data.element_size()
+                del data, job
+                if last:
+                    self._file.close()
+                    self._file = None
+                    self._sync.submit(self.directory / shard.file_name)
+                with self._budget:
+                    self._inflight -= nbytes
+                    self._budget.notify_all()
+        except BaseException as error:  # noqa: BLE001 -- re-raised on the caller's thread
+            with self._budget:
+                self._error = error
+                self._budget.notify_all()
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            self.abort()
+            raise error
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue the next planned tensor; it must not be modified afterwards (it is written later)."""
+        self._raise_pending()
         if self._next >= len(self._order):
             raise ValueError(f"{name}: every planned tensor was already written")
         shard, planned = self._order[self._next]
@@ -100,21 +146,39 @@ class ShardedSafetensorsWriter:
         if tensor.dtype != planned.dtype or tuple(tensor.shape) != planned.shape:
             raise ValueError(f"{name}: got {tensor.dtype} {list(tensor.shape)}, planned "
                              f"{planned.dtype} {list(planned.shape)}")
-        if self._file is None:
-            self._open(shard)
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._file.write(memoryview(data))
+        data = tensor.detach().cpu().contiguous()
+        with self._budget:
+            self._budget.wait_for(lambda: self._error is not None or self._inflight == 0
+                                  or self._inflight + planned.nbytes <= self._inflight_limit)
+            self._inflight += planned.nbytes
+        self._raise_pending()
         self.bytes_written += planned.nbytes
         self._next += 1
-        if self._next == len(self._order) or self._order[self._next][0] is not shard:
-            self._file.close()
-            self._file = None
+        last = self._next == len(self._order) or self._order[self._next][0] is not shard
+        self._queue.put((shard, data, last))
 
-    def close(self) -> None:
-        """Finish: every planned tensor must have been written; writes the index when sharded."""
+    def abort(self) -> None:
+        """Stop the writer thread without finishing (the caller discards the directory)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
         if self._file is not None:
             self._file.close()
             self._file = None
+        try:
+            self._sync.wait()
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Finish: every planned tensor must have been written; writes the index when sharded."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_pending()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._sync.wait()
         if self._next != len(self._order):
             missing = [t.name for _, t in self._order[self._next:]]
             raise ValueError(f"{len(missing)} planned tensors were never written, first: {missing[0]}")
@@ -122,3 +186,10 @@ class ShardedSafetensorsWriter:
             index = {"metadata": {"total_size": self.total_bytes},
                      "weight_map": {t.name: s.file_name for s, t in self._order}}
             (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    def __enter__(self) -> ShardedSafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
