@@ -24,8 +24,8 @@ expert_parallel=7`` is the alternative on nodes run with 7 ranks.
 
 ``model=`` overrides sizes (a dict of :class:`~flexolmo_plugin.config.FlexOlmoConfig` fields),
 which is how the tests run scaled-down copies of each recipe on CPU (``cpu=True``: fp32, gloo).
-``init_from`` (the upcycled / merged checkpoint) is read when it exists, and its sizes must then
-match; a path that does not exist yet (built on a login node) is checked when training starts.
+``init_from`` (the upcycled / merged checkpoint) is read when it exists: sizes then come from it, and
+any size given in ``model`` (and the recipe's number of experts) must match it; a path that does not exist yet (built on a login node) is checked when training starts.
 """
 
 from __future__ import annotations
@@ -106,14 +106,16 @@ def _shape(shape: dict, imposed: dict, model: dict | None, init_from: str | None
     from conversion.mcore_io import load_config
 
     stored, _, _ = load_config(init_from)
-    keys = ("num_experts",) if model is None else (
-        "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
-        "num_key_value_heads", "num_experts", "head_dim")
+    keys = {"num_experts", *(model or {})} & _SIZE_KEYS  # what this recipe or its caller asked for
     differ = [f"{k}: checkpoint {getattr(stored, k)}, recipe {getattr(wanted, k)}"
-              for k in keys if getattr(stored, k) != getattr(wanted, k)]
+              for k in sorted(keys) if getattr(stored, k) != getattr(wanted, k)]
     if differ:
         raise ConfigError(f"{init_from} does not fit this recipe: " + "; ".join(differ))
     return stored.replace(**_resolve({"num_experts": stored.num_experts, **imposed}, drop=("num_experts",)))
+
+
+_SIZE_KEYS = {"vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
+              "num_key_value_heads", "num_experts", "head_dim"}
 
 
 def _resolve(fields: dict, drop: tuple[str, ...] = ()) -> dict:
@@ -254,7 +256,8 @@ def flexolmo_inference_7x7b_config(*, init_from: str, precision: str = "bf16", n
                seed=seed, load_dir=None)
     layout = ClusterLayout(nodes=nodes, gpus_per_node=gpus_per_node, tensor_parallel=tensor_parallel,
                            expert_parallel=expert_parallel)
-    return _production(shape=dict(num_experts=7, top_k=5), imposed={}, model=model, init_from=init_from, trainable="router",
+    experts = (model or {}).get("num_experts", 7)  # the released FlexOlmo-7x7B routes to 5 of 7
+    return _production(shape=dict(num_experts=7, top_k=min(5, experts)), imposed={}, model=model, init_from=init_from, trainable="router",
                        owner_expert=1, layout=layout, precision=precision, bf16_edge_layers=bf16_edge_layers,
                        fp8_param_gather=False, run=run, cpu=cpu, eval_only=True)
 

@@ -32,6 +32,11 @@ def training_log_callback(*, print_fn=print):
     Shares come from forward hooks on the routers (this rank's tokens, all layers pooled), so they
     show directly whether the owner's expert is being used.  ``callback.history`` keeps
     ``(iteration, loss, tokens_per_s, shares)`` for programmatic use.
+
+    Model TFLOPS per GPU and MFU use :mod:`flexolmo_plugin.flops`, which counts no weight-gradient
+    GEMM for frozen weights and weights the experts by this step's routed shares (Bridge's own
+    formula would credit anchored training with work it never does); ``callback.throughput`` keeps
+    ``(iteration, tflops_per_gpu, mfu)``, MFU being None where the GPU's peak is not tabulated.
     """
     import torch
     import torch.distributed as dist
@@ -42,6 +47,8 @@ def training_log_callback(*, print_fn=print):
     class FlexOlmoTrainingLog(Callback):
         def __init__(self):
             self.history: list[tuple[int, float, float, list[float]]] = []
+            self.throughput: list[tuple[int, float, float | None]] = []
+            self._flops = None
             self._handles, self._counts, self._names, self._last = [], None, (), None
 
         def on_train_start(self, context):
@@ -55,6 +62,7 @@ def training_log_callback(*, print_fn=print):
 
             self._handles = [layer.mlp.router.register_forward_hook(hook)
                              for model in models for layer in model.decoder.layers]
+            self._flops = _flop_counter(context.state.cfg, config)
             self._last = time.perf_counter()
 
         def on_train_step_end(self, context):
@@ -66,10 +74,13 @@ def training_log_callback(*, print_fn=print):
             total = self._counts.sum().item()
             shares = (self._counts / total).tolist() if total else [0.0] * len(self._counts)
             self.history.append((iteration, loss, tokens_per_s, shares))
+            tflops, mfu = self._flops(shares if total else None, max(now - self._last, 1e-9))
+            self.throughput.append((iteration, tflops, mfu))
             if not dist.is_initialized() or dist.get_rank() == 0:
                 routed = ", ".join(f"{n} {100 * s:.1f}%" for n, s in zip(self._names, shares))
+                utilisation = f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""
                 print_fn(f"[flexolmo] iteration {iteration} | lm loss {loss:.6f} | {tokens_per_s:,.0f} tokens/s | "
-                         f"routed tokens: {routed}")
+                         f"{tflops:.2f} TFLOPS/GPU{utilisation} | routed tokens: {routed}")
             self._counts.zero_()
             self._last = time.perf_counter()
 
@@ -81,11 +92,89 @@ def training_log_callback(*, print_fn=print):
     return FlexOlmoTrainingLog()
 
 
+def _flop_counter(cfg, config):
+    """``(shares, seconds) -> (TFLOPS per GPU, MFU)`` for this run's model, batch and freezing policy.
+
+    Routed shares are this rank's; with data parallelism ranks see statistically identical batches.
+    """
+    import torch.distributed as dist
+
+    from flexolmo_plugin.compat import cuda_available
+    from flexolmo_plugin.flops import Trainable, peak_flops, step_flops, throughput
+
+    from .precision import precision_of
+
+    model = cfg.model
+    trainable = Trainable.policy(model.trainable, config.num_experts, model.owner_expert)
+    gpus = dist.get_world_size() if dist.is_initialized() else 1
+    device = None
+    if cuda_available():
+        import torch
+
+        device = torch.cuda.get_device_name()
+    peak = peak_flops(device, precision_of(cfg.mixed_precision))
+
+    def measure(shares, seconds):
+        flops = step_flops(config, seq_length=model.seq_length, global_batch_size=cfg.train.global_batch_size,
+                           trainable=trainable, expert_shares=shares).total
+        return throughput(flops, seconds, num_gpus=gpus, peak_flops_per_gpu=peak)
+
+    return measure
+
+
+def warm_up_process_groups(*, print_fn=print) -> list[str]:
+    """One small collective on each model-parallel group, so that NCCL builds every communicator
+    before step 1 (lazily created expert-parallel communicators otherwise appear inside the first
+    all-to-all, where a slow or broken link looks like a training hang).  Returns the groups warmed.
+    """
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from flexolmo_plugin.compat import default_device
+
+    getters = {"tensor": ps.get_tensor_model_parallel_group, "data": ps.get_data_parallel_group,
+               "expert": ps.get_expert_model_parallel_group, "expert-tensor": ps.get_expert_tensor_parallel_group,
+               "expert-data": ps.get_expert_data_parallel_group}
+    warmed = []
+    for name, getter in getters.items():
+        try:
+            group = getter()
+        except (AssertionError, RuntimeError):
+            continue  # not initialised in this layout
+        if group is None:
+            continue
+        probe = torch.ones(1, device=default_device())
+        dist.all_reduce(probe, group=group)
+        if int(probe.item()) != dist.get_world_size(group):
+            raise RuntimeError(f"warm-up all-reduce over the {name} group returned {probe.item()}")
+        if name == "expert" and dist.get_backend(group) == "nccl":
+            size = dist.get_world_size(group)
+            dist.all_to_all_single(torch.empty(size, device=default_device()), torch.ones(size, device=default_device()),
+                                   group=group)
+        warmed.append(name)
+    if dist.get_rank() == 0:
+        print_fn(f"[flexolmo] warmed process groups: {', '.join(warmed)}")
+    return warmed
+
+
+def _warm_up_callback():
+    from megatron.bridge.training.callbacks import Callback
+
+    class WarmUp(Callback):
+        def on_train_start(self, context):
+            self.warmed = warm_up_process_groups()
+
+    return WarmUp()
+
+
 def build_config(recipe: str, overrides: list[str]):
     """The recipe's ``ConfigContainer`` with ``recipe.*`` arguments and config overrides applied."""
     from omegaconf import OmegaConf
 
-    recipes = _recipes()
+    from .production import PRODUCTION_RECIPES
+
+    recipes = {**_recipes(), **PRODUCTION_RECIPES}
     if recipe not in recipes:
         raise ValueError(f"unknown recipe {recipe!r}; available: {sorted(recipes)}")
     recipe_args = [o[len(RECIPE_PREFIX):] for o in overrides if o.startswith(RECIPE_PREFIX)]
@@ -102,12 +191,12 @@ def build_config(recipe: str, overrides: list[str]):
     return config
 
 
-def _init_process_group(backend: str) -> None:
+def _init_process_group(backend: str, timeout_minutes: int = 10) -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
-    timeout = datetime.timedelta(minutes=10)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / srun
         dist.init_process_group(backend, timeout=timeout)
     else:
@@ -124,13 +213,16 @@ def run(recipe: str, overrides: list[str], *, callbacks=()):
     from megatron.bridge.training.pretrain import pretrain
 
     config = build_config(recipe, overrides)
-    _init_process_group(config.dist.distributed_backend)
+    _init_process_group(config.dist.distributed_backend, config.dist.distributed_timeout_minutes)
     if dist.get_rank() == 0 and config.checkpoint.save:
         Path(config.checkpoint.save).mkdir(parents=True, exist_ok=True)
     dist.barrier()
+    from .precision import check_container_precision, current_capability
+
+    check_container_precision(config, current_capability())  # e.g. mxfp8 overridden in on an H100
     log = training_log_callback()
     try:
-        pretrain(config, forward_step, callbacks=[log, *callbacks])
+        pretrain(config, forward_step, callbacks=[_warm_up_callback(), log, *callbacks])
     except SystemExit as stop:  # Bridge exits this way at train.exit_interval
         if stop.code not in (0, None):
             raise
