@@ -48,14 +48,48 @@ def save_config(directory: Path, config: FlexOlmoConfig, *, dtype: torch.dtype, 
     (Path(directory) / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
 
 
+TRACKER_FILE = "latest_checkpointed_iteration.txt"  # Megatron / Bridge save directories
+
+
+def resolve_checkpoint(directory: str | os.PathLike) -> Path:
+    """The torch_dist checkpoint a user-facing path names.
+
+    A Megatron-Bridge ``checkpoint.save`` directory holds one ``iter_NNNNNNN`` checkpoint per save and
+    a tracker naming the last *complete* one (written only after that save finished), so the save
+    directory itself can be handed to every tool and means "the latest trained weights".  Any other
+    directory is returned unchanged.
+    """
+    directory = Path(directory)
+    tracker = directory / TRACKER_FILE
+    if not tracker.is_file():
+        return directory
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise McoreCheckpointError(f"{tracker}: expected an iteration number, found {text[:40]!r}")
+    resolved = directory / f"iter_{int(text):07d}"
+    if not resolved.is_dir():
+        raise McoreCheckpointError(f"{tracker} names iteration {int(text)} but {resolved} does not exist")
+    return resolved
+
+
+def _config_path(directory: Path) -> Path | None:
+    """``flexolmo_config.json`` of a checkpoint: beside it, or in the Bridge save directory above it
+    (training writes it once per run there, not into every ``iter_*``)."""
+    candidates = [directory / CONFIG_FILE, resolve_checkpoint(directory) / CONFIG_FILE]
+    if directory.name.startswith("iter_"):
+        candidates.append(directory.parent / CONFIG_FILE)
+    return next((c for c in candidates if c.is_file()), None)
+
+
 def load_config(directory: str | os.PathLike) -> tuple[FlexOlmoConfig, torch.dtype, dict]:
     """The FlexOlmo configuration and parameter dtype stored beside a converted checkpoint."""
     directory = Path(directory)
     if not directory.is_dir():
         raise McoreCheckpointError(f"{directory} is not a directory")
-    path = directory / CONFIG_FILE
-    if not path.exists():
-        raise McoreCheckpointError(f"{directory}: no {CONFIG_FILE} (not a checkpoint written by flexolmo convert)")
+    path = _config_path(directory)
+    if path is None:
+        raise McoreCheckpointError(f"{directory}: no {CONFIG_FILE} (not a checkpoint written by flexolmo convert, "
+                                   "save_mcore, upcycle, merge or a flexolmo training run)")
     try:
         payload = json.loads(path.read_text())
         if payload.get("format_version") != FORMAT_VERSION:
@@ -73,6 +107,7 @@ def load_config(directory: str | os.PathLike) -> tuple[FlexOlmoConfig, torch.dty
 
 
 def check_is_checkpoint(directory: Path) -> None:
+    directory = resolve_checkpoint(directory)
     if not (directory / ".metadata").exists() or not (directory / "metadata.json").exists():
         raise McoreCheckpointError(f"{directory}: not a Megatron torch_dist checkpoint (.metadata / metadata.json missing)")
 
@@ -229,7 +264,7 @@ def checkpoint_tensor_metadata(directory: Path) -> dict[str, tuple[tuple[int, ..
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    metadata = FileSystemReader(str(directory)).read_metadata()
+    metadata = FileSystemReader(str(resolve_checkpoint(directory))).read_metadata()
     return {k: (tuple(v.size), v.properties.dtype) for k, v in metadata.state_dict_metadata.items()
             if isinstance(v, TensorStorageMetadata)}
 
@@ -242,7 +277,7 @@ class CanonicalReader:
     def __init__(self, directory: str | os.PathLike):
         from .dcp_io import ChunkReader, cached_metadata_reader
 
-        self.directory = Path(directory)
+        self.directory = resolve_checkpoint(directory)
         check_is_checkpoint(self.directory)
         self.present = checkpoint_tensor_metadata(self.directory)
         self._reader = cached_metadata_reader(self.directory)
@@ -349,3 +384,23 @@ def validate_model_layout(directory: Path, sharded) -> None:
     if problems:
         raise McoreCheckpointError(f"{directory}: checkpoint does not match its configuration: "
                                    + "; ".join(sorted(set(problems))[:8]))
+
+
+def load_model_weights(model, directory: str | os.PathLike) -> None:
+    """Load a FlexOlmo checkpoint (converted, or a Bridge save directory / ``iter_*``) into ``model``.
+
+    Megatron's load also returns the checkpoint's *common* state; a Bridge training checkpoint keeps
+    its iteration counter, scheduler and optimizer settings there, which are not model weights.  Only
+    the model's own keys are kept, and those must all be present (strict load).
+    """
+    from megatron.core import dist_checkpointing
+
+    directory = Path(directory)
+    check_is_checkpoint(directory)
+    sharded = model.sharded_state_dict()
+    validate_model_layout(directory, sharded)
+    try:
+        state = dist_checkpointing.load(sharded, str(resolve_checkpoint(directory)))
+    except Exception as error:  # Megatron raises several types; say which checkpoint and why
+        raise McoreCheckpointError(f"{directory}: loading failed: {error}") from error
+    model.load_state_dict({key: value for key, value in state.items() if key in sharded})

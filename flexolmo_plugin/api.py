@@ -75,9 +75,7 @@ def from_mcore(
     Parameters take the checkpoint's dtype unless ``params_dtype`` is given.  Process groups are
     handled as in :func:`from_hf`.  The model is returned in eval mode.
     """
-    from megatron.core import dist_checkpointing
-
-    from conversion.mcore_io import McoreCheckpointError, check_is_checkpoint, load_config, validate_model_layout
+    from conversion.mcore_io import check_is_checkpoint, load_config, load_model_weights
 
     config, stored_dtype, _ = load_config(mcore_dir)
     check_is_checkpoint(Path(mcore_dir))
@@ -86,13 +84,7 @@ def from_mcore(
     model = build_model(config, params_dtype=params_dtype or stored_dtype, sequence_parallel=sequence_parallel,
                         backend=backend, dispatcher=dispatcher)
     model.to(compat.default_device())
-    sharded = model.sharded_state_dict()
-    validate_model_layout(Path(mcore_dir), sharded)
-    try:
-        state = dist_checkpointing.load(sharded, str(mcore_dir))
-    except Exception as error:  # Megatron raises several types; say which checkpoint and why
-        raise McoreCheckpointError(f"{mcore_dir}: loading failed: {error}") from error
-    model.load_state_dict(state)
+    load_model_weights(model, mcore_dir)
     model.eval()
     return model
 

@@ -251,14 +251,9 @@ def prepare_for_training(chunks, *, init_from: str | None, trainable: str, owner
     for chunk in chunks:
         model = unwrap(chunk)
         if init_from:
-            from megatron.core import dist_checkpointing
+            from conversion.mcore_io import load_model_weights
 
-            from conversion.mcore_io import check_is_checkpoint, validate_model_layout
-
-            check_is_checkpoint(Path(init_from))
-            sharded = model.sharded_state_dict()
-            validate_model_layout(Path(init_from), sharded)
-            model.load_state_dict(dist_checkpointing.load(sharded, str(init_from)))
+            load_model_weights(model, Path(init_from))
         if trainable == "anchored":
             anchoring.anchor(model, owner_expert=owner_expert)
         elif trainable == "router":
