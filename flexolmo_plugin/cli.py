@@ -225,6 +225,20 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The whole lifecycle on this machine: public model, three owners, merge, eval, opt-out, HF export."""
+    _quiet_imports()
+    from .demo.pipeline import DemoError
+    from .demo.run import run_demo
+
+    try:
+        _, claims = run_demo(args.workdir, size=args.size, progress=not args.quiet)
+    except DemoError as error:
+        print(f"demo failed: {error}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    return EXIT_OK if all(ok for _, ok in claims) else EXIT_CHECK_FAILED
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flexolmo",
@@ -349,17 +363,34 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-tokens", type=int, default=16384, help="per domain")
     ev.set_defaults(func=cmd_eval)
 
-    tr = sub.add_parser("train-expert", help="anchored expert training or router tuning (Megatron-Bridge)",
-                        description="RECIPE: 'expert' (anchored training of the owner's expert from an upcycled "
+    tr = sub.add_parser("train", aliases=["train-expert"],
+                        help="train the public model, an owner's expert, or the router (Megatron-Bridge)",
+                        description="RECIPE: 'public' (the dense public model, a one-expert FlexOlmo, every weight "
+                                    "trained; sizes via recipe.num_layers=..., recipe.hidden_size=..., "
+                                    "recipe.vocab_size=... or recipe.tokenizer_dir=...), "
+                                    "'expert' (anchored training of the owner's expert from an upcycled "
                                     "checkpoint: top-2 of 2, LB loss off, z-loss 1e-3, LR 9e-4 cosine, wd 0) or "
                                     "'router-tune' (only router rows/biases, all experts active). Overrides: "
                                     "recipe.ARG=VALUE for the recipe function (init_from, save_dir, data_paths, "
                                     "tokenizer_dir, seq_length, train_iters, global_batch_size, lr, expert_parallel, "
                                     "...), and KEY=VALUE for the Bridge ConfigContainer (e.g. train.train_iters=10). "
                                     "Run under torchrun for several processes.")
-    tr.add_argument("recipe", metavar="RECIPE", choices=["expert", "router-tune"])
+    tr.add_argument("recipe", metavar="RECIPE", choices=["public", "expert", "router-tune"])
     tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     tr.set_defaults(func=cmd_train_expert)
+
+    demo = sub.add_parser(
+        "demo", help="run the whole FlexOlmo lifecycle on this machine (about 5 minutes on 2 CPU cores)",
+        description="Public model trained on public text; three data owners (Python code, C++ headers, licence "
+                    "texts -- all read from this machine, nothing downloaded) each embed their domain, upcycle "
+                    "and train their expert in their own process; merge, per-domain evaluation, opt-out, routing "
+                    "heatmap, Hugging Face export checked with transformers, and a summary of every artifact. "
+                    "Exit 1 if a check fails.")
+    demo.add_argument("--workdir", metavar="DIR", help="new or empty directory (default: ./flexolmo-demo[-N])")
+    demo.add_argument("--size", choices=["full", "tiny"], default="full",
+                      help="'tiny' is the test suite's reduced run (default: full)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -1,4 +1,8 @@
-"""Megatron-Bridge recipes for FlexOlmo's two training phases after upcycling.
+"""Megatron-Bridge recipes for FlexOlmo's training phases.
+
+* :func:`flexolmo_public_config` -- the public model: dense OLMo-2, represented as a FlexOlmo with a
+  single expert (softmax over one expert is exactly 1, so the block computes the dense FFN), trained
+  from scratch or continued; its checkpoint is what every data owner upcycles.
 
 * :func:`flexolmo_expert_config` -- a data owner's anchored expert training (paper §3.3.1, §4.4):
   start from the upcycled ``[public, owner]`` checkpoint, train only the owner's FFN, router row
@@ -21,6 +25,7 @@ import torch
 
 from conversion.mcore_io import load_config
 from flexolmo_plugin.compat import cuda_available
+from flexolmo_plugin.config import FlexOlmoConfig
 
 from .provider import FlexOlmoModelProvider
 
@@ -131,4 +136,48 @@ def flexolmo_router_tuning_config(*, init_from: str, save_dir: str | None, data_
     provider = _provider(init_from, trainable="router", owner_expert=1,
                          overrides=dict(top_k=stored.num_experts, router_z_loss_coeff=1e-3, load_balancing_coeff=0.0),
                          parallel=_parallel(tensor_parallel, expert_parallel))
+    return _container(provider, **_run_arguments(arguments))
+
+
+def _vocab_size(vocab_size: int | None, tokenizer_dir: str | None) -> int:
+    if vocab_size is not None:
+        return vocab_size
+    if tokenizer_dir is None:
+        raise ValueError("flexolmo_public_config needs vocab_size or tokenizer_dir")
+    from flexolmo_plugin.data import load_tokenizer
+
+    return len(load_tokenizer(tokenizer_dir))
+
+
+def flexolmo_public_config(*, save_dir: str | None, data_paths: list[str] | None = None,
+                           tokenizer_dir: str | None = None, init_from: str | None = None,
+                           num_layers: int = 32, hidden_size: int = 4096, ffn_hidden_size: int = 11008,
+                           num_attention_heads: int = 32, num_key_value_heads: int = 32,
+                           vocab_size: int | None = None, eos_token_id: int | None = None,
+                           pad_token_id: int | None = None, seq_length: int = 4096, train_iters: int = 100000,
+                           global_batch_size: int = 1024, micro_batch_size: int = 1, lr: float = 3e-4,
+                           min_lr: float = 3e-5, lr_warmup_iters: int = 2000, weight_decay: float = 0.1,
+                           save_interval: int = 1000, log_interval: int = 1, seed: int = 1234,
+                           tensor_parallel: int = 1, load_dir: str | None = None, cpu: bool | None = None):
+    """The public dense model (defaults: OLMo-2 7B's shape and optimiser), every weight trained.
+
+    ``init_from`` continues from a FlexOlmo checkpoint with one expert (sizes then come from it);
+    otherwise the model starts from Megatron's initialisation with the sizes given here and
+    ``vocab_size`` taken from ``tokenizer_dir`` when not given.
+    """
+    arguments = dict(locals())
+    parallel = _parallel(tensor_parallel, 1)
+    if init_from:
+        config, _, _ = load_config(init_from)
+        if config.num_experts != 1:
+            raise ValueError(f"{init_from}: the public model has one expert, this checkpoint has {config.num_experts}")
+        provider = FlexOlmoModelProvider.from_flexolmo_config(config, init_from=str(Path(init_from).resolve()),
+                                                              trainable="all", **parallel)
+    else:
+        config = FlexOlmoConfig(vocab_size=_vocab_size(vocab_size, tokenizer_dir), hidden_size=hidden_size,
+                                intermediate_size=ffn_hidden_size, num_layers=num_layers,
+                                num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
+                                num_experts=1, top_k=1, max_position_embeddings=seq_length, expert_names=("public",),
+                                eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        provider = FlexOlmoModelProvider.from_flexolmo_config(config, trainable="all", **parallel)
     return _container(provider, **_run_arguments(arguments))

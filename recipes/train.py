@@ -21,9 +21,10 @@ RECIPE_PREFIX = "recipe."
 
 
 def _recipes():
-    from .expert import flexolmo_expert_config, flexolmo_router_tuning_config
+    from .expert import flexolmo_expert_config, flexolmo_public_config, flexolmo_router_tuning_config
 
-    return {"expert": flexolmo_expert_config, "router-tune": flexolmo_router_tuning_config}
+    return {"public": flexolmo_public_config, "expert": flexolmo_expert_config,
+            "router-tune": flexolmo_router_tuning_config}
 
 
 def training_log_callback(*, print_fn=print):
@@ -203,6 +204,30 @@ def _init_process_group(backend: str, timeout_minutes: int = 10) -> None:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
+def write_run_config(config, recipe: str) -> None:
+    """Write ``flexolmo_config.json`` into the save directory before training starts.
+
+    Every flexolmo tool (package-expert, merge, eval, convert, upcycle, from_mcore) then accepts the
+    save directory itself and reads its latest complete ``iter_*`` checkpoint.  Written through a
+    temporary file and a rename, so a crash never leaves a torn file.
+    """
+    import json
+
+    from conversion.mcore_io import CONFIG_FILE, save_config
+
+    model = config.model
+    flexolmo = model.to_flexolmo_config()
+    target = Path(config.checkpoint.save)
+    temporary = target / f".{CONFIG_FILE}.tmp"
+    temporary.mkdir(exist_ok=True)
+    save_config(temporary, flexolmo, dtype=model.params_dtype,
+                extra={"source": {"format": "megatron-bridge", "recipe": recipe, "trainable": model.trainable,
+                                  "init_from": model.init_from}})
+    json.loads((temporary / CONFIG_FILE).read_text())  # written whole
+    os.replace(temporary / CONFIG_FILE, target / CONFIG_FILE)
+    temporary.rmdir()
+
+
 def run(recipe: str, overrides: list[str], *, callbacks=()):
     """Train; returns the logging callback (its ``history`` holds the per-iteration records)."""
     from flexolmo_plugin.compat import enable_bridge_compat
@@ -216,6 +241,7 @@ def run(recipe: str, overrides: list[str], *, callbacks=()):
     _init_process_group(config.dist.distributed_backend, config.dist.distributed_timeout_minutes)
     if dist.get_rank() == 0 and config.checkpoint.save:
         Path(config.checkpoint.save).mkdir(parents=True, exist_ok=True)
+        write_run_config(config, recipe)
     dist.barrier()
     from .precision import check_container_precision, current_capability
 
