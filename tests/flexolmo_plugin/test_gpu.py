@@ -69,3 +69,50 @@ def test_te_backend_keeps_the_public_expert_frozen_under_anchoring(tmp_path, meg
         public, owner = layer.mlp.experts.local_experts
         assert all(p.grad is None and not p.requires_grad for p in public.parameters())
         assert all(p.requires_grad and p.grad is not None for p in owner.parameters())
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_bench_gpu_measures_flexolmo_against_stock_moe(tmp_path):
+    """The GPU benchmark runs at a small shape and reports the ratio to Megatron's stock MoE layer."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    md = tmp_path / "gpu.md"
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_gpu.py"), "--hidden", "1024", "--ffn", "2816",
+                          "--seq", "1024", "--steps", "5", "--warmup", "2", "--markdown", str(md)],
+                         capture_output=True, text=True, cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert "vs stock" in md.read_text() and "anchored / full step time" in md.read_text()
+
+
+@pytest.mark.te
+@needs_te
+@pytest.mark.parametrize("recipe", ["tensorwise", "blockwise"])
+def test_fp8_anchored_step_keeps_the_public_expert_frozen(recipe, tmp_path, megatron_single_process):
+    """One FP8 training step of the TE backend under Megatron's own FP8 context (Hopper recipes)."""
+    from megatron.core.fp8_utils import get_fp8_context
+
+    from flexolmo_plugin.anchoring import anchor
+    from recipes.precision import check_device_supports
+
+    capability = torch.cuda.get_device_capability()
+    check_device_supports(f"fp8-{recipe}", capability)
+    hf = make_hf_model(seed=6, num_experts=2, num_experts_per_tok=2, hidden_size=64, intermediate_size=128,
+                       num_attention_heads=4, num_key_value_heads=4)
+    model = fp.from_hf(save_hf_model(hf, tmp_path / "hf"), params_dtype=torch.bfloat16, backend="te")
+    config = model.config
+    config.fp8, config.fp8_recipe = "hybrid", recipe
+    anchor(model, owner_expert=1)
+    model.train()
+    ids = torch.randint(0, 100, (2, 32), generator=torch.Generator().manual_seed(0))
+    with get_fp8_context(config):
+        loss = fp.next_token_loss(fp.logits(model, ids, grad=True), ids)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for layer in model.decoder.layers:
+        public, owner = layer.mlp.experts.local_experts
+        assert all(p.grad is None for p in public.parameters())
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in owner.parameters())
