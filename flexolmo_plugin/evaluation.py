@@ -25,6 +25,10 @@ class DomainResult:
     tokens: int  # predicted tokens
     loss: float
     routing: torch.Tensor  # [layers, experts]: share of this domain's tokens each expert computed
+    # [layers, experts]: mean gate weight p_i each expert received (0 where not selected).  With all
+    # experts active (top-k = E, as after a merge of up to 4) every token reaches every expert and
+    # ``routing`` is all ones; the weights show where the router actually sends the domain.
+    weights: torch.Tensor | None = None
 
     @property
     def perplexity(self) -> float:
@@ -54,8 +58,9 @@ def read_windows(prefix: str | os.PathLike, *, seq_len: int, max_tokens: int) ->
 
 
 @contextlib.contextmanager
-def routing_counts(model: nn.Module):
-    """Yields a ``[layers, experts]`` tensor that accumulates routed-token counts while active."""
+def routing_counts(model: nn.Module, weights: torch.Tensor | None = None):
+    """Yields a ``[layers, experts]`` tensor that accumulates routed-token counts while active;
+    ``weights`` (same shape), when given, accumulates the gate weights the router assigned."""
     inner = unwrap(model)
     layers = inner.decoder.layers
     counts = torch.zeros(len(layers), inner.flexolmo_config.num_experts, dtype=torch.float64)
@@ -63,6 +68,8 @@ def routing_counts(model: nn.Module):
     for index, layer in enumerate(layers):
         def hook(module, args, output, index=index):
             counts[index] += output[1].sum(0).to(torch.float64).cpu()
+            if weights is not None:
+                weights[index] += output[0].detach().sum(0).to(torch.float64).cpu()
         handles.append(layer.mlp.router.register_forward_hook(hook))
     try:
         yield counts
@@ -78,7 +85,9 @@ def evaluate(model: nn.Module, datasets: dict[str, str | os.PathLike], *, seq_le
     for name, prefix in datasets.items():
         windows = read_windows(prefix, seq_len=seq_len, max_tokens=max_tokens)
         loss_sum, predicted = 0.0, 0
-        with routing_counts(model) as counts:
+        weights = torch.zeros(len(unwrap(model).decoder.layers), unwrap(model).flexolmo_config.num_experts,
+                              dtype=torch.float64)
+        with routing_counts(model, weights) as counts:
             for start in range(0, windows.shape[0], batch_size):
                 batch = windows[start:start + batch_size]
                 loss = next_token_loss(logits(model, batch), batch)
@@ -86,7 +95,8 @@ def evaluate(model: nn.Module, datasets: dict[str, str | os.PathLike], *, seq_le
                 loss_sum += loss.item() * n
                 predicted += n
         seen = windows.numel()
-        results.append(DomainResult(name, predicted, loss_sum / predicted, (counts / seen).float()))
+        results.append(DomainResult(name, predicted, loss_sum / predicted, (counts / seen).float(),
+                                    (weights / seen).float()))
     return results
 
 
@@ -110,8 +120,12 @@ def format_routing(results: list[DomainResult], expert_names: tuple[str, ...]) -
     return "\n".join(lines)
 
 
-def plot_routing(results: list[DomainResult], expert_names: tuple[str, ...], path: str | os.PathLike) -> None:
-    """Heatmap per domain: layers x experts, share of the domain's tokens routed to each expert."""
+def plot_routing(results: list[DomainResult], expert_names: tuple[str, ...], path: str | os.PathLike, *,
+                 show: str = "tokens") -> None:
+    """Heatmap per domain: layers x experts; ``show="tokens"``: share of the domain's tokens routed to
+    each expert, ``show="weights"``: the mean gate weight each expert received."""
+    if show not in ("tokens", "weights"):
+        raise ValueError(f"show={show!r}; expected 'tokens' or 'weights'")
     try:
         import matplotlib
 
@@ -124,12 +138,14 @@ def plot_routing(results: list[DomainResult], expert_names: tuple[str, ...], pat
     fig, axes = plt.subplots(1, len(results), figsize=(width, 1.2 + 0.3 * layers + 0.6), squeeze=False,
                              sharey=True, constrained_layout=True)
     for column, (ax, result) in enumerate(zip(axes[0], results)):
-        image = ax.imshow(result.routing.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        values = result.routing if show == "tokens" else result.weights
+        image = ax.imshow(values.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_title(result.name, fontsize=9)
         ax.set_xticks(range(len(expert_names)), expert_names, rotation=60, fontsize=7)
         ax.set_yticks(range(layers), [str(i) for i in range(layers)], fontsize=7)
         if column == 0:
             ax.set_ylabel("layer")
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9, label="share of the domain's tokens")
+    label = "share of the domain's tokens" if show == "tokens" else "mean gate weight"
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9, label=label)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -42,6 +42,9 @@ def test_loss_and_routing_match_an_independent_computation(world, datasets):
         assert result.routing.shape == (2, 4)
         # every token is computed by exactly top-k (= 4) experts in every layer
         torch.testing.assert_close(result.routing.sum(1), torch.full((2,), 4.0))
+        # all experts selected and no renormalisation: each token's gate weights are its full softmax
+        torch.testing.assert_close(result.weights.sum(1), torch.ones(2))
+        assert (result.weights > 0).all()
 
 
 def test_excluded_expert_receives_nothing(world, datasets):
@@ -49,8 +52,9 @@ def test_excluded_expert_receives_nothing(world, datasets):
     model = fp.from_mcore(merged, dispatcher="allgather")
     exclude_experts(model, ["math"])
     for result in evaluate(model, datasets, seq_len=16, max_tokens=160):
-        assert (result.routing[:, 2] == 0).all()
+        assert (result.routing[:, 2] == 0).all() and (result.weights[:, 2] == 0).all()
         torch.testing.assert_close(result.routing.sum(1), torch.full((2,), 3.0))
+        torch.testing.assert_close(result.weights.sum(1), torch.ones(2))  # softmax over the remaining three
 
 
 def test_eval_cli_prints_tables(world, datasets, capsys):

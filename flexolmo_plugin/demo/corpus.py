@@ -1,0 +1,152 @@
+"""Real text for the demo, found on the machine: nothing is downloaded.
+
+FlexOlmo's setting needs a *public* text mix and data owners whose domains the public data does not
+cover.  Every Python installation that can run this package carries such text:
+
+* ``public`` -- English technical prose: the Python language reference and library documentation
+  topics that CPython ships in ``pydoc_data`` (what ``help()`` prints);
+* ``python`` -- source code: the modules of the Python standard library;
+* ``cpp`` -- C++: the headers torch installs under ``torch/include``;
+* ``licenses`` -- legal English: the licence files of the installed packages (``*.dist-info``) and the
+  system's ``/usr/share/common-licenses`` where present.
+
+Documents are chunks of at most ``chunk_chars`` characters cut at line boundaries, shuffled with a
+fixed seed, and split into a training and a held-out evaluation part, so every run of the demo sees
+the same data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+DOMAINS = ("public", "python", "cpp", "licenses")
+
+
+class CorpusError(RuntimeError):
+    """The machine lacks the text a demo domain is built from."""
+
+
+def _public_sources() -> Iterator[tuple[str, str]]:
+    from pydoc_data import topics
+
+    for name in sorted(topics.topics):
+        yield f"pydoc:{name}", topics.topics[name]
+
+
+def _files(paths: list[Path]) -> Iterator[tuple[str, str]]:
+    for path in sorted(set(paths)):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue  # binary or unreadable: not text for this demo
+        if text.strip():
+            yield str(path), text
+
+
+def _python_sources() -> Iterator[tuple[str, str]]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    return _files(list(stdlib.glob("*.py")))
+
+
+def _cpp_sources() -> Iterator[tuple[str, str]]:
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None or spec.origin is None:
+        return iter(())
+    include = Path(spec.origin).parent / "include"
+    return _files([p for p in include.rglob("*.h") if p.is_file()])
+
+
+def _license_sources() -> Iterator[tuple[str, str]]:
+    roots = {Path(sysconfig.get_paths()[key]) for key in ("purelib", "platlib")}
+    paths = [p for root in roots for p in root.glob("*.dist-info/**/*")
+             if p.is_file() and any(word in p.name.upper() for word in ("LICEN", "COPYING", "NOTICE"))]
+    system = Path("/usr/share/common-licenses")
+    if system.is_dir():
+        paths += [p for p in system.iterdir() if p.is_file()]
+    return _files(paths)
+
+
+SOURCES = {"public": _public_sources, "python": _python_sources, "cpp": _cpp_sources, "licenses": _license_sources}
+
+
+def chunks(text: str, chunk_chars: int) -> Iterator[str]:
+    """Pieces of at most ``chunk_chars`` characters, cut after a newline where possible."""
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + chunk_chars)
+        if end < len(text):
+            cut = text.rfind("\n", start + chunk_chars // 2, end)
+            end = cut + 1 if cut >= 0 else end
+        piece = text[start:end]
+        if piece.strip():
+            yield piece
+        start = end
+
+
+@dataclass(frozen=True, kw_only=True)
+class DomainFiles:
+    name: str
+    train: Path
+    eval: Path
+    train_chars: int
+    eval_chars: int
+    documents: int
+
+
+def build_domain(name: str, out_dir: Path, *, train_chars: int, eval_chars: int, chunk_chars: int = 2000,
+                 seed: int = 0) -> DomainFiles:
+    """Write ``<name>.train.jsonl`` and ``<name>.eval.jsonl`` (``{"text": ...}`` per line)."""
+    if name not in SOURCES:
+        raise CorpusError(f"unknown demo domain {name!r}; available: {DOMAINS}")
+    pieces = [piece for _, text in SOURCES[name]() for piece in chunks(text, chunk_chars)]
+    random.Random(f"{seed}:{name}").shuffle(pieces)
+    needed = train_chars + eval_chars
+    available = sum(len(p) for p in pieces)
+    if available < needed:
+        raise CorpusError(f"domain {name!r}: only {available} characters of text found on this machine, "
+                          f"{needed} needed (sources: {SOURCES[name].__doc__ or name})")
+    split = {"eval": [], "train": []}
+    taken = {"eval": 0, "train": 0}
+    for piece in pieces:  # evaluation text first, so that it never overlaps training text
+        part = "eval" if taken["eval"] < eval_chars else "train"
+        if part == "train" and taken["train"] >= train_chars:
+            break
+        split[part].append(piece)
+        taken[part] += len(piece)
+    paths = {}
+    for part, docs in split.items():
+        path = out_dir / f"{name}.{part}.jsonl"
+        temporary = path.with_name(f".{path.name}.partial")
+        with open(temporary, "w", encoding="utf-8") as f:
+            for doc in docs:
+                f.write(json.dumps({"text": doc}) + "\n")
+        os.replace(temporary, path)
+        paths[part] = path
+    return DomainFiles(name=name, train=paths["train"], eval=paths["eval"], train_chars=taken["train"],
+                       eval_chars=taken["eval"], documents=len(split["train"]) + len(split["eval"]))
+
+
+def train_tokenizer(texts: list[str], out_dir: Path, *, vocab_size: int) -> Path:
+    """A byte-level BPE tokenizer trained here on the demo's own text (saved as an HF fast tokenizer),
+    so that no tokenizer has to come from a hub."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>",
+                                   eos_token="<eos>")
+    fast.save_pretrained(out_dir)
+    return out_dir

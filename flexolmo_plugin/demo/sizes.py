@@ -1,0 +1,45 @@
+"""How big the demo is: one frozen dataclass per size, so the full demo and its reduced test run
+the same code on the same kind of data and differ only in these numbers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+OWNERS = ("python", "cpp", "licenses")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoSize:
+    train_chars: int  # per domain
+    eval_chars: int  # per domain, held out
+    vocab_size: int
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    seq_length: int
+    global_batch_size: int
+    public_iters: int
+    public_lr: float
+    owner_iters: int
+    owner_lr: float
+    embed_docs: int  # documents averaged into each domain embedding (paper: 1000)
+    eval_tokens: int  # per domain
+
+    @property
+    def tokens_per_iteration(self) -> int:
+        return self.global_batch_size * self.seq_length
+
+
+SIZES = {
+    # ~5-6 minutes on 2 CPU cores (measured figures in docs/benchmarks.md).
+    "full": DemoSize(train_chars=420_000, eval_chars=60_000, vocab_size=2048, num_layers=4, hidden_size=128,
+                     ffn_hidden_size=384, num_attention_heads=4, seq_length=128, global_batch_size=16,
+                     public_iters=150, public_lr=3e-3, owner_iters=80, owner_lr=3e-3, embed_docs=200,
+                     eval_tokens=8192),
+    # The test suite's size: same pipeline, a smaller model trained for fewer steps.
+    "tiny": DemoSize(train_chars=120_000, eval_chars=24_000, vocab_size=512, num_layers=2, hidden_size=64,
+                     ffn_hidden_size=128, num_attention_heads=4, seq_length=64, global_batch_size=16,
+                     public_iters=60, public_lr=5e-3, owner_iters=40, owner_lr=5e-3, embed_docs=64,
+                     eval_tokens=6144),
+}
