@@ -12,6 +12,10 @@ import warnings
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
+# Names of recipes.train's recipes, listed here so that --help needs no Megatron-Bridge import
+# (tests/recipes/test_cli_recipes.py keeps the two in step).
+TRAIN_RECIPES = ("public", "expert", "router-tune", "public-7b", "expert-2x7b", "router-tune-7x7b", "inference-7x7b")
+
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
@@ -370,12 +374,15 @@ def build_parser() -> argparse.ArgumentParser:
                                     "recipe.vocab_size=... or recipe.tokenizer_dir=...), "
                                     "'expert' (anchored training of the owner's expert from an upcycled "
                                     "checkpoint: top-2 of 2, LB loss off, z-loss 1e-3, LR 9e-4 cosine, wd 0) or "
-                                    "'router-tune' (only router rows/biases, all experts active). Overrides: "
+                                    "'router-tune' (only router rows/biases, all experts active); 'public-7b', "
+                                    "'expert-2x7b', 'router-tune-7x7b', 'inference-7x7b': the H100 production recipes "
+                                    "(recipe.precision=bf16|fp8-tensorwise|fp8-blockwise, recipe.nodes=N, "
+                                    "recipe.gpus_per_node=G). Overrides: "
                                     "recipe.ARG=VALUE for the recipe function (init_from, save_dir, data_paths, "
                                     "tokenizer_dir, seq_length, train_iters, global_batch_size, lr, expert_parallel, "
                                     "...), and KEY=VALUE for the Bridge ConfigContainer (e.g. train.train_iters=10). "
                                     "Run under torchrun for several processes.")
-    tr.add_argument("recipe", metavar="RECIPE", choices=["public", "expert", "router-tune"])
+    tr.add_argument("recipe", metavar="RECIPE", choices=TRAIN_RECIPES)
     tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     tr.set_defaults(func=cmd_train_expert)
 
