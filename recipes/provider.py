@@ -204,6 +204,16 @@ class FlexOlmoModelProvider(GPTModelProvider):
             sequence_parallel=self.sequence_parallel))
         return config
 
+    def _get_num_floating_point_operations(self, batch_size: int) -> float:
+        """Bridge's own TFLOPS log asks the provider for the FLOPs of ``batch_size`` sequences when it
+        can.  Its generic formula counts every weight-gradient GEMM; anchored and router-only training
+        skip those of frozen weights, so the count comes from :mod:`flexolmo_plugin.flops` instead."""
+        from flexolmo_plugin.flops import Trainable, step_flops
+
+        config = self.to_flexolmo_config()
+        trainable = Trainable.policy(self.trainable, config.num_experts, self.owner_expert)
+        return step_flops(config, seq_length=self.seq_length, global_batch_size=batch_size, trainable=trainable).total
+
     def provide_distributed_model(self, *args, **kwargs):
         """Bridge's builder, with FlexOlmo's initialisation and freezing run before DDP wrapping
         (frozen tensors then get no gradient buffer and never reach the optimizer)."""
