@@ -80,6 +80,16 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def device_capability() -> tuple[int, int] | None:
+    """The local GPU's compute capability (FP8 recipe checks), or None without CUDA."""
+    return tuple(torch.cuda.get_device_capability()) if cuda_available() else None
+
+
+def device_name() -> str | None:
+    """The local GPU's name (peak-FLOPs lookup for MFU), or None without CUDA."""
+    return torch.cuda.get_device_name() if cuda_available() else None
+
+
 def _check_megatron_version() -> None:
     # Package metadata, not megatron.core.__version__ (which appends the git hash of the cwd).
     from importlib.metadata import version as package_version

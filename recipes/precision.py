@@ -71,13 +71,9 @@ def check_device_supports(precision: str, capability: tuple[int, int] | None) ->
 
 def current_capability() -> tuple[int, int] | None:
     """The local GPU's compute capability, or None without CUDA."""
-    from flexolmo_plugin.compat import cuda_available
+    from flexolmo_plugin.compat import device_capability
 
-    if not cuda_available():
-        return None
-    import torch
-
-    return tuple(torch.cuda.get_device_capability())
+    return device_capability()
 
 
 def check_fp8_alignment(config: FlexOlmoConfig, *, tensor_parallel: int = 1, expert_tensor_parallel: int | None = None,

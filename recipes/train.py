@@ -100,7 +100,7 @@ def _flop_counter(cfg, config):
     """
     import torch.distributed as dist
 
-    from flexolmo_plugin.compat import cuda_available
+    from flexolmo_plugin.compat import device_name
     from flexolmo_plugin.flops import Trainable, peak_flops, step_flops, throughput
 
     from .precision import precision_of
@@ -108,12 +108,7 @@ def _flop_counter(cfg, config):
     model = cfg.model
     trainable = Trainable.policy(model.trainable, config.num_experts, model.owner_expert)
     gpus = dist.get_world_size() if dist.is_initialized() else 1
-    device = None
-    if cuda_available():
-        import torch
-
-        device = torch.cuda.get_device_name()
-    peak = peak_flops(device, precision_of(cfg.mixed_precision))
+    peak = peak_flops(device_name(), precision_of(cfg.mixed_precision))
 
     def measure(shares, seconds):
         flops = step_flops(config, seq_length=model.seq_length, global_batch_size=cfg.train.global_batch_size,
