@@ -387,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_train_expert)
 
     demo = sub.add_parser(
-        "demo", help="run the whole FlexOlmo lifecycle on this machine (about 5 minutes on 2 CPU cores)",
+        "demo", help="run the whole FlexOlmo lifecycle on this machine (about 7 minutes on 2 CPU cores)",
         description="Public model trained on public text; three data owners (Python code, C++ headers, licence "
                     "texts -- all read from this machine, nothing downloaded) each embed their domain, upcycle "
                     "and train their expert in their own process; merge, per-domain evaluation, opt-out, routing "

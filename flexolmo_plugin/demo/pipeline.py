@@ -17,7 +17,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .corpus import DOMAINS, build_domain, train_tokenizer
@@ -54,6 +54,9 @@ class Demo:
         for sub in ("data", "coordinator", "owners", "packages", "eval", "logs"):
             (workdir / sub).mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / "logs" / "demo.log"
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars would bury the demo's own
         self.result = DemoResult(workdir=workdir, size=size)
 
     # ------------------------------------------------------------------ logging helpers

@@ -32,7 +32,7 @@ class DemoSize:
 
 
 SIZES = {
-    # ~5-6 minutes on 2 CPU cores (measured figures in docs/benchmarks.md).
+    # 7 min 8 s measured on 2 shared CPU cores (README, 2026-11-23).
     "full": DemoSize(train_chars=420_000, eval_chars=60_000, vocab_size=2048, num_layers=4, hidden_size=128,
                      ffn_hidden_size=384, num_attention_heads=4, seq_length=128, global_batch_size=16,
                      public_iters=150, public_lr=3e-3, owner_iters=80, owner_lr=3e-3, embed_docs=200,
