@@ -6,13 +6,14 @@ with ``TopKRouter`` and ``SequentialMLP`` (stock), holding identical weights.  T
 between the two; the median is reported.  Target: FlexOlmo <= 1.02x stock.
 
     .venv/bin/python benchmarks/bench_moe_layer.py [--hidden 1024] [--ffn 2816] [--experts 4] [--topk 2]
+        [--markdown OUT] [--quick]
+
+``--markdown`` writes its section of docs/benchmarks.md; ``--quick`` is a tiny smoke run (no verdict).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -21,6 +22,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from report import load, load_note, write_section  # noqa: E402
+
+TITLE = "## P1: FlexOlmo MoE layer vs Megatron's stock MoE layer — `benchmarks/bench_moe_layer.py`"
+QUICK = dict(hidden=64, ffn=128, experts=4, topk=2, seq=32, batch=2, steps=2, warmup=1)
 
 
 def main() -> None:
@@ -28,7 +34,12 @@ def main() -> None:
     for name, default in (("hidden", 1024), ("ffn", 2816), ("experts", 4), ("topk", 2), ("seq", 512),
                           ("batch", 4), ("steps", 20), ("warmup", 3)):
         parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--markdown", type=Path, default=None, help="write this benchmark's section here")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, two steps (a smoke test)")
     args = parser.parse_args()
+    if args.quick:
+        vars(args).update(QUICK)
+    load_before = load()
 
     import torch
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -74,13 +85,20 @@ def main() -> None:
             if i >= args.warmup:
                 times[name].append(t)
     s, f = statistics.median(times["stock"]), statistics.median(times["flexolmo"])
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, threads {torch.get_num_threads()}")
-    print(f"MoE layer: hidden {args.hidden}, FFN {args.ffn}, {args.experts} experts top-{args.topk}, "
-          f"{args.seq * args.batch} tokens; outputs differ by {max_diff:.1e}; median of {args.steps} steps")
-    print("| MoE layer | forward + backward (median) | ratio |")
-    print("|---|---|---|")
-    print(f"| Megatron stock (TopKRouter, SequentialMLP) | {1000 * s:.1f} ms | 1.00 |")
-    print(f"| FlexOlmo (DomainEmbeddingRouter, PerExpertSequentialMLP) | {1000 * f:.1f} ms | {f / s:.3f} |")
+    lines = [TITLE, "", f"Conditions: {time.strftime('%Y-%m-%d')}, CPU, {torch.get_num_threads()} threads; "
+             f"{load_note(load_before, load())}. Two Megatron `MoELayer`s from one `TransformerConfig` (hidden "
+             f"{args.hidden}, FFN {args.ffn}, {args.experts} experts top-{args.topk}, {args.seq * args.batch} tokens, "
+             f"fp32), identical weights -- outputs differ by {max_diff:.1e}; forward + backward, steps alternating, "
+             f"median of {args.steps}.", "",
+             "| MoE layer | forward + backward (median) | ratio |", "|---|---|---|",
+             f"| Megatron stock (`TopKRouter`, `SequentialMLP`) | {1000 * s:.1f} ms | 1.00 |",
+             f"| FlexOlmo (`DomainEmbeddingRouter`, `PerExpertSequentialMLP`) | {1000 * f:.1f} ms | {f / s:.3f} |", ""]
+    if args.quick:
+        lines.append("* Quick mode (a smoke test of the report on tiny shapes): no verdict.")
+    else:
+        lines.append(f"* Target ≤ 1.02×: **{'met' if f / s <= 1.02 else 'not met'}** on CPU ({f / s:.3f}×). "
+                     "On GPU (and with TE grouped GEMMs): see the GPU section.")
+    write_section(args.markdown, lines)
 
 
 if __name__ == "__main__":
