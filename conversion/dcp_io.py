@@ -118,6 +118,9 @@ class PipelinedWriter(FileSystemWriter):
                 budget.notify_all()
 
         def writer() -> None:
+            # torch.load does not check CRCs and computing them costs ~0.2 s per GB; torch keeps
+            # this setting per thread, so it is set here, where torch.save runs.
+            torch.serialization.set_crc32_options(False)
             try:
                 while (task := work.get()) is not _DONE:
                     name, jobs = task
@@ -140,8 +143,6 @@ class PipelinedWriter(FileSystemWriter):
                     state["error"] = error
                     budget.notify_all()
 
-        crc = torch.serialization.get_crc32_options()
-        torch.serialization.set_crc32_options(False)  # torch.load does not need it; 0.2 s per GB
         thread = threading.Thread(target=writer, name="dcp-writer", daemon=True)
         thread.start()
         jobs: queue.Queue = queue.Queue()
@@ -168,7 +169,6 @@ class PipelinedWriter(FileSystemWriter):
             if state["error"] is not None:
                 raise state["error"]
         finally:
-            torch.serialization.set_crc32_options(crc)
             if thread.is_alive():  # the producer failed: let the writer finish what it has, then stop
                 jobs.put(_DONE)
                 work.put(_DONE)
