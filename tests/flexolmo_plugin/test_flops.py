@@ -112,9 +112,14 @@ def test_all_trainable_agrees_with_megatron_bridge_formula_plus_the_router_gemm(
     config = FlexOlmoConfig(vocab_size=100352, hidden_size=4096, intermediate_size=11008, num_layers=32,
                             num_attention_heads=32, num_key_value_heads=32, num_experts=7, top_k=5)
     provider = FlexOlmoModelProvider.from_flexolmo_config(config, seq_length=4096)
-    container = types.SimpleNamespace(model=provider, peft=None, dataset=None)
+    # The provider hands Bridge our own count (its _get_num_floating_point_operations hook); the same
+    # fields without the hook get Bridge's generic formula, the independent reference here.
+    generic = types.SimpleNamespace(**vars(provider))
+    container = types.SimpleNamespace(model=generic, peft=None, dataset=None)
     batch = 3
     theirs = num_floating_point_operations(container, batch_size=batch)
     router = 3 * 2 * 4096 * 7 * 32 * batch * 4096
     ours = step_flops(config, seq_length=4096, global_batch_size=batch, trainable=Trainable.policy("all", 7)).total
     assert ours == pytest.approx(theirs + router, rel=1e-12)
+    hooked = types.SimpleNamespace(model=provider, peft=None, dataset=None)
+    assert num_floating_point_operations(hooked, batch_size=batch) == ours
