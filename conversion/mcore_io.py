@@ -52,13 +52,9 @@ TRACKER_FILE = "latest_checkpointed_iteration.txt"  # Megatron / Bridge save dir
 
 
 def resolve_checkpoint(directory: str | os.PathLike) -> Path:
-    """The torch_dist checkpoint a user-facing path names.
-
-    A Megatron-Bridge ``checkpoint.save`` directory holds one ``iter_NNNNNNN`` checkpoint per save and
-    a tracker naming the last *complete* one (written only after that save finished), so the save
-    directory itself can be handed to every tool and means "the latest trained weights".  Any other
-    directory is returned unchanged.
-    """
+    """The torch_dist checkpoint a path names.  A Bridge save directory holds one ``iter_NNNNNNN``
+    per save and a tracker naming the last *complete* one, so the save directory itself means "the
+    latest trained weights"; any other directory is returned unchanged."""
     directory = Path(directory)
     tracker = directory / TRACKER_FILE
     if not tracker.is_file():
@@ -387,12 +383,9 @@ def validate_model_layout(directory: Path, sharded) -> None:
 
 
 def load_model_weights(model, directory: str | os.PathLike) -> None:
-    """Load a FlexOlmo checkpoint (converted, or a Bridge save directory / ``iter_*``) into ``model``.
-
-    Megatron's load also returns the checkpoint's *common* state; a Bridge training checkpoint keeps
-    its iteration counter, scheduler and optimizer settings there, which are not model weights.  Only
-    the model's own keys are kept, and those must all be present (strict load).
-    """
+    """Load a FlexOlmo checkpoint (converted, or a Bridge save dir / ``iter_*``) into ``model``.
+    Megatron's load also returns the *common* state (Bridge keeps iteration, scheduler and optimizer
+    settings there): only the model's own keys are kept, and all must be present (strict load)."""
     from megatron.core import dist_checkpointing
 
     directory = Path(directory)
