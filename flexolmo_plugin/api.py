@@ -75,10 +75,9 @@ def from_mcore(
     Parameters take the checkpoint's dtype unless ``params_dtype`` is given.  Process groups are
     handled as in :func:`from_hf`.  The model is returned in eval mode.
     """
-    from conversion.mcore_io import check_is_checkpoint, load_config, load_model_weights
+    from conversion.mcore_io import load_config, load_model_weights
 
     config, stored_dtype, _ = load_config(mcore_dir)
-    check_is_checkpoint(Path(mcore_dir))
     ensure_model_parallel(tensor_parallel=tensor_parallel, expert_parallel=expert_parallel,
                           expert_tensor_parallel=expert_tensor_parallel)
     model = build_model(config, params_dtype=params_dtype or stored_dtype, sequence_parallel=sequence_parallel,

@@ -1,4 +1,4 @@
-"""Run a FlexOlmo recipe on Megatron-Bridge's ``pretrain()`` loop (``flexolmo train-expert``).
+"""Run a FlexOlmo recipe on Megatron-Bridge's ``pretrain()`` loop (``flexolmo train``).
 
 Arguments are Hydra-style ``key=value`` overrides: ``recipe.<arg>=...`` go to the recipe function
 (e.g. ``recipe.init_from=ckpt/code-start recipe.data_paths=[data/code]``), everything else to the
@@ -206,8 +206,6 @@ def write_run_config(config, recipe: str) -> None:
     save directory itself and reads its latest complete ``iter_*`` checkpoint.  Written through a
     temporary file and a rename, so a crash never leaves a torn file.
     """
-    import json
-
     from conversion.mcore_io import CONFIG_FILE, save_config
 
     model = config.model
@@ -218,7 +216,6 @@ def write_run_config(config, recipe: str) -> None:
     save_config(temporary, flexolmo, dtype=model.params_dtype,
                 extra={"source": {"format": "megatron-bridge", "recipe": recipe, "trainable": model.trainable,
                                   "init_from": model.init_from}})
-    json.loads((temporary / CONFIG_FILE).read_text())  # written whole
     os.replace(temporary / CONFIG_FILE, target / CONFIG_FILE)
     temporary.rmdir()
 

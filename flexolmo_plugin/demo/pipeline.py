@@ -180,27 +180,22 @@ class Demo:
                                      "seed": "0"})
         self.say(f"   {name:<9} domain embedding: mean of {len(docs)} documents -> {out.relative_to(self.root)}")
 
-    def upcycle(self, name: str, domain_embedding: Path, out: Path) -> None:
+    def upcycle(self, names: tuple[str, str], domain_embedding: Path, out: Path) -> None:
         from conversion.upcycle import upcycle
 
         public_embedding = self.root / "coordinator" / "public-embedding.safetensors"
         self.command("upcycle", self.root / "coordinator" / "public", out, "--public-embedding", public_embedding,
-                     "--domain-embedding", domain_embedding, "--name", name)
+                     "--domain-embedding", domain_embedding, "--name", names[1])
         upcycle(self.root / "coordinator" / "public", out, public_embedding=public_embedding,
-                domain_embedding=domain_embedding, expert_names=("public", name))
+                domain_embedding=domain_embedding, expert_names=names)
 
     def public_start(self) -> Path:
         """The coordinator's merge base: the public model upcycled exactly as every owner's start
         (shared weights, public FFN, r_pub), so that the packages' anchors can be checked against it;
         its second expert is a copy that the merge does not use."""
-        from conversion.upcycle import upcycle
-
         coordinator = self.root / "coordinator"
-        public_embedding = coordinator / "public-embedding.safetensors"
-        self.command("upcycle", coordinator / "public", coordinator / "public-start", "--public-embedding",
-                     public_embedding, "--domain-embedding", public_embedding, "--name", "public-copy")
-        upcycle(coordinator / "public", coordinator / "public-start", public_embedding=public_embedding,
-                domain_embedding=public_embedding, expert_names=("public", "public-copy"))
+        self.upcycle(("public", "public-copy"), coordinator / "public-embedding.safetensors",
+                     coordinator / "public-start")
         return coordinator / "public-start"
 
     def owner(self, name: str) -> None:
@@ -209,7 +204,7 @@ class Demo:
 
         s, data, home = self.size, self.root / "data", self.root / "owners" / name
         self.embed(name)
-        self.upcycle(name, home / f"{name}-embedding.safetensors", home / "start")
+        self.upcycle(("public", name), home / f"{name}-embedding.safetensors", home / "start")
         self.train(name, "expert", dict(
             init_from=home / "start", save_dir=home / "trained", data_paths=f"[{data / f'{name}.train'}]",
             train_iters=s.owner_iters, lr=s.owner_lr, min_lr=s.owner_lr / 10,
