@@ -87,6 +87,7 @@ def make_checkpoint(directory: Path, layers: int, seed: int = 0, num_experts: in
 
 
 def convert(direction: str, src: Path, dst: Path, in_process: bool = False) -> dict:
+    warm(src)
     if in_process:  # --quick: no fresh process, so no memory figures
         from conversion.convert import hf_to_mcore, mcore_to_hf
 
@@ -100,7 +101,19 @@ def convert(direction: str, src: Path, dst: Path, in_process: bool = False) -> d
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def warm(directory: Path) -> None:
+    """Read every file of ``directory`` so that each timed run starts with its source in the page
+    cache: the copy and both conversions then start from the same state (the converters write past
+    the page cache, so a just-converted checkpoint would otherwise be read back from disk)."""
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                while f.read(64 * 2**20):
+                    pass
+
+
 def raw_copy(src: Path, dst: Path) -> float:
+    warm(src)
     start = time.perf_counter()
     shutil.copytree(src, dst)
     os.sync()

@@ -127,6 +127,8 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype:
 
         def source(name: str) -> torch.Tensor:
             entry = by_name[name]
+            if entry.rule.transform == "swiglu" and isinstance(weights, HFWeights):
+                return weights.get_concat(entry.hf)  # the table's [gate; up], read in place
             return to_megatron(entry, tuple(weights.get(h) for h in entry.hf), config)
 
         try:

@@ -7,7 +7,8 @@ per chunk: ~390 of each), and CRC32s every byte; its reader copies each chunk th
 (file → bytes → ``torch.load`` storage → destination).  Here:
 
 * :class:`PipelinedWriter` -- the caller's thread produces chunks in plan order (reads, transforms)
-  while one writer thread serialises them with ``torch.save`` into files of about ``file_bytes``,
+  while one writer thread serialises them with ``torch.save`` into files of about ``file_bytes``
+  (written past the page cache where possible, :mod:`.direct_io`),
   dropping each chunk once written; finished files are fsynced by a third thread while the work goes
   on.  Bytes in flight are bounded (``inflight_bytes``), file contents depend only on the plan.
   The output is an ordinary DCP checkpoint (several chunks per file is what Megatron itself writes).
@@ -37,6 +38,7 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 
 from .atomic import BackgroundSync
+from .direct_io import DirectFile, Staging
 
 _DONE = object()
 
@@ -111,6 +113,7 @@ class PipelinedWriter(FileSystemWriter):
         state = {"inflight": 0, "error": None}
         results: list[WriteResult] = []
         syncer = BackgroundSync()
+        staging = Staging()
 
         def release(nbytes: int) -> None:
             with budget:
@@ -124,7 +127,7 @@ class PipelinedWriter(FileSystemWriter):
             try:
                 while (task := work.get()) is not _DONE:
                     name, jobs = task
-                    with open(os.path.join(self.path, name), "wb") as stream:
+                    with DirectFile(os.path.join(self.path, name), staging) as stream:
                         while (job := jobs.get()) is not _DONE:
                             item, data, nbytes = job
                             offset = stream.tell()
@@ -136,7 +139,6 @@ class PipelinedWriter(FileSystemWriter):
                                                        storage_data=_StorageInfo(name, offset, stream.tell() - offset)))
                             del data, job
                             release(nbytes)
-                        stream.flush()
                     syncer.submit(os.path.join(self.path, name))
             except BaseException as error:  # noqa: BLE001 -- handed to the producing thread
                 with budget:
@@ -174,6 +176,7 @@ class PipelinedWriter(FileSystemWriter):
                 work.put(_DONE)
                 thread.join()
             syncer.wait()
+            staging.close()
         self.files_written = len(files)
         future: torch.futures.Future = torch.futures.Future()
         future.set_result(results)

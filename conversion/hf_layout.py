@@ -131,6 +131,25 @@ class HFWeights:
         audit_reads(self.checkpoint.directory, [k for k in self.checkpoint.keys() if not _IGNORED.search(k)],
                     self.reads)
 
+    def get_concat(self, names: tuple[str, ...]) -> torch.Tensor:
+        """``torch.cat([get(n) for n in names])``, with stored tensors read straight into their
+        rows: a gated FFN's gate and up halves are most of a model's bytes, and the
+        concatenation would copy each of them a second time."""
+        stored = [n in self.checkpoint for n in names]
+        dtypes = {self.checkpoint.dtype(n) for n, s in zip(names, stored) if s}
+        if not all(stored) or len(dtypes) != 1:
+            return torch.cat([self.get(n) for n in names])
+        shapes = [tuple(self.checkpoint.shape(n)) for n in names]
+        if len({s[1:] for s in shapes}) != 1:
+            return torch.cat([self.get(n) for n in names])  # let torch.cat report the mismatch
+        out = torch.empty((sum(s[0] for s in shapes), *shapes[0][1:]), dtype=dtypes.pop())
+        row = 0
+        for name, shape in zip(names, shapes):
+            self.reads[name] += 1
+            self.checkpoint.read_into(name, out[row:row + shape[0]])
+            row += shape[0]
+        return out
+
     def get(self, name: str) -> torch.Tensor:
         """The tensor stored (or derivable) under the per-expert HF name ``name``."""
         if name in self.checkpoint:

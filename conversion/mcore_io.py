@@ -117,7 +117,7 @@ def meta_model(config: FlexOlmoConfig, dtype: torch.dtype):
 
     ensure_model_parallel()
     with torch.device("meta"):
-        model = build_model(config, params_dtype=dtype)
+        model = build_model(config, params_dtype=dtype, perform_initialization=False)  # no storage to fill
     yield model
 
 

@@ -285,8 +285,19 @@ class SafetensorsCheckpoint:
         process while it runs, so a streaming conversion's memory would grow with the model.
         """
         entry = self._entry(key)
+        tensor = torch.empty(entry.shape, dtype=entry.dtype)  # uninitialised: no zero-fill pass
+        self.read_into(key, tensor, check_finite=check_finite)
+        return tensor
+
+    def read_into(self, key: str, out: torch.Tensor, *, check_finite: bool = True) -> None:
+        """:meth:`get` into the caller's contiguous ``out`` (e.g. its place in a bigger tensor),
+        sparing the copy a separate read and concatenation would cost."""
+        entry = self._entry(key)
         label = entry.file.relative_to(self.directory).as_posix()
-        raw = torch.empty(entry.nbytes, dtype=torch.uint8)  # uninitialised: no zero-fill pass
+        if out.dtype != entry.dtype or tuple(out.shape) != tuple(entry.shape) or not out.is_contiguous():
+            raise ValueError(f"{key}: cannot read {entry.dtype} {list(entry.shape)} into "
+                             f"{'non-contiguous ' if not out.is_contiguous() else ''}{out.dtype} {list(out.shape)}")
+        raw = out.reshape(-1).view(torch.uint8)
         try:
             handle = self._handles.get(entry.file)
             if handle is None:
@@ -297,13 +308,11 @@ class SafetensorsCheckpoint:
         if got != entry.nbytes:
             raise CheckpointFormatError(f"{label}: tensor {key!r} is cut short ({got} of {entry.nbytes} bytes; "
                                         "the file changed or was truncated while open)")
-        tensor = raw.view(entry.dtype).reshape(entry.shape)
-        if check_finite and not all_finite(tensor):
-            bad = int((~torch.isfinite(tensor)).sum())  # counted only when reporting
+        if check_finite and not all_finite(out):
+            bad = int((~torch.isfinite(out)).sum())  # counted only when reporting
             raise CheckpointFormatError(
                 f"{label}: tensor {key!r} has {bad} non-finite (NaN/Inf) values out of "
-                f"{tensor.numel()}; pass check_finite=False to load it anyway")
-        return tensor
+                f"{out.numel()}; pass check_finite=False to load it anyway")
 
     def metadata(self) -> dict[str, str]:
         return dict(self._metadata)

@@ -8,6 +8,7 @@ stream the tensors' bytes in order; the result is a standard safetensors file (p
 The bytes are written by a helper thread (file writes release the GIL) so that the caller can read
 and transform the next tensor meanwhile; at most ``inflight_bytes`` wait in between, and every shard
 is fsynced as soon as it is complete.  Errors surface at the next ``write`` or at ``close``.
+Shards are written past the page cache where the file system allows it (:mod:`.direct_io`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .atomic import BackgroundSync
+from .direct_io import DirectFile, Staging
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -87,6 +89,7 @@ class ShardedSafetensorsWriter:
         self._queue: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._sync = BackgroundSync()
+        self._staging = Staging()
         self._thread = threading.Thread(target=self._drain, name="safetensors-writer", daemon=True)
         self._thread.start()
 
@@ -103,7 +106,7 @@ class ShardedSafetensorsWriter:
         header["__metadata__"] = self.metadata
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # keep the data section 8-byte aligned
-        self._file = open(self.directory / shard.file_name, "wb")
+        self._file = DirectFile(self.directory / shard.file_name, self._staging)
         self._file.write(len(raw).to_bytes(8, "little"))
         self._file.write(raw)
 
@@ -163,22 +166,29 @@ class ShardedSafetensorsWriter:
             self._queue.put(None)
             self._thread.join()
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:
+                pass
             self._file = None
         try:
             self._sync.wait()
         except OSError:
             pass
+        self._staging.close()
 
     def close(self) -> None:
         """Finish: every planned tensor must have been written; writes the index when sharded."""
         self._queue.put(None)
         self._thread.join()
         self._raise_pending()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        self._sync.wait()
+        try:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            self._sync.wait()
+        finally:
+            self._staging.close()
         if self._next != len(self._order):
             missing = [t.name for _, t in self._order[self._next:]]
             raise ValueError(f"{len(missing)} planned tensors were never written, first: {missing[0]}")
