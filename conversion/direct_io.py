@@ -143,6 +143,7 @@ class DirectFile:
                     raise
                 # the device wants another alignment: write through the page cache instead
                 fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+                self.direct = False
                 continue
             if n <= 0:
                 raise OSError(errno.EIO, f"{self.path}: short write at offset {offset + done}")

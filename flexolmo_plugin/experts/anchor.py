@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
 
 import torch
@@ -42,11 +43,21 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
 
 
 def anchor_hashes(config: FlexOlmoConfig, read) -> dict[str, str]:
-    """Per-tensor anchor digests; ``read(canonical)`` returns a whole canonical tensor."""
-    out = {}
-    for anchor_name, canonical, row in anchor_items(config):
-        tensor = read(canonical)
-        out[anchor_name] = tensor_sha256(tensor[row] if row is not None else tensor)
+    """Per-tensor anchor digests, in checkpoint order; ``read(canonical)`` returns a whole canonical
+    tensor.  A helper thread hashes each tensor while the next one is read (SHA-256 is most of the
+    cost of packaging and merging, and releases the GIL); two tensors at most are held."""
+    out: dict[str, str] = {}
+    pending: tuple[str, Future] | None = None
+    with ThreadPoolExecutor(1, thread_name_prefix="anchor-sha256") as pool:
+        for anchor_name, canonical, row in anchor_items(config):
+            tensor = read(canonical)
+            job = pool.submit(tensor_sha256, tensor[row] if row is not None else tensor)
+            del tensor
+            if pending is not None:
+                out[pending[0]] = pending[1].result()
+            pending = (anchor_name, job)
+        if pending is not None:
+            out[pending[0]] = pending[1].result()
     return out
 
 

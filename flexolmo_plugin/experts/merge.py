@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -48,15 +49,24 @@ def merge_experts(public_dir: str | os.PathLike, package_dirs: list[str | os.Pat
     public = CanonicalReader(public_dir)
     packages = []
     try:
-        for directory in package_dirs:
-            packages.append(load_package(directory))
+        # Packages' file hashes are checked on helper threads while the public anchor is hashed here.
+        with ThreadPoolExecutor(min(len(package_dirs), 4), thread_name_prefix="verify-package") as pool:
+            loading = [pool.submit(load_package, directory) for directory in package_dirs]
+            try:
+                public_anchor = anchor_hashes(public_config, public.read)
+            finally:
+                for job in loading:  # every package that did load is closed below, even on errors
+                    if job.exception() is None:
+                        packages.append(job.result())
+            for job in loading:
+                if job.exception() is not None:
+                    raise job.exception()
         names = [p.name for p in packages]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise PackageError(f"two packages are named {duplicates}; expert names must be unique")
         for package in packages:
             package.check_fits(public_config)
-        public_anchor = anchor_hashes(public_config, public.read)
         for package in packages:
             differing = first_difference(public_anchor, package.anchor_tensors)
             if differing is not None:
