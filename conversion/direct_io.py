@@ -29,6 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 ALIGN = 4096  # covers 512- and 4096-byte logical blocks
+_REFUSED = {errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}  # "no O_DIRECT here"
 
 
 def direct_io_enabled() -> bool:
@@ -84,7 +85,7 @@ class DirectFile:
             try:
                 self._fd = os.open(self.path, flags | os.O_DIRECT, 0o644)
             except OSError as error:
-                if error.errno != errno.EINVAL:  # file systems without O_DIRECT refuse it at open
+                if error.errno not in _REFUSED:  # file systems without O_DIRECT refuse it at open
                     raise
                 self.direct = False
         if self._fd < 0:
@@ -139,7 +140,7 @@ class DirectFile:
                 n = os.pwrite(self._fd, view[done:], offset + done)
             except OSError as error:
                 flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
-                if error.errno != errno.EINVAL or not flags & getattr(os, "O_DIRECT", 0):
+                if error.errno not in _REFUSED or not flags & getattr(os, "O_DIRECT", 0):
                     raise
                 # the device wants another alignment: write through the page cache instead
                 fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
