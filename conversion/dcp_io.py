@@ -89,7 +89,7 @@ def _item_bytes(item) -> int:
 class PipelinedWriter(FileSystemWriter):
     """A DCP ``FileSystemWriter`` whose ``write_data`` overlaps producing, writing and fsyncing."""
 
-    def __init__(self, path, *, file_bytes: int = 64 * 2**20, inflight_bytes: int = 128 * 2**20):
+    def __init__(self, path, *, file_bytes: int = 64 * 2**20, inflight_bytes: int = 64 * 2**20):
         super().__init__(path, single_file_per_rank=True, sync_files=False, thread_count=1)
         self.file_bytes, self.inflight_bytes = file_bytes, inflight_bytes
         self.files_written = 0
