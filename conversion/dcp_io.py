@@ -175,8 +175,10 @@ class PipelinedWriter(FileSystemWriter):
                 jobs.put(_DONE)
                 work.put(_DONE)
                 thread.join()
-            syncer.wait()
-            staging.close()
+            try:
+                syncer.wait()
+            finally:
+                staging.close()
         self.files_written = len(files)
         future: torch.futures.Future = torch.futures.Future()
         future.set_result(results)

@@ -298,3 +298,21 @@ def test_data_section_must_be_exactly_covered(tmp_path: pathlib.Path) -> None:
     path.write_bytes(struct.pack("<Q", len(blob)) + blob + b"\0")
     with pytest.raises(CheckpointFormatError, match="duplicate keys"):
         SafetensorsCheckpoint.open(tmp_path)
+
+
+def test_read_into_fills_a_slice_of_a_bigger_tensor(tmp_path: pathlib.Path) -> None:
+    """The converters read a gated FFN's gate and up halves straight into their rows of fc1."""
+    gate, up = torch.randn(3, 5), torch.randn(3, 5)
+    gate[1, 2] = float("nan")
+    save_file({"gate": gate, "up": up}, tmp_path / "model.safetensors")
+    with SafetensorsCheckpoint.open(tmp_path) as ckpt:
+        fc1 = torch.zeros(6, 5)
+        ckpt.read_into("up", fc1[3:])
+        assert torch.equal(fc1[3:], up) and torch.equal(fc1[:3], torch.zeros(3, 5))
+        with pytest.raises(CheckpointFormatError, match="non-finite"):
+            ckpt.read_into("gate", fc1[:3])
+        ckpt.read_into("gate", fc1[:3], check_finite=False)
+        torch.testing.assert_close(fc1[:3], gate, rtol=0, atol=0, equal_nan=True)
+        for wrong in (torch.empty(3, 5, dtype=torch.float64), torch.empty(5, 3), torch.empty(5, 6)[:, :5][:3]):
+            with pytest.raises(ValueError, match="cannot read"):
+                ckpt.read_into("up", wrong)
