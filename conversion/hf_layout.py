@@ -139,9 +139,7 @@ class HFWeights:
         dtypes = {self.checkpoint.dtype(n) for n, s in zip(names, stored) if s}
         if not all(stored) or len(dtypes) != 1:
             return torch.cat([self.get(n) for n in names])
-        shapes = [tuple(self.checkpoint.shape(n)) for n in names]
-        if len({s[1:] for s in shapes}) != 1:
-            return torch.cat([self.get(n) for n in names])  # let torch.cat report the mismatch
+        shapes = [tuple(self.checkpoint.shape(n)) for n in names]  # validated against the config already
         out = torch.empty((sum(s[0] for s in shapes), *shapes[0][1:]), dtype=dtypes.pop())
         row = 0
         for name, shape in zip(names, shapes):
