@@ -5,7 +5,7 @@ need no weight gradients (the issue's target: step time <= 0.82x of training all
 is the theoretical floor).  Both variants use Megatron's real DDP and Adam on the same model and
 batch; the median of timed steps after warm-up is reported.
 
-    .venv/bin/python benchmarks/bench_anchored_step.py [--hidden 512] [--layers 4] [--seq 256] [--steps 10]
+    .venv/bin/python -m benchmarks.bench_anchored_step [--hidden 512] [--layers 4] [--seq 256] [--steps 10]
         [--markdown OUT] [--quick]
 
 ``--markdown`` writes its section of docs/benchmarks.md; ``--quick`` is a tiny smoke run (no verdict).
@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from report import load, load_note, write_section  # noqa: E402
+from benchmarks.report import load, load_note, write_section
 
 TITLE = "## Anchored vs full training step (issue 4) — `benchmarks/bench_anchored_step.py`"
 QUICK = dict(hidden=64, ffn=128, layers=1, heads=4, vocab=256, seq=32, batch=2, steps=2, warmup=1)
@@ -30,11 +26,15 @@ QUICK = dict(hidden=64, ffn=128, layers=1, heads=4, vocab=256, seq=32, batch=2, 
 
 def measure(args, policy: str) -> list[float]:
     import torch
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     import flexolmo_plugin as fp
-    from flexolmo_plugin import anchoring
+    from flexolmo_plugin.lifecycle import freezing
 
     config = fp.FlexOlmoConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
                                num_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
@@ -42,7 +42,7 @@ def measure(args, policy: str) -> list[float]:
     torch.manual_seed(0)
     model = fp.build_model(config)
     model.train()
-    (anchoring.anchor(model, owner_expert=1) if policy == "anchored" else anchoring.unfreeze_all(model))
+    (freezing.anchor(model, owner_expert=1) if policy == "anchored" else freezing.unfreeze_all(model))
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
     optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-4, bf16=False), [ddp])
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
@@ -74,7 +74,7 @@ def main() -> None:
     import torch
 
     from flexolmo_plugin import compat
-    from flexolmo_plugin.distributed import ensure_model_parallel
+    from flexolmo_plugin.model.parallel import ensure_model_parallel
 
     compat.enable_cpu_compat(training=True)
     ensure_model_parallel()

@@ -6,7 +6,7 @@ time and peak RSS (VmHWM), and copy the HF files on the same disk as the through
 measurement is repeated (--repeats) and the fastest run is reported, for the copy and the conversions
 alike, because single runs on a shared virtual disk vary by up to 2x.
 
-    .venv/bin/python benchmarks/bench_conversion.py [--workdir DIR] [--layers 12 26] [--json OUT] [--markdown OUT]
+    .venv/bin/python -m benchmarks.bench_conversion [--workdir DIR] [--layers 12 26] [--json OUT] [--markdown OUT]
 
 Prints (and with ``--markdown`` writes) its section of docs/benchmarks.md: table, conditions, verdict.
 ``--quick`` converts a tiny model in this process (seconds; peak memory then not measured) -- for the
@@ -25,10 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from report import load, load_note, write_section  # noqa: E402
+from benchmarks.report import load, load_note, write_section
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, EXPERTS, VOCAB = 1024, 2816, 16, 4, 4, 32000
 QUICK = dict(hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=256)
@@ -43,8 +40,8 @@ def rss(field):
 import torch, warnings
 warnings.filterwarnings("ignore")
 t0 = time.perf_counter()
-from conversion.convert import hf_to_mcore, mcore_to_hf
-import flexolmo_plugin.distributed as d
+from flexolmo_plugin.conversion.convert import hf_to_mcore, mcore_to_hf
+import flexolmo_plugin.model.parallel as d
 import flexolmo_plugin.model, megatron.core.dist_checkpointing  # imported lazily by the converters
 d.ensure_model_parallel()
 imports = time.perf_counter() - t0
@@ -64,10 +61,10 @@ def make_checkpoint(directory: Path, layers: int, seed: int = 0, num_experts: in
                     hidden: int = HIDDEN, intermediate: int = INTERMEDIATE, heads: int = HEADS,
                     kv_heads: int = KV_HEADS, vocab: int = VOCAB) -> dict:
     import torch
+    from flexolmo_plugin.conversion.mapping import hf_shapes
+    from flexolmo_plugin.conversion.safetensors_writer import ShardedSafetensorsWriter
 
-    from conversion.mapping import hf_shapes
-    from conversion.safetensors_writer import ShardedSafetensorsWriter
-    from flexolmo_plugin.config import FlexOlmoConfig
+    from flexolmo_plugin.model.config import FlexOlmoConfig
 
     config = FlexOlmoConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_layers=layers,
                             num_attention_heads=heads, num_key_value_heads=kv_heads, num_experts=num_experts, top_k=2)
@@ -89,13 +86,13 @@ def make_checkpoint(directory: Path, layers: int, seed: int = 0, num_experts: in
 def convert(direction: str, src: Path, dst: Path, in_process: bool = False) -> dict:
     warm(src)
     if in_process:  # --quick: no fresh process, so no memory figures
-        from conversion.convert import hf_to_mcore, mcore_to_hf
+        from flexolmo_plugin.conversion.convert import hf_to_mcore, mcore_to_hf
 
         start = time.perf_counter()
         report = (hf_to_mcore if direction == "hf-to-mcore" else mcore_to_hf)(src, dst)
         return {"seconds": time.perf_counter() - start, "bytes": report.bytes, "baseline_rss": None, "peak_rss": None,
                 "import_seconds": None}
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", CHILD, direction, str(src), str(dst)], env=env,
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -123,8 +120,8 @@ def raw_copy(src: Path, dst: Path) -> float:
 def direct_copy(src: Path, dst: Path) -> float:
     """A second baseline: the same files copied with the converters' own writer (``O_DIRECT``
     where allowed), each file fsynced -- what a converter doing no conversion at all would take."""
-    from conversion.atomic import fsync_path
-    from conversion.direct_io import DirectFile, Staging
+    from flexolmo_plugin.conversion.atomic import fsync_path
+    from flexolmo_plugin.conversion.direct_io import DirectFile, Staging
 
     warm(src)
     start = time.perf_counter()
@@ -145,7 +142,7 @@ def direct_copy(src: Path, dst: Path) -> float:
 
 def direct_io_note(directory: Path) -> str:
     """Whether the converters' writes bypassed the page cache on this file system, as measured."""
-    from conversion.direct_io import DirectFile, Staging
+    from flexolmo_plugin.conversion.direct_io import DirectFile, Staging
 
     staging = Staging()
     probe = Path(tempfile.mkdtemp(dir=directory, prefix="flexolmo-probe-"))

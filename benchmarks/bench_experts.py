@@ -5,7 +5,7 @@ packaged twice (as two owners); the packages are merged onto the anchor (3 exper
 opted out again.  Each step runs in a fresh process reporting wall time and peak RSS (VmHWM); the
 baseline is a raw copy of the merged checkpoint on the same disk.  Fastest of --repeats runs.
 
-    .venv/bin/python benchmarks/bench_experts.py [--layers 16 32] [--repeats 2] [--markdown OUT] [--quick]
+    .venv/bin/python -m benchmarks.bench_experts [--layers 16 32] [--repeats 2] [--markdown OUT] [--quick]
 
 ``--markdown`` writes its section of docs/benchmarks.md; ``--quick`` runs a tiny model in this process
 (a smoke test of the report: no memory figures, no verdict).
@@ -23,9 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_conversion import QUICK, ROOT, convert, make_checkpoint, mib, raw_copy, warm  # noqa: E402
-from report import load, load_note, write_section  # noqa: E402
+from benchmarks.bench_conversion import (
+    QUICK,
+    convert,
+    make_checkpoint,
+    mib,
+    raw_copy,
+    warm,
+)
+from benchmarks.report import load, load_note, write_section
 
 TITLE = "## Expert packages, merge, opt-out (issue 5) — `benchmarks/bench_experts.py`"
 
@@ -36,10 +42,10 @@ def rss(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
-import flexolmo_plugin.distributed as d
-from flexolmo_plugin.experts.package import package_expert
-from flexolmo_plugin.experts.merge import merge_experts
-from flexolmo_plugin.experts.opt_out import opt_out
+import flexolmo_plugin.model.parallel as d
+from flexolmo_plugin.lifecycle.package import package_expert
+from flexolmo_plugin.lifecycle.merge import merge_experts
+from flexolmo_plugin.lifecycle.opt_out import opt_out
 d.ensure_model_parallel()
 op, args = sys.argv[1], sys.argv[2:]
 base = rss("VmRSS:")
@@ -56,9 +62,9 @@ print(json.dumps({"seconds": time.perf_counter() - start, "baseline_rss": base, 
 
 def run(op: str, *args, in_process: bool = False) -> dict:
     if in_process:  # --quick
-        from flexolmo_plugin.experts.merge import merge_experts
-        from flexolmo_plugin.experts.opt_out import opt_out
-        from flexolmo_plugin.experts.package import package_expert
+        from flexolmo_plugin.lifecycle.merge import merge_experts
+        from flexolmo_plugin.lifecycle.opt_out import opt_out
+        from flexolmo_plugin.lifecycle.package import package_expert
 
         start = time.perf_counter()
         if op == "package":
@@ -68,7 +74,7 @@ def run(op: str, *args, in_process: bool = False) -> dict:
         else:
             opt_out(args[0], args[1], drop=[args[2]])
         return {"seconds": time.perf_counter() - start, "baseline_rss": None, "peak_rss": None}
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", CHILD, op, *map(str, args)], env=env, capture_output=True,
                          text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])

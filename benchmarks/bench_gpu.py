@@ -2,11 +2,11 @@
 >= 0.98x stock), anchored vs full training step of the FlexOlmo layer, and achieved TFLOPS.
 
 bf16 on one CUDA device, CUDA-synchronised timings, median of ``--steps`` alternating steps.  FLOPs come
-from :mod:`flexolmo_plugin.flops` (router + SwiGLU experts; frozen experts need no weight gradient).
+from :mod:`flexolmo_plugin.recipes.flops` (router + SwiGLU experts; frozen experts need no weight gradient).
 Without CUDA it prints ``not measured: no CUDA`` and exits 0 (so ``benchmarks/run_all.py`` can run it
 anywhere); ``--markdown OUT`` writes the result (or that line) as a markdown section.
 
-    python benchmarks/bench_gpu.py [--hidden 4096] [--ffn 11008] [--experts 2] [--topk 2] [--markdown OUT]
+    python -m benchmarks.bench_gpu [--hidden 4096] [--ffn 11008] [--experts 2] [--topk 2] [--markdown OUT]
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import time
 from functools import partial
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 TITLE = "## GPU: FlexOlmo MoE layer vs Megatron stock MoE layer (bf16)"
 
 
@@ -40,10 +38,14 @@ def measure(args) -> list[str]:
     from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
     from megatron.core.transformer.moe.router import TopKRouter
 
-    from flexolmo_plugin.config import FlexOlmoConfig, ParallelLayout, to_transformer_config
-    from flexolmo_plugin.distributed import ensure_model_parallel
-    from flexolmo_plugin.expert_mlp import PerExpertSequentialMLP
-    from flexolmo_plugin.router import DomainEmbeddingRouter
+    from flexolmo_plugin.model.config import (
+        FlexOlmoConfig,
+        ParallelLayout,
+        to_transformer_config,
+    )
+    from flexolmo_plugin.model.experts import PerExpertSequentialMLP
+    from flexolmo_plugin.model.parallel import ensure_model_parallel
+    from flexolmo_plugin.model.router import DomainEmbeddingRouter
 
     ensure_model_parallel()
     config = FlexOlmoConfig(vocab_size=128, hidden_size=args.hidden, intermediate_size=args.ffn, num_layers=1,

@@ -5,7 +5,7 @@ top-k, fp32 router): one with ``DomainEmbeddingRouter`` and ``PerExpertSequentia
 with ``TopKRouter`` and ``SequentialMLP`` (stock), holding identical weights.  Timed steps alternate
 between the two; the median is reported.  Target: FlexOlmo <= 1.02x stock.
 
-    .venv/bin/python benchmarks/bench_moe_layer.py [--hidden 1024] [--ffn 2816] [--experts 4] [--topk 2]
+    .venv/bin/python -m benchmarks.bench_moe_layer [--hidden 1024] [--ffn 2816] [--experts 4] [--topk 2]
         [--markdown OUT] [--quick]
 
 ``--markdown`` writes its section of docs/benchmarks.md; ``--quick`` is a tiny smoke run (no verdict).
@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from functools import partial
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from report import load, load_note, write_section  # noqa: E402
+from benchmarks.report import load, load_note, write_section
 
 TITLE = "## P1: FlexOlmo MoE layer vs Megatron's stock MoE layer — `benchmarks/bench_moe_layer.py`"
 QUICK = dict(hidden=64, ffn=128, experts=4, topk=2, seq=32, batch=2, steps=2, warmup=1)
@@ -48,10 +44,14 @@ def main() -> None:
     from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
     from megatron.core.transformer.moe.router import TopKRouter
 
-    from flexolmo_plugin.config import FlexOlmoConfig, ParallelLayout, to_transformer_config
-    from flexolmo_plugin.distributed import ensure_model_parallel
-    from flexolmo_plugin.expert_mlp import PerExpertSequentialMLP
-    from flexolmo_plugin.router import DomainEmbeddingRouter
+    from flexolmo_plugin.model.config import (
+        FlexOlmoConfig,
+        ParallelLayout,
+        to_transformer_config,
+    )
+    from flexolmo_plugin.model.experts import PerExpertSequentialMLP
+    from flexolmo_plugin.model.parallel import ensure_model_parallel
+    from flexolmo_plugin.model.router import DomainEmbeddingRouter
 
     ensure_model_parallel()
     config = FlexOlmoConfig(vocab_size=128, hidden_size=args.hidden, intermediate_size=args.ffn, num_layers=1,

@@ -15,16 +15,15 @@ and the others still run.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.report import load, load_note, machine_line
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from report import load, load_note, machine_line  # noqa: E402
 
 # (script, section title used if it produces none); the order of docs/benchmarks.md
 BENCHMARKS = (
@@ -41,12 +40,11 @@ NOTES = ROOT / "docs" / "benchmark_notes"
 
 def run_one(script: str, title: str, out: Path, quick: bool, timeout: float) -> tuple[str, float]:
     """The benchmark's markdown section (or a "not measured" one saying why) and its wall time."""
-    args = [sys.executable, str(ROOT / "benchmarks" / script), "--markdown", str(out)]
+    args = [sys.executable, "-m", f"benchmarks.{script.removesuffix('.py')}", "--markdown", str(out)]
     args += QUICK_ARGS.get(script, ["--quick"]) if quick else []
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     start = time.perf_counter()
     try:
-        proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         failure = None if proc.returncode == 0 else f"exit status {proc.returncode}:\n{(proc.stdout + proc.stderr)[-1500:]}"
     except subprocess.TimeoutExpired:
         failure = f"did not finish within {timeout:.0f} s"

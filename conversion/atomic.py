@@ -14,8 +14,10 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from flexolmo_plugin.errors import FlexOlmoError
 
-class OutputExistsError(FileExistsError):
+
+class OutputExistsError(FlexOlmoError, FileExistsError):
     """The requested output path already exists; we never overwrite or merge into it."""
 
 

@@ -30,7 +30,7 @@ def file_sha256(path) -> str:
 
 def audit_reads(directory, stored: list[str], reads) -> None:
     """Conversion audit: every stored tensor was read exactly once (``reads`` counts per key)."""
-    from .safetensors_reader import CheckpointFormatError
+    from flexolmo_plugin.conversion.safetensors_reader import CheckpointFormatError
 
     unread = [k for k in stored if reads[k] == 0]
     reread = [f"{k} ({n}x)" for k, n in reads.items() if n > 1]

@@ -16,63 +16,42 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from flexolmo_plugin.conversion.atomic import atomic_directory, check_new_output
+from flexolmo_plugin.conversion.checks import all_finite
+from flexolmo_plugin.conversion.dcp_io import reuse_freed_memory
+from flexolmo_plugin.conversion.hf_layout import HFWeights
+from flexolmo_plugin.conversion.mapping import (
+    Role,
+    entries,
+    hf_shapes,
+    megatron_shape,
+    to_hf,
+    with_role,
+)
+from flexolmo_plugin.conversion.mcore_io import (
+    McoreCheckpointError,
+    check_canonical_shapes,
+    check_is_checkpoint,
+    iter_canonical,
+    load_config,
+    save_config,
+    write_checkpoint,
+)
+from flexolmo_plugin.conversion.olmo2 import Olmo2AsFlexOlmo, is_olmo2_config
+from flexolmo_plugin.conversion.progress import ConversionReport, ProgressMeter
+from flexolmo_plugin.conversion.safetensors_reader import (
+    CheckpointFormatError,
+    SafetensorsCheckpoint,
+)
+from flexolmo_plugin.conversion.safetensors_writer import ShardedSafetensorsWriter
 
-from flexolmo_plugin.config import FlexOlmoConfig
-
-from .atomic import atomic_directory, check_new_output
-from .checks import all_finite
-from .dcp_io import reuse_freed_memory
-from .hf_layout import HFWeights
-from .mapping import RULES, entries, hf_shapes, megatron_shape, to_hf, to_megatron
-from .mcore_io import (McoreCheckpointError, check_canonical_shapes, check_is_checkpoint, iter_canonical, load_config,
-                       save_config, write_checkpoint)
-from .olmo2 import Olmo2AsFlexOlmo, is_olmo2_config
-from .safetensors_reader import CheckpointFormatError, SafetensorsCheckpoint
-from .safetensors_writer import ShardedSafetensorsWriter
+from flexolmo_plugin.model.config import FlexOlmoConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "generation_config.json", "added_tokens.json")
-
-
-@dataclass(frozen=True)
-class ConversionReport:
-    tensors: int
-    bytes: int
-    seconds: float
-    output: Path
-
-    @property
-    def throughput_mb_s(self) -> float:
-        return self.bytes / 2**20 / self.seconds if self.seconds > 0 else float("inf")
-
-    def summary(self) -> str:
-        return (f"{self.tensors} tensors, {self.bytes / 2**20:.1f} MiB in {self.seconds:.1f} s "
-                f"({self.throughput_mb_s:.1f} MiB/s) -> {self.output}")
-
-
-class ProgressMeter:
-    def __init__(self, total_bytes: int, enabled: bool, label: str):
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=label)
-        self.tensors = 0
-        self.bytes = 0
-
-    def __call__(self, name: str, nbytes: int) -> None:
-        self.tensors += 1
-        self.bytes += nbytes
-        if self.bar is not None:
-            self.bar.update(nbytes)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _numel(shape) -> int:
@@ -126,10 +105,7 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype:
         meter = ProgressMeter(total, progress, "hf -> mcore")
 
         def source(name: str) -> torch.Tensor:
-            entry = by_name[name]
-            if entry.rule.transform == "swiglu" and isinstance(weights, HFWeights):
-                return weights.get_concat(entry.hf)  # the table's [gate; up], read in place
-            return to_megatron(entry, tuple(weights.get(h) for h in entry.hf), config)
+            return weights.canonical(by_name[name])
 
         try:
             with atomic_directory(out_dir) as tmp:
@@ -145,28 +121,16 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype:
     return ConversionReport(meter.tensors, meter.bytes, time.perf_counter() - start, Path(out_dir))
 
 
-def _hf_order(config: FlexOlmoConfig):
-    """Entries in HF file order: embeddings, then layer by layer, then final norm and head."""
-    rule_index = {rule: i for i, rule in enumerate(RULES)}
-
-    def key(entry):
-        if entry.layer is None:
-            return (0 if entry.megatron.startswith("embedding") else 2, 0, 0, 0)
-        return (1, entry.layer, rule_index[entry.rule], entry.expert or 0)
-
-    return sorted(entries(config), key=key)
-
-
 def router_bias_magnitude(mcore_dir: str | os.PathLike) -> float:
     """Largest |min(b, 0)| over all layers' router biases (0 when the model has none)."""
     config, _, _ = load_config(mcore_dir)
     if not config.router_bias:
         return 0.0
-    from .mcore_io import CanonicalReader
+    from flexolmo_plugin.conversion.mcore_io import CanonicalReader
 
     reader = CanonicalReader(mcore_dir)
-    return max(reader.read(f"decoder.layers.{layer}.mlp.router.domain_bias").float().clamp(max=0).abs().max().item()
-               for layer in range(config.num_layers))
+    return max(reader.read(entry.megatron).float().clamp(max=0).abs().max().item()
+               for entry in with_role(config, Role.ROUTER_BIAS))
 
 
 def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
@@ -176,7 +140,7 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dty
 
     HF ``flex_olmo`` has no router bias.  A model whose biases are all zero (no effect) exports as
     is; a non-zero bias is refused unless ``drop_router_bias`` -- the export then computes a
-    different function (see :func:`router_bias_logit_change`).
+    different function (``flexolmo_plugin.lifecycle.evaluation.router_bias_logit_change`` measures how much).
     """
     start = time.perf_counter()
     mcore_dir = Path(mcore_dir)
@@ -191,7 +155,7 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dty
             f"{mcore_dir}: the model has a learned router bias (largest |min(b,0)| = {bias:.4g}), which HF "
             "flex_olmo cannot represent; pass --drop-router-bias to export without it (routing changes)")
     out_dtype = dtype or stored_dtype
-    ordered = _hf_order(config)
+    ordered = sorted(entries(config), key=lambda entry: entry.hf_order())
     shapes = hf_shapes(config)
     plan = [(name, out_dtype, shapes[name]) for entry in ordered for name in entry.hf]
     by_name = {e.megatron: e for e in ordered}
@@ -224,22 +188,3 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dty
             for item in tokenizer.iterdir():
                 shutil.copy2(item, tmp / item.name)
     return ConversionReport(meter.tensors, meter.bytes, time.perf_counter() - start, Path(out_dir))
-
-
-def router_bias_logit_change(mcore_dir: str | os.PathLike, *, tokens: int = 64, seed: int = 0) -> float:
-    """Max |Δlogit| on random tokens between the model with its router bias and without it.
-
-    Loads the whole model once (a report step, not part of the streaming export).
-    """
-    import flexolmo_plugin as fp
-
-    model = fp.from_mcore(mcore_dir, dispatcher="allgather")
-    config = model.flexolmo_config
-    ids = torch.randint(0, config.vocab_size, (2, min(tokens, config.max_position_embeddings)),
-                        generator=torch.Generator().manual_seed(seed))
-    with_bias = fp.logits(model, ids)
-    with torch.no_grad():
-        for layer in model.decoder.layers:
-            for bias in layer.mlp.router.domain_biases or []:
-                bias.zero_()
-    return (fp.logits(model, ids) - with_bias).abs().max().item()

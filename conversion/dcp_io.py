@@ -31,14 +31,13 @@ import threading
 import zipfile
 
 import torch
+from flexolmo_plugin.conversion.atomic import BackgroundSync
+from flexolmo_plugin.conversion.direct_io import DirectFile, Staging
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
-
-from .atomic import BackgroundSync
-from .direct_io import DirectFile, Staging
 
 _DONE = object()
 
@@ -358,7 +357,9 @@ def chunk_planner(requests):
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
     from torch.distributed.checkpoint.planner import LoadPlan
-    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+    from torch.distributed.checkpoint.planner_helpers import (
+        create_read_items_for_chunk_list,
+    )
 
     class ChunkLoadPlanner(DefaultLoadPlanner):
         def create_local_plan(self):

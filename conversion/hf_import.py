@@ -13,14 +13,16 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
+from flexolmo_plugin.conversion.hf_layout import HFWeights
+from flexolmo_plugin.conversion.mapping import Role, entries
+from flexolmo_plugin.conversion.safetensors_reader import (
+    CheckpointFormatError,
+    SafetensorsCheckpoint,
+)
+from flexolmo_plugin.conversion.slots import check_complete, slots
 from torch import nn
 
-from flexolmo_plugin.model import unwrap
-from flexolmo_plugin.parameters import check_complete, slots
-
-from .hf_layout import HFWeights
-from .mapping import entries, to_megatron
-from .safetensors_reader import CheckpointFormatError, SafetensorsCheckpoint
+from flexolmo_plugin.model.build import unwrap
 
 
 @dataclass(frozen=True)
@@ -42,12 +44,13 @@ def load_hf_weights(model: nn.Module, hf_dir: str | os.PathLike) -> ImportReport
         weights = HFWeights(checkpoint, config)
         with torch.no_grad():
             for entry in entries(config):
+                if not entry.hf:
+                    continue  # the learned router bias: no HF tensor, zeroed below
                 targets = pending.pop(entry.megatron, None)
                 if not targets:
                     continue  # e.g. an expert owned by another EP rank
-                hf_tensors = tuple(weights.get(name) for name in entry.hf)
-                read += len(hf_tensors)
-                canonical = to_megatron(entry, hf_tensors, config)
+                canonical = weights.canonical(entry)
+                read += len(entry.hf)
                 for slot in targets:
                     local = slot.select(canonical)
                     if tuple(local.shape) != tuple(slot.param.shape):
@@ -57,8 +60,8 @@ def load_hf_weights(model: nn.Module, hf_dir: str | os.PathLike) -> ImportReport
                     slot.param.copy_(local)
                     filled += 1
     zeroed = 0
-    for canonical, remaining in pending.items():
-        if not canonical.endswith("mlp.router.domain_bias"):
+    for remaining in pending.values():
+        if remaining[0].role is not Role.ROUTER_BIAS:
             raise CheckpointFormatError(
                 f"{hf_dir}: nothing in the mapping fills {[s.local_name for s in remaining]}")
         with torch.no_grad():

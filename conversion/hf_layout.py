@@ -1,10 +1,10 @@
 """A per-expert view of an HF FlexOlmo checkpoint, whichever expert layout it was saved in.
 
 Released FlexOlmo checkpoints (and ``transformers`` 5.12 ``save_pretrained``) store each expert's
-``gate_proj`` / ``up_proj`` / ``down_proj`` separately; the ``transformers`` 5 in-memory module
-(and state dicts saved straight from it) fuse them into ``mlp.experts.gate_up_proj [E, 2I, H]``
-and ``mlp.experts.down_proj [E, H, I]``.  The mapping table speaks only the per-expert names, and
-this adapter serves them from either layout.
+gate / up / down projections separately; the ``transformers`` 5 in-memory module (and state dicts
+saved straight from it) fuse them into one tensor per layer with the experts on a leading axis.
+Which fused tensor holds an expert's weights is part of the mapping table (``Rule.hf_fused``), and
+this adapter serves canonical tensors from either layout.
 
 Before a single tensor is read, the whole key set is checked against what the configuration
 implies: missing, unexpected and misshaped tensors are reported together, by name.
@@ -12,21 +12,25 @@ implies: missing, unexpected and misshaped tensors are reported together, by nam
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 
 import torch
+from flexolmo_plugin.conversion.checks import audit_reads
+from flexolmo_plugin.conversion.mapping import (
+    HF_IGNORED,
+    Entry,
+    hf_fused_shapes,
+    hf_shapes,
+    parse_hf_expert_name,
+    parse_hf_fused_name,
+    to_megatron,
+)
+from flexolmo_plugin.conversion.safetensors_reader import (
+    CheckpointFormatError,
+    SafetensorsCheckpoint,
+)
 
-from flexolmo_plugin.config import FlexOlmoConfig
-
-from .checks import audit_reads
-from .mapping import hf_shapes
-from .safetensors_reader import CheckpointFormatError, SafetensorsCheckpoint
-
-_FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
-_PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-# Derived buffers some exporters include; recomputed by the model, never loaded.
-_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+from flexolmo_plugin.model.config import FlexOlmoConfig
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -37,43 +41,38 @@ def _summarise(names: list[str], limit: int = 8) -> str:
 
 
 class HFWeights:
-    """Serves canonical per-expert HF tensor names from a validated checkpoint."""
+    """Serves canonical Megatron tensors (and per-expert HF tensors) from a validated checkpoint."""
 
     def __init__(self, checkpoint: SafetensorsCheckpoint, config: FlexOlmoConfig):
         self.checkpoint = checkpoint
         self.config = config
         self._fused_cache: dict[str, torch.Tensor] = {}
         self.expected = hf_shapes(config)
+        self.fused_expected = hf_fused_shapes(config)
         self.fused_layers: set[int] = set()
         self.reads: Counter[str] = Counter()  # file key -> times read (the audit's evidence)
         self._validate()
 
     # ------------------------------------------------------------------ validation
-    def _fused_shape(self, kind: str) -> tuple[int, ...]:
-        c = self.config
-        if kind == "gate_up_proj":
-            return (c.num_experts, 2 * c.intermediate_size, c.hidden_size)
-        return (c.num_experts, c.hidden_size, c.intermediate_size)
-
     def _validate(self) -> None:
         present = set(self.checkpoint.keys())
         unexpected, misshaped, wrong_dtype = [], [], []
         per_expert_layers: set[int] = set()
         for key in sorted(present):
-            if _IGNORED.search(key):
+            if HF_IGNORED.search(key):
                 continue
-            fused = _FUSED.match(key)
+            fused = parse_hf_fused_name(key)
             if fused:
-                self.fused_layers.add(int(fused.group(1)))
-                expected = self._fused_shape(fused.group(2))
-                if int(fused.group(1)) >= self.config.num_layers:
+                self.fused_layers.add(fused[1])
+                if key not in self.fused_expected:
                     unexpected.append(key)
                     continue
+                expected = self.fused_expected[key]
             elif key in self.expected:
                 expected = self.expected[key]
-                match = _PER_EXPERT.match(key)
-                if match:
-                    per_expert_layers.add(int(match.group(1)))
+                parsed = parse_hf_expert_name(key)
+                if parsed:
+                    per_expert_layers.add(parsed[2])
             else:
                 unexpected.append(key)
                 continue
@@ -102,43 +101,44 @@ class HFWeights:
     def _available(self, name: str, present: set[str]) -> bool:
         if name in present:
             return True
-        match = _PER_EXPERT.match(name)
-        if not match:
-            return False
-        layer, _, kind = match.groups()
-        fused = "down_proj" if kind == "down_proj" else "gate_up_proj"
-        return f"model.layers.{layer}.mlp.experts.{fused}" in present
+        parsed = parse_hf_expert_name(name)
+        return parsed is not None and parsed[0].hf_fused.format(layer=parsed[2]) in present
 
     # ------------------------------------------------------------------ access
     def _read(self, key: str) -> torch.Tensor:
         self.reads[key] += 1
         return self.checkpoint.get(key)
 
-    def _fused(self, key: str) -> torch.Tensor:
-        """Fused expert tensors of the current layer (gate_up and down), read once each.
+    def _fused(self, key: str, layer: int) -> torch.Tensor:
+        """Fused expert tensors of the current layer, read once each.
 
-        Experts are requested layer by layer, alternating between the two fused tensors, so two
-        entries suffice; each is the largest tensor of such a file, which bounds memory."""
+        Experts are requested layer by layer, alternating between a layer's fused tensors, so the
+        current layer's suffice; each is the largest tensor of such a file, which bounds memory."""
         if key not in self._fused_cache:
-            layer = key.split(".")[2]
-            for old in [k for k in self._fused_cache if k.split(".")[2] != layer]:
+            for old in [k for k, (cached_layer, _) in self._fused_cache.items() if cached_layer != layer]:
                 del self._fused_cache[old]
-            self._fused_cache[key] = self._read(key)
-        return self._fused_cache[key]
+            self._fused_cache[key] = (layer, self._read(key))
+        return self._fused_cache[key][1]
 
     def audit(self) -> None:
         """Every stored tensor (derived buffers aside) was read exactly once."""
-        audit_reads(self.checkpoint.directory, [k for k in self.checkpoint.keys() if not _IGNORED.search(k)],
+        audit_reads(self.checkpoint.directory, [k for k in self.checkpoint.keys() if not HF_IGNORED.search(k)],
                     self.reads)
 
-    def get_concat(self, names: tuple[str, ...]) -> torch.Tensor:
-        """``torch.cat([get(n) for n in names])``, with stored tensors read straight into their
-        rows: a gated FFN's gate and up halves are most of a model's bytes, and the
-        concatenation would copy each of them a second time."""
-        stored = [n in self.checkpoint for n in names]
-        dtypes = {self.checkpoint.dtype(n) for n, s in zip(names, stored) if s}
-        if not all(stored) or len(dtypes) != 1:
-            return torch.cat([self.get(n) for n in names])
+    def canonical(self, entry: Entry) -> torch.Tensor:
+        """The canonical Megatron tensor of ``entry``, from per-expert tensors or a fused one."""
+        fused = entry.hf_fused()
+        if fused is not None and fused in self.checkpoint:
+            return self._fused(fused, entry.layer)[entry.expert]
+        return self._read_into_canonical(entry)
+
+    def _read_into_canonical(self, entry: Entry) -> torch.Tensor:
+        """``to_megatron`` of the stored tensors; a gated FFN's gate and up halves (most of a
+        model's bytes) are read straight into their rows instead of being concatenated afterwards."""
+        names = entry.hf
+        dtypes = {self.checkpoint.dtype(n) for n in names}
+        if entry.rule.transform != "swiglu" or len(dtypes) != 1:
+            return to_megatron(entry, tuple(self._read(n) for n in names), self.config)
         shapes = [tuple(self.checkpoint.shape(n)) for n in names]  # validated against the config already
         out = torch.empty((sum(s[0] for s in shapes), *shapes[0][1:]), dtype=dtypes.pop())
         row = 0
@@ -147,18 +147,3 @@ class HFWeights:
             self.checkpoint.read_into(name, out[row:row + shape[0]])
             row += shape[0]
         return out
-
-    def get(self, name: str) -> torch.Tensor:
-        """The tensor stored (or derivable) under the per-expert HF name ``name``."""
-        if name in self.checkpoint:
-            return self._read(name)
-        match = _PER_EXPERT.match(name)
-        if not match:
-            raise CheckpointFormatError(f"{self.checkpoint.directory}: no tensor {name!r}")
-        layer, expert, kind = match.groups()
-        expert = int(expert)
-        if kind == "down_proj":
-            return self._fused(f"model.layers.{layer}.mlp.experts.down_proj")[expert]
-        gate_up = self._fused(f"model.layers.{layer}.mlp.experts.gate_up_proj")[expert]
-        gate, up = gate_up.chunk(2, dim=0)
-        return gate if kind == "gate_proj" else up

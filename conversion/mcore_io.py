@@ -13,7 +13,7 @@ Reading: each canonical tensor is loaded on its own through ``dist_checkpointing
 matching part of the meta model's sharded state dict, so exports are bounded the same way.
 
 Canonical names are those of :mod:`conversion.mapping` (global layer/expert indices, whole tensors).
-The checkpoint key layout (layer axis, per-expert and per-row keys) lives in :mod:`.mcore_layout`.
+The checkpoint key layout (layer axis, per-expert and per-row keys) is part of the mapping table.
 """
 
 from __future__ import annotations
@@ -26,16 +26,21 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from flexolmo_plugin.conversion.mapping import (
+    canonical_chunk,
+    canonical_parts,
+    layer_of,
+    split_keys,
+)
 
-from flexolmo_plugin.config import FlexOlmoConfig
-
-from .mcore_layout import LAYER_NAME, canonical_chunk, canonical_parts
+from flexolmo_plugin.errors import FlexOlmoError
+from flexolmo_plugin.model.config import FlexOlmoConfig
 
 CONFIG_FILE = "flexolmo_config.json"
 FORMAT_VERSION = 1
 
 
-class McoreCheckpointError(ValueError):
+class McoreCheckpointError(FlexOlmoError):
     """A Megatron checkpoint that is missing, malformed, or does not match its configuration."""
 
 
@@ -112,8 +117,8 @@ def check_is_checkpoint(directory: Path) -> None:
 @contextlib.contextmanager
 def meta_model(config: FlexOlmoConfig, dtype: torch.dtype):
     """A FlexOlmo model with no storage, for its checkpoint layout (needs TP=EP=1 groups)."""
-    from flexolmo_plugin.distributed import ensure_model_parallel
-    from flexolmo_plugin.model import build_model
+    from flexolmo_plugin.model.build import build_model
+    from flexolmo_plugin.model.parallel import ensure_model_parallel
 
     ensure_model_parallel()
     with torch.device("meta"):
@@ -126,14 +131,16 @@ Source = Callable[[str], torch.Tensor]
 
 
 def _streaming_classes():
+    from flexolmo_plugin.conversion.dcp_io import PipelinedWriter
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    from megatron.core.dist_checkpointing.strategies.torch import (MCoreSavePlanner, TorchDistSaveShardedStrategy,
-                                                                   _replace_state_dict_keys_with_sharded_keys,
-                                                                   mcore_to_pyt_state_dict)
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
     from torch.distributed.checkpoint import save as dcp_save
-
-    from .dcp_io import PipelinedWriter
     from torch.distributed.checkpoint.planner import WriteItemType
 
     class LazyChunkPlanner(MCoreSavePlanner):
@@ -154,8 +161,8 @@ def _streaming_classes():
                 if item.type == WriteItemType.BYTE_IO:
                     return (-2, -1)
                 name = self.owner.canonical_of(item)
-                layer = LAYER_NAME.match(name)
-                return (int(layer.group(1)) if layer else -1, order.setdefault(name, len(order)))
+                layer = layer_of(name)
+                return (-1 if layer is None else layer, order.setdefault(name, len(order)))
 
             items = sorted(plan.items, key=rank)  # stable: chunks keep their relative order
             self.plan = dataclasses.replace(plan, items=items)
@@ -271,7 +278,10 @@ class CanonicalReader:
     one chunk of one key: memory holds one tensor."""
 
     def __init__(self, directory: str | os.PathLike):
-        from .dcp_io import ChunkReader, cached_metadata_reader
+        from flexolmo_plugin.conversion.dcp_io import (
+            ChunkReader,
+            cached_metadata_reader,
+        )
 
         self.directory = resolve_checkpoint(directory)
         check_is_checkpoint(self.directory)
@@ -282,9 +292,8 @@ class CanonicalReader:
     def _read_key_into(self, key: str, prefix: tuple[int, ...], out: torch.Tensor) -> None:
         """Read layer ``prefix`` of ``key`` into ``out``: straight from the file when the chunk is
         a plain record (one copy), else through ``dcp.load``."""
+        from flexolmo_plugin.conversion.dcp_io import chunk_planner
         from torch.distributed.checkpoint import load as dcp_load
-
-        from .dcp_io import chunk_planner
 
         shape = self.present[key][0]
         view = out.view((1,) * len(prefix) + shape[len(prefix):])
@@ -362,13 +371,16 @@ def check_canonical_shapes(directory: Path, expected: dict[str, tuple[int, ...]]
 def validate_model_layout(directory: Path, sharded) -> None:
     """Every tensor key the model expects is in the checkpoint with the same global shape."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    from megatron.core.dist_checkpointing.mapping import (
+        ShardedTensor,
+        ShardedTensorFactory,
+    )
 
     present = checkpoint_tensor_metadata(directory)
     problems = []
     for item in nested_values(sharded):
         if isinstance(item, ShardedTensorFactory):  # a gated fc1: stored whole or as gate/up halves
-            if item.key not in present and not {f"{item.key}_w", f"{item.key}_v"} <= set(present):
+            if item.key not in present and not set(split_keys(item.key)) <= set(present):
                 problems.append(f"missing {item.key}")
             continue  # its global shape is known only once built; Megatron checks it on load
         if isinstance(item, ShardedTensor):

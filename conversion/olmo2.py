@@ -9,21 +9,24 @@ computes exactly the dense model's function.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from typing import Any, Mapping
 
 import torch
+from flexolmo_plugin.conversion.checks import audit_reads
+from flexolmo_plugin.conversion.mapping import (
+    HF_IGNORED,
+    Entry,
+    entries,
+    to_hf,
+    to_megatron,
+)
+from flexolmo_plugin.conversion.safetensors_reader import (
+    CheckpointFormatError,
+    SafetensorsCheckpoint,
+)
 
-from flexolmo_plugin.config import FlexOlmoConfig
-
-from .checks import audit_reads
-from .mapping import hf_shapes
-from .safetensors_reader import CheckpointFormatError, SafetensorsCheckpoint
-
-_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.weight$")
-_ROUTER = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.weight$")
-_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+from flexolmo_plugin.model.config import FlexOlmoConfig
 
 
 def is_olmo2_config(raw: Mapping[str, Any]) -> bool:
@@ -31,7 +34,7 @@ def is_olmo2_config(raw: Mapping[str, Any]) -> bool:
 
 
 class Olmo2AsFlexOlmo:
-    """Serves FlexOlmo per-expert HF names from a dense OLMo-2 checkpoint."""
+    """Serves FlexOlmo canonical tensors from a dense OLMo-2 checkpoint (names: the table's ``dense``)."""
 
     def __init__(self, checkpoint: SafetensorsCheckpoint, raw: Mapping[str, Any], *, num_experts: int | None,
                  top_k: int | None = None):
@@ -42,24 +45,16 @@ class Olmo2AsFlexOlmo:
         self.config = FlexOlmoConfig.from_hf(flex_like)
         self.checkpoint = checkpoint
         self.reads: Counter[str] = Counter()
-        self._cache: dict[str, torch.Tensor] = {}
+        self._cache: dict[str, tuple[int | None, torch.Tensor]] = {}
         self._validate()
-
-    def _dense_name(self, flex_name: str) -> str | None:
-        match = _EXPERT.match(flex_name)
-        if match:
-            return f"model.layers.{match.group(1)}.mlp.{match.group(2)}.weight"
-        if _ROUTER.match(flex_name):
-            return None  # no router in a dense model
-        return flex_name
 
     def _validate(self) -> None:
         expected: dict[str, tuple[int, ...]] = {}
-        for name, shape in hf_shapes(self.config).items():
-            dense = self._dense_name(name)
-            if dense is not None:
-                expected[dense] = shape
-        present = {k for k in self.checkpoint.keys() if not _IGNORED.search(k)}
+        for entry in entries(self.config):
+            if entry.dense():  # the dense tensors are shaped like expert 0's HF tensors
+                meta = torch.empty(entry.shape(self.config), device="meta")
+                expected.update((name, tuple(t.shape)) for name, t in zip(entry.dense(), to_hf(entry, meta, self.config)))
+        present = {k for k in self.checkpoint.keys() if not HF_IGNORED.search(k)}
         missing = sorted(set(expected) - present)
         unexpected = sorted(present - set(expected))
         misshaped = [f"{k} has shape {list(self.checkpoint.shape(k))}, expected {list(s)}"
@@ -74,25 +69,28 @@ class Olmo2AsFlexOlmo:
         if problems:
             raise CheckpointFormatError(f"{self.checkpoint.directory}: " + " | ".join(problems))
 
-    def get(self, name: str) -> torch.Tensor:
-        dense = self._dense_name(name)
-        if dense is None:
-            layer_router = (self.config.num_experts, self.config.hidden_size)
-            dtype = self.checkpoint.dtype("model.norm.weight")
-            return torch.zeros(layer_router, dtype=dtype)
-        if dense in self._cache:
-            return self._cache[dense]
-        self.reads[dense] += 1
-        tensor = self.checkpoint.get(dense)
-        if _EXPERT.match(name):
-            # Every expert copy of a layer needs the same three dense FFN tensors, requested layer by
-            # layer: keep the current layer's (one FFN's worth of memory).
-            layer = dense.split(".")[2]
-            for old in [k for k in self._cache if k.split(".")[2] != layer]:
-                del self._cache[old]
-            self._cache[dense] = tensor
+    def _read(self, name: str, layer: int | None, reuse: bool) -> torch.Tensor:
+        if name in self._cache:
+            return self._cache[name][1]
+        self.reads[name] += 1
+        tensor = self.checkpoint.get(name)
+        if reuse:
+            # Every expert copy of a layer needs the same dense FFN tensors, requested layer by layer:
+            # keep the current layer's (one FFN's worth of memory).
+            self._cache = {k: v for k, v in self._cache.items() if v[0] == layer}
+            self._cache[name] = (layer, tensor)
         return tensor
 
+    def canonical(self, entry: Entry) -> torch.Tensor:
+        """The canonical tensor of ``entry``: the dense model's own, every expert a copy of the dense
+        FFN, and zero router rows (uniform routing until domain embeddings are set)."""
+        names = entry.dense()
+        if not names:
+            dtype = self.checkpoint.dtype(next(iter(self.checkpoint.keys())))
+            return torch.zeros(entry.shape(self.config), dtype=dtype)
+        tensors = tuple(self._read(n, entry.layer, entry.rule.per_expert) for n in names)
+        return to_megatron(entry, tensors, self.config)
+
     def audit(self) -> None:
-        audit_reads(self.checkpoint.directory, [k for k in self.checkpoint.keys() if not _IGNORED.search(k)],
+        audit_reads(self.checkpoint.directory, [k for k in self.checkpoint.keys() if not HF_IGNORED.search(k)],
                     self.reads)

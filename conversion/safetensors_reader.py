@@ -22,8 +22,9 @@ from types import TracebackType
 from typing import Any
 
 import torch
+from flexolmo_plugin.conversion.checks import all_finite
 
-from .checks import all_finite
+from flexolmo_plugin.errors import FlexOlmoError
 
 __all__ = ["CheckpointFormatError", "PICKLE_SUFFIXES", "SafetensorsCheckpoint"]
 
@@ -46,7 +47,7 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(FlexOlmoError):
     """Raised for any checkpoint that cannot be trusted as given."""
 
 

@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-from .atomic import BackgroundSync
-from .direct_io import DirectFile, Staging
+from flexolmo_plugin.conversion.atomic import BackgroundSync
+from flexolmo_plugin.conversion.direct_io import DirectFile, Staging
 
 INDEX_NAME = "model.safetensors.index.json"
 

@@ -7,16 +7,19 @@ from pathlib import Path
 
 import torch
 
-from . import compat
-from .config import FlexOlmoConfig
-from .distributed import ensure_model_parallel
-from .model import build_model
-from .spec import Backend
+from flexolmo_plugin import compat
+from flexolmo_plugin.model.build import build_model
+from flexolmo_plugin.model.config import FlexOlmoConfig
+from flexolmo_plugin.model.parallel import ensure_model_parallel
+from flexolmo_plugin.model.spec import Backend
 
 
 def read_hf_config(hf_dir: str | os.PathLike, **overrides) -> FlexOlmoConfig:
     """The FlexOlmo configuration stored in ``hf_dir/config.json``."""
-    from conversion.safetensors_reader import CheckpointFormatError, SafetensorsCheckpoint
+    from flexolmo_plugin.conversion.safetensors_reader import (
+        CheckpointFormatError,
+        SafetensorsCheckpoint,
+    )
 
     with SafetensorsCheckpoint.open(hf_dir) as checkpoint:
         raw = checkpoint.config()
@@ -45,7 +48,7 @@ def from_hf(
     mode on this process's device.  Training with TP>1 needs ``sequence_parallel=True`` (Megatron
     refuses MoE + TP without it, since experts would see every token once per TP rank).
     """
-    from conversion.hf_import import load_hf_weights
+    from flexolmo_plugin.conversion.hf_import import load_hf_weights
 
     config = read_hf_config(hf_dir, **config_overrides)
     ensure_model_parallel(tensor_parallel=tensor_parallel, expert_parallel=expert_parallel,
@@ -75,7 +78,7 @@ def from_mcore(
     Parameters take the checkpoint's dtype unless ``params_dtype`` is given.  Process groups are
     handled as in :func:`from_hf`.  The model is returned in eval mode.
     """
-    from conversion.mcore_io import load_config, load_model_weights
+    from flexolmo_plugin.conversion.mcore_io import load_config, load_model_weights
 
     config, stored_dtype, _ = load_config(mcore_dir)
     ensure_model_parallel(tensor_parallel=tensor_parallel, expert_parallel=expert_parallel,
@@ -97,10 +100,9 @@ def save_mcore(model, mcore_dir: str | os.PathLike) -> None:
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    from conversion.atomic import check_new_output
-    from conversion.mcore_io import save_config
-
-    from .model import unwrap
+    from flexolmo_plugin.conversion.atomic import check_new_output
+    from flexolmo_plugin.conversion.mcore_io import save_config
+    from flexolmo_plugin.model.build import unwrap
 
     inner = unwrap(model)
     final = Path(mcore_dir)

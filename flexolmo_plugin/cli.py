@@ -36,8 +36,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
     import torch
 
     import flexolmo_plugin as fp
-
-    from .model import next_token_loss
+    from flexolmo_plugin.model.build import next_token_loss
 
     if args.tokens < 1 or args.batch < 1:
         raise ValueError("--tokens and --batch must be >= 1")
@@ -91,7 +90,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     _quiet_imports()
     import torch
 
-    from conversion.convert import hf_to_mcore, mcore_to_hf
+    from flexolmo_plugin.conversion.convert import hf_to_mcore, mcore_to_hf
 
     dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None
     if args.direction == "hf-to-mcore":
@@ -104,10 +103,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
                              drop_router_bias=args.drop_router_bias, progress=not args.quiet)
     print(f"converted {args.direction}: {report.summary()}")
     if args.direction == "mcore-to-hf" and args.drop_router_bias:
-        from conversion.convert import router_bias_logit_change, router_bias_magnitude
+        from flexolmo_plugin.api import from_mcore
+        from flexolmo_plugin.conversion.convert import router_bias_magnitude
+        from flexolmo_plugin.lifecycle.evaluation import router_bias_logit_change
 
         if router_bias_magnitude(args.source) > 0:
-            change = router_bias_logit_change(args.source)
+            change = router_bias_logit_change(from_mcore(args.source, dispatcher="allgather"))
             print(f"router bias dropped: max |Δlogit| vs the Megatron model on random tokens = {change:.4g}")
     return EXIT_OK
 
@@ -117,7 +118,7 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     _quiet_imports()
     import torch
 
-    from conversion.upcycle import upcycle
+    from flexolmo_plugin.lifecycle.upcycle import upcycle
 
     report = upcycle(args.public_dir, args.out_dir, public_embedding=args.public_embedding,
                      domain_embedding=args.domain_embedding, expert_names=("public", args.name),
@@ -129,7 +130,7 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
 def cmd_prepare_data(args: argparse.Namespace) -> int:
     """JSON Lines -> Megatron indexed dataset."""
     _quiet_imports()
-    from .data import prepare_dataset
+    from flexolmo_plugin.lifecycle.data import prepare_dataset
 
     report = prepare_dataset(args.input, args.output_prefix, tokenizer_dir=args.tokenizer, text_key=args.text_key,
                              append_eod=not args.no_eod, progress=not args.quiet)
@@ -140,9 +141,11 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
 def cmd_embed_domain(args: argparse.Namespace) -> int:
     """Mean embedding of a sample of the owner's documents -> a router row."""
     _quiet_imports()
-    from conversion.upcycle import save_embedding
-
-    from .domain_embedding import embed_documents, sample_documents
+    from flexolmo_plugin.lifecycle.domain_embedding import (
+        embed_documents,
+        sample_documents,
+    )
+    from flexolmo_plugin.lifecycle.upcycle import save_embedding
 
     width = None
     if args.for_model:
@@ -162,7 +165,7 @@ def cmd_embed_domain(args: argparse.Namespace) -> int:
 
 def cmd_package_expert(args: argparse.Namespace) -> int:
     _quiet_imports()
-    from .experts.package import package_expert
+    from flexolmo_plugin.lifecycle.package import package_expert
 
     path = package_expert(args.owner_dir, args.package_dir, name=args.name, description=args.description,
                           tokens_trained=args.tokens_trained, expert=args.expert)
@@ -172,7 +175,7 @@ def cmd_package_expert(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     _quiet_imports()
-    from .experts.merge import merge_experts
+    from flexolmo_plugin.lifecycle.merge import merge_experts
 
     report = merge_experts(args.public_dir, args.packages, args.out, top_k=args.top_k, progress=not args.quiet)
     print(f"merged {len(args.packages)} expert(s) onto the public model: {report.summary()}")
@@ -181,7 +184,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_opt_out(args: argparse.Namespace) -> int:
     _quiet_imports()
-    from .experts.opt_out import opt_out
+    from flexolmo_plugin.lifecycle.opt_out import opt_out
 
     report = opt_out(args.mcore_dir, args.out, drop=args.drop, progress=not args.quiet)
     print(f"opted out {args.drop}: {report.summary()}")
@@ -192,9 +195,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Per-domain loss / perplexity and routing shares, optionally with experts excluded."""
     _quiet_imports()
     import flexolmo_plugin as fp
-
-    from .evaluation import evaluate, format_routing, format_table, plot_routing
-    from .experts.opt_out import exclude_experts
+    from flexolmo_plugin.lifecycle.evaluation import (
+        evaluate,
+        format_routing,
+        format_table,
+        plot_routing,
+    )
+    from flexolmo_plugin.lifecycle.opt_out import exclude_experts
 
     datasets = {}
     for item in args.data:
@@ -220,7 +227,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_train_expert(args: argparse.Namespace) -> int:
     """Anchored expert training / router tuning on Megatron-Bridge (torchrun-compatible)."""
     _quiet_imports()
-    from recipes.train import run
+    from flexolmo_plugin.recipes.train import run
 
     log = run(args.recipe, args.overrides)
     if log.history:
@@ -232,8 +239,8 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The whole lifecycle on this machine: public model, three owners, merge, eval, opt-out, HF export."""
     _quiet_imports()
-    from .demo.pipeline import DemoError
-    from .demo.run import run_demo
+    from flexolmo_plugin.demo.pipeline import DemoError
+    from flexolmo_plugin.demo.run import run_demo
 
     try:
         _, claims = run_demo(args.workdir, size=args.size, progress=not args.quiet)
@@ -348,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt = sub.add_parser("opt-out", help="remove experts by name (physically) into a new checkpoint",
                          description="Drops the experts' FFNs, router rows and biases; top-k is reduced (with a "
                                      "warning) if it exceeds the remaining experts. For a run-time exclusion use "
-                                     "flexolmo_plugin.experts.opt_out.exclude_experts or 'flexolmo eval --exclude'.")
+                                     "flexolmo_plugin.lifecycle.opt_out.exclude_experts or 'flexolmo eval --exclude'.")
     opt.add_argument("mcore_dir", metavar="MCORE_DIR")
     opt.add_argument("--drop", required=True, nargs="+", metavar="NAME")
     opt.add_argument("--out", required=True, metavar="MCORE_DIR2")
@@ -404,9 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from conversion.safetensors_reader import CheckpointFormatError
-
-    from .config import ConfigError
+    from flexolmo_plugin.conversion.safetensors_reader import CheckpointFormatError
+    from flexolmo_plugin.model.config import ConfigError
 
     try:
         return args.func(args)

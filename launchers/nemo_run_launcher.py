@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-ENTRY = REPO / "launchers" / "train_recipe.py"
+# The module torchrun starts on every rank (``torchrun ... -m ENTRY RECIPE ...``): the installed package, so
+# nothing here depends on where the repository is checked out.
+ENTRY = "flexolmo_plugin.recipes.train"
 NCCL_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1", "NCCL_IB_TIMEOUT": "22",
             "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
 
@@ -37,7 +37,7 @@ class LaunchPlan:
     env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
-        from recipes.train import RECIPE_PREFIX
+        from flexolmo_plugin.recipes.train import RECIPE_PREFIX
 
         if self.nodes < 1 or self.gpus_per_node < 1:
             raise ValueError(f"nodes and gpus_per_node must be positive, got {self.nodes}, {self.gpus_per_node}")
@@ -54,7 +54,7 @@ class LaunchPlan:
 
 
 def recipe_arguments(plan: LaunchPlan) -> list[str]:
-    """Arguments of ``train_recipe.py``: the recipe, the cluster shape it must check, the overrides."""
+    """Arguments of ``python -m flexolmo_plugin.recipes.train``: the recipe, the cluster shape it must check, the overrides."""
     return [plan.recipe, f"recipe.nodes={plan.nodes}", f"recipe.gpus_per_node={plan.gpus_per_node}",
             *plan.overrides]
 
@@ -62,7 +62,7 @@ def recipe_arguments(plan: LaunchPlan) -> list[str]:
 def torchrun_command(plan: LaunchPlan, *, head: str = "$HEAD", port: int = 29500) -> list[str]:
     """The per-node torchrun command (what NeMo-Run's torchrun launcher runs on each node)."""
     return ["torchrun", f"--nnodes={plan.nodes}", f"--nproc-per-node={plan.gpus_per_node}", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={head}:{port}", str(ENTRY), *recipe_arguments(plan)]
+            f"--rdzv-endpoint={head}:{port}", "-m", ENTRY, *recipe_arguments(plan)]
 
 
 def environment(plan: LaunchPlan) -> dict[str, str]:
@@ -76,7 +76,8 @@ def submit(plan: LaunchPlan, *, detach: bool = True):
     except ImportError as error:
         raise RuntimeError("launching through NeMo-Run needs the optional 'nemo-run' package "
                            "(pip install -e .[nemo-run]); launchers/torchrun_slurm.sh needs nothing extra") from error
-    task = run.Script(path=str(ENTRY), args=recipe_arguments(plan))
+    # nemo_run.Script(m=True) runs ``python -m ENTRY ARGS`` (through the executor's torchrun launcher)
+    task = run.Script(path=ENTRY, args=recipe_arguments(plan), entrypoint="python", m=True)
     if plan.executor == "local":
         executor = run.LocalExecutor(launcher="torchrun", ntasks_per_node=plan.gpus_per_node, env_vars=environment(plan))
     else:
@@ -100,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the torchrun command and exit")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
-    sys.path.insert(0, str(REPO))
     try:
         plan = LaunchPlan(recipe=args.recipe, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                           overrides=tuple(args.overrides), executor=args.executor, account=args.account,
@@ -116,5 +116,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     sys.exit(main())

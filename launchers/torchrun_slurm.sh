@@ -7,7 +7,8 @@
 # RECIPE is one of public-7b, expert-2x7b, router-tune-7x7b, inference-7x7b (or public, expert,
 # router-tune); the node count and GPUs per node are passed to the recipe, which checks its layout
 # (TP / EP groups inside a node, DP across nodes).  Run inside the NGC container that has
-# Transformer Engine; set CONTAINER to wrap srun with pyxis (--container-image).
+# Transformer Engine, with this repository installed (pip install -e .: torchrun runs the installed
+# module flexolmo_plugin.recipes.train); set CONTAINER to wrap srun with pyxis (--container-image).
 set -euo pipefail
 
 RECIPE=${1:?usage: torchrun_slurm.sh RECIPE [overrides...]}
@@ -29,7 +30,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 
 CMD=(torchrun --nnodes="$NNODES" --nproc-per-node="$GPUS_PER_NODE" --rdzv-backend=c10d
      --rdzv-endpoint="$HEAD:$PORT" --rdzv-id="${SLURM_JOB_ID:-flexolmo}"
-     "$REPO/launchers/train_recipe.py" "$RECIPE" "recipe.nodes=$NNODES" "recipe.gpus_per_node=$GPUS_PER_NODE" "$@")
+     -m flexolmo_plugin.recipes.train "$RECIPE" "recipe.nodes=$NNODES" "recipe.gpus_per_node=$GPUS_PER_NODE" "$@")
 
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
     printf '%q ' "${CMD[@]}"; echo

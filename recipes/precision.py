@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flexolmo_plugin.config import ConfigError, FlexOlmoConfig
+from flexolmo_plugin.model.config import ConfigError, FlexOlmoConfig
 
 PRECISIONS = ("bf16", "fp8-tensorwise", "fp8-blockwise")  # valid on H100
 BLACKWELL_ONLY = ("fp8-mxfp8", "nvfp4")

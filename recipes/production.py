@@ -35,10 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flexolmo_plugin.compat import cuda_available
-from flexolmo_plugin.config import ConfigError, FlexOlmoConfig
+from flexolmo_plugin.recipes.precision import (
+    apply_precision,
+    check_precision_name,
+    current_capability,
+)
 
-from .precision import apply_precision, check_precision_name, current_capability
+from flexolmo_plugin.compat import cuda_available
+from flexolmo_plugin.model.config import ConfigError, FlexOlmoConfig
 
 OLMO2_7B = dict(vocab_size=100352, hidden_size=4096, intermediate_size=11008, num_layers=32, num_attention_heads=32,
                 num_key_value_heads=32, max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-6,
@@ -67,7 +71,7 @@ class ClusterLayout:
 
     @property
     def expert_tensor_parallel(self) -> int:
-        """Expert TP as :func:`recipes.expert._parallel` sets it: 1 when TP and EP are combined, else TP."""
+        """Expert TP as :func:`flexolmo_plugin.recipes.phases._parallel` sets it: 1 when TP and EP are combined, else TP."""
         return 1 if self.tensor_parallel > 1 and self.expert_parallel > 1 else self.tensor_parallel
 
     @property
@@ -103,7 +107,7 @@ def _shape(shape: dict, imposed: dict, model: dict | None, init_from: str | None
     wanted = FlexOlmoConfig(**_resolve({**OLMO2_7B, **shape, **imposed, **(model or {})}))
     if not (init_from and Path(init_from).exists()):
         return wanted
-    from conversion.mcore_io import load_config
+    from flexolmo_plugin.conversion.mcore_io import load_config
 
     stored, _, _ = load_config(init_from)
     keys = {"num_experts", *(model or {})} & _SIZE_KEYS  # what this recipe or its caller asked for
@@ -127,7 +131,7 @@ def _resolve(fields: dict, drop: tuple[str, ...] = ()) -> dict:
 
 def _gpu_settings(container, layout: ClusterLayout) -> None:
     """What a GPU cluster run changes relative to the parity-tested CPU settings."""
-    from flexolmo_plugin.spec import transformer_engine_available
+    from flexolmo_plugin.model.spec import transformer_engine_available
 
     model = container.model
     model.flexolmo_backend = "auto"  # TE linears and attention when transformer-engine is importable
@@ -146,8 +150,8 @@ def _gpu_settings(container, layout: ClusterLayout) -> None:
 def _production(*, shape: dict, imposed: dict, model: dict | None, init_from: str | None, trainable: str, owner_expert: int,
                 layout: ClusterLayout, precision: str, bf16_edge_layers: int | None, fp8_param_gather: bool,
                 run: dict, cpu: bool | None, eval_only: bool = False):
-    from .expert import _container, _parallel
-    from .provider import FlexOlmoModelProvider
+    from flexolmo_plugin.recipes.phases import _container, _parallel
+    from flexolmo_plugin.recipes.provider import FlexOlmoModelProvider
 
     check_precision_name(precision)
     cpu = (not cuda_available()) if cpu is None else cpu
@@ -208,7 +212,7 @@ def flexolmo_expert_2x7b_config(*, init_from: str, precision: str = "bf16", node
                                 load_dir: str | None = None, bf16_edge_layers: int | None = None,
                                 fp8_param_gather: bool = False, cpu: bool | None = None):
     """Anchored training of one data owner's expert against the frozen public 7B (paper §3.3.1, §4.4)."""
-    from .expert import EXPERT_DEFAULTS
+    from flexolmo_plugin.recipes.phases import EXPERT_DEFAULTS
 
     run = _run(**{k: v for k, v in locals().items() if k in _RUN_ARGS})
     layout = ClusterLayout(nodes=nodes, gpus_per_node=gpus_per_node, expert_parallel=expert_parallel)

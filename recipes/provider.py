@@ -19,8 +19,13 @@ import torch
 import torch.nn.functional as F
 from megatron.bridge.models.gpt_provider import GPTModelProvider
 
-from flexolmo_plugin.config import ConfigError, FlexOlmoConfig, ParallelLayout, check_layout
-from flexolmo_plugin.spec import flexolmo_block_spec
+from flexolmo_plugin.model.config import (
+    ConfigError,
+    FlexOlmoConfig,
+    ParallelLayout,
+    check_layout,
+)
+from flexolmo_plugin.model.spec import flexolmo_block_spec
 
 
 def flexolmo_transformer_layer_spec(config: "FlexOlmoModelProvider", vp_stage: int | None = None):
@@ -207,8 +212,8 @@ class FlexOlmoModelProvider(GPTModelProvider):
     def _get_num_floating_point_operations(self, batch_size: int) -> float:
         """Bridge's own TFLOPS log asks the provider for the FLOPs of ``batch_size`` sequences when it
         can.  Its generic formula counts every weight-gradient GEMM; anchored and router-only training
-        skip those of frozen weights, so the count comes from :mod:`flexolmo_plugin.flops` instead."""
-        from flexolmo_plugin.flops import Trainable, step_flops
+        skip those of frozen weights, so the count comes from :mod:`flexolmo_plugin.recipes.flops` instead."""
+        from flexolmo_plugin.recipes.flops import Trainable, step_flops
 
         config = self.to_flexolmo_config()
         trainable = Trainable.policy(self.trainable, config.num_experts, self.owner_expert)
@@ -232,7 +237,7 @@ class FlexOlmoModelProvider(GPTModelProvider):
         Bridge pads the vocabulary to a multiple of ``make_vocab_size_divisible_by × TP`` (and only
         when it took the size from the tokenizer); FlexOlmo pads to the multiple alone, always.  The
         padded size is handed to bridge for the duration of the call.  The built model gets
-        ``model.flexolmo_config`` so that ``flexolmo_plugin.parameters.slots`` / ``logits`` and
+        ``model.flexolmo_config`` so that ``flexolmo_plugin.conversion.slots`` / ``logits`` and
         exports work on bridge-trained models.
         """
         config = self.check_flexolmo()
@@ -253,19 +258,19 @@ def prepare_for_training(chunks, *, init_from: str | None, trainable: str, owner
     """Load ``init_from`` into each model chunk and apply the freezing policy."""
     from pathlib import Path
 
-    from flexolmo_plugin import anchoring
-    from flexolmo_plugin.model import unwrap
+    from flexolmo_plugin.lifecycle import freezing
+    from flexolmo_plugin.model.build import unwrap
 
     if trainable not in TRAINABLE_POLICIES:
         raise ConfigError(f"trainable={trainable!r}; expected one of {TRAINABLE_POLICIES}")
     for chunk in chunks:
         model = unwrap(chunk)
         if init_from:
-            from conversion.mcore_io import load_model_weights
+            from flexolmo_plugin.conversion.mcore_io import load_model_weights
 
             load_model_weights(model, Path(init_from))
         if trainable == "anchored":
-            anchoring.anchor(model, owner_expert=owner_expert)
+            freezing.anchor(model, owner_expert=owner_expert)
         elif trainable == "router":
-            anchoring.router_only(model)
+            freezing.router_only(model)
     return chunks

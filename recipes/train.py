@@ -21,7 +21,11 @@ RECIPE_PREFIX = "recipe."
 
 
 def _recipes():
-    from .expert import flexolmo_expert_config, flexolmo_public_config, flexolmo_router_tuning_config
+    from flexolmo_plugin.recipes.phases import (
+        flexolmo_expert_config,
+        flexolmo_public_config,
+        flexolmo_router_tuning_config,
+    )
 
     return {"public": flexolmo_public_config, "expert": flexolmo_expert_config,
             "router-tune": flexolmo_router_tuning_config}
@@ -34,7 +38,7 @@ def training_log_callback(*, print_fn=print):
     show directly whether the owner's expert is being used.  ``callback.history`` keeps
     ``(iteration, loss, tokens_per_s, shares)`` for programmatic use.
 
-    Model TFLOPS per GPU and MFU use :mod:`flexolmo_plugin.flops`, which counts no weight-gradient
+    Model TFLOPS per GPU and MFU use :mod:`flexolmo_plugin.recipes.flops`, which counts no weight-gradient
     GEMM for frozen weights and weights the experts by this step's routed shares (Bridge's own
     formula would credit anchored training with work it never does); ``callback.throughput`` keeps
     ``(iteration, tflops_per_gpu, mfu)``, MFU being None where the GPU's peak is not tabulated.
@@ -43,7 +47,7 @@ def training_log_callback(*, print_fn=print):
     import torch.distributed as dist
     from megatron.bridge.training.callbacks import Callback
 
-    from flexolmo_plugin.model import unwrap
+    from flexolmo_plugin.model.build import unwrap
 
     class FlexOlmoTrainingLog(Callback):
         def __init__(self):
@@ -99,11 +103,15 @@ def _flop_counter(cfg, config):
     Routed shares are this rank's; with data parallelism ranks see statistically identical batches.
     """
     import torch.distributed as dist
+    from flexolmo_plugin.recipes.flops import (
+        Trainable,
+        peak_flops,
+        step_flops,
+        throughput,
+    )
+    from flexolmo_plugin.recipes.precision import precision_of
 
     from flexolmo_plugin.compat import device_name
-    from flexolmo_plugin.flops import Trainable, peak_flops, step_flops, throughput
-
-    from .precision import precision_of
 
     model = cfg.model
     trainable = Trainable.policy(model.trainable, config.num_experts, model.owner_expert)
@@ -166,9 +174,8 @@ def _warm_up_callback():
 
 def build_config(recipe: str, overrides: list[str]):
     """The recipe's ``ConfigContainer`` with ``recipe.*`` arguments and config overrides applied."""
+    from flexolmo_plugin.recipes.production import PRODUCTION_RECIPES
     from omegaconf import OmegaConf
-
-    from .production import PRODUCTION_RECIPES
 
     recipes = {**_recipes(), **PRODUCTION_RECIPES}
     if recipe not in recipes:
@@ -181,7 +188,9 @@ def build_config(recipe: str, overrides: list[str]):
     kwargs = OmegaConf.to_container(OmegaConf.from_dotlist(recipe_args)) if recipe_args else {}
     config = recipes[recipe](**kwargs)
     if config_overrides:
-        from megatron.bridge.training.utils.omegaconf_utils import process_config_with_overrides
+        from megatron.bridge.training.utils.omegaconf_utils import (
+            process_config_with_overrides,
+        )
 
         config = process_config_with_overrides(config, cli_overrides=config_overrides)
     return config
@@ -206,7 +215,7 @@ def write_run_config(config, recipe: str) -> None:
     save directory itself and reads its latest complete ``iter_*`` checkpoint.  Written through a
     temporary file and a rename, so a crash never leaves a torn file.
     """
-    from conversion.mcore_io import CONFIG_FILE, save_config
+    from flexolmo_plugin.conversion.mcore_io import CONFIG_FILE, save_config
 
     model = config.model
     flexolmo = model.to_flexolmo_config()
@@ -235,7 +244,10 @@ def run(recipe: str, overrides: list[str], *, callbacks=()):
         Path(config.checkpoint.save).mkdir(parents=True, exist_ok=True)
         write_run_config(config, recipe)
     dist.barrier()
-    from .precision import check_container_precision, current_capability
+    from flexolmo_plugin.recipes.precision import (
+        check_container_precision,
+        current_capability,
+    )
 
     check_container_precision(config, current_capability())  # e.g. mxfp8 overridden in on an H100
     log = training_log_callback()
@@ -245,3 +257,27 @@ def run(recipe: str, overrides: list[str], *, callbacks=()):
         if stop.code not in (0, None):
             raise
     return log
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point the launchers start on every rank: ``python -m flexolmo_plugin.recipes.train RECIPE KEY=VALUE...``.
+
+    Runs :func:`run` for any recipe of this module (the production ones included) under torchrun; exit
+    code 0 on success.  Kept separate from ``flexolmo train`` so that the launchers do not depend on the
+    CLI's recipe list.
+    """
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or "=" in argv[0]:
+        print("usage: python -m flexolmo_plugin.recipes.train RECIPE [recipe.ARG=VALUE | KEY=VALUE ...]",
+              file=sys.stderr)
+        return 2
+    run(argv[0], argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -12,7 +12,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def megatron_single_process():
     """A world of one with TP=EP=1, shared by the single-process tests."""
-    from flexolmo_plugin.distributed import ensure_model_parallel
+    from flexolmo_plugin.model.parallel import ensure_model_parallel
 
     ensure_model_parallel()
     yield

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from flexolmo_plugin.model import next_token_loss  # noqa: F401  (re-exported for tests)
+from flexolmo_plugin.model.build import next_token_loss  # noqa: F401  (re-exported for tests)
 
 SPAWN_TIMEOUT_S = 300
 
@@ -82,7 +82,7 @@ def _worker_entry(rank, world_size, port, fn, args, queue, collected):
         # Tensors in the queue live in this process's shared memory: stay alive until the parent
         # has unpickled every result, or it would find the backing files gone.
         collected.wait(SPAWN_TIMEOUT_S)
-        from flexolmo_plugin.distributed import teardown_model_parallel
+        from flexolmo_plugin.model.parallel import teardown_model_parallel
 
         try:
             teardown_model_parallel()
@@ -151,7 +151,7 @@ def hf_per_expert_tensors(hf_model, *, grads: bool) -> dict[str, torch.Tensor]:
 
 def canonical_reference(hf_model, config, *, grads: bool) -> dict[str, torch.Tensor]:
     """Reference tensors under canonical Megatron names, through the product's mapping table."""
-    from conversion.mapping import entries, to_megatron
+    from flexolmo_plugin.conversion.mapping import entries, to_megatron
 
     per_expert = hf_per_expert_tensors(hf_model, grads=grads)
     return {e.megatron: to_megatron(e, tuple(per_expert[n] for n in e.hf), config).clone()
@@ -160,7 +160,7 @@ def canonical_reference(hf_model, config, *, grads: bool) -> dict[str, torch.Ten
 
 def slot_errors(model, reference: dict[str, torch.Tensor], *, grads: bool) -> dict[str, float]:
     """Relative max error of every local parameter (or its gradient) against its reference slice."""
-    from flexolmo_plugin.parameters import slots
+    from flexolmo_plugin.conversion.slots import slots
 
     errors = {}
     for slot in slots(model):

@@ -25,10 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from flexolmo_plugin.errors import FlexOlmoError
+
 DOMAINS = ("public", "python", "cpp", "licenses")
 
 
-class CorpusError(RuntimeError):
+class CorpusError(FlexOlmoError):
     """The machine lacks the text a demo domain is built from."""
 
 

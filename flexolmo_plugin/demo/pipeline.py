@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .corpus import DOMAINS, build_domain, train_tokenizer
-from .sizes import OWNERS, SIZES, DemoSize
+from flexolmo_plugin.demo.corpus import DOMAINS, build_domain, train_tokenizer
+from flexolmo_plugin.demo.sizes import OWNERS, SIZES, DemoSize
 
 
 class DemoError(RuntimeError):
@@ -82,7 +82,7 @@ class Demo:
 
     # ------------------------------------------------------------------ data
     def prepare_data(self) -> None:
-        from ..data import prepare_dataset
+        from flexolmo_plugin.lifecycle.data import prepare_dataset
 
         s, data = self.size, self.root / "data"
         files = {name: build_domain(name, data, train_chars=s.train_chars, eval_chars=s.eval_chars)
@@ -156,7 +156,7 @@ class Demo:
     def publish_public(self) -> None:
         """The coordinator exports the public model to HF (what owners embed their documents with)
         and computes the public domain embedding r_pub from public documents."""
-        from conversion.convert import copy_tokenizer_files, mcore_to_hf
+        from flexolmo_plugin.conversion.convert import copy_tokenizer_files, mcore_to_hf
 
         coordinator = self.root / "coordinator"
         self.command("convert", "mcore-to-hf", coordinator / "public", coordinator / "public-hf")
@@ -165,9 +165,11 @@ class Demo:
         self.embed("public")
 
     def embed(self, name: str) -> None:
-        from conversion.upcycle import save_embedding
-
-        from ..domain_embedding import embed_documents, sample_documents
+        from flexolmo_plugin.lifecycle.domain_embedding import (
+            embed_documents,
+            sample_documents,
+        )
+        from flexolmo_plugin.lifecycle.upcycle import save_embedding
 
         docs_path = self.root / "data" / f"{name}.train.jsonl"
         public_hf = self.root / "coordinator" / "public-hf"
@@ -181,7 +183,7 @@ class Demo:
         self.say(f"   {name:<9} domain embedding: mean of {len(docs)} documents -> {out.relative_to(self.root)}")
 
     def upcycle(self, names: tuple[str, str], domain_embedding: Path, out: Path) -> None:
-        from conversion.upcycle import upcycle
+        from flexolmo_plugin.lifecycle.upcycle import upcycle
 
         public_embedding = self.root / "coordinator" / "public-embedding.safetensors"
         self.command("upcycle", self.root / "coordinator" / "public", out, "--public-embedding", public_embedding,
@@ -200,7 +202,7 @@ class Demo:
 
     def owner(self, name: str) -> None:
         """Everything one data owner does, on its own data only."""
-        from ..experts.package import package_expert
+        from flexolmo_plugin.lifecycle.package import package_expert
 
         s, data, home = self.size, self.root / "data", self.root / "owners" / name
         self.embed(name)
@@ -219,8 +221,8 @@ class Demo:
 
     # ------------------------------------------------------------------ coordinator
     def merge(self) -> None:
-        from ..experts.merge import merge_experts
-        from ..experts.opt_out import opt_out
+        from flexolmo_plugin.lifecycle.merge import merge_experts
+        from flexolmo_plugin.lifecycle.opt_out import opt_out
 
         coordinator = self.root / "coordinator"
         self.public_start()
@@ -239,9 +241,9 @@ class Demo:
         self.say(f"   opted out {dropped!r} physically -> coordinator/merged-without-{dropped}")
 
     def evaluate(self) -> None:
-        from ..api import from_mcore
-        from ..evaluation import evaluate, plot_routing
-        from ..experts.opt_out import exclude_experts
+        from flexolmo_plugin.api import from_mcore
+        from flexolmo_plugin.lifecycle.evaluation import evaluate, plot_routing
+        from flexolmo_plugin.lifecycle.opt_out import exclude_experts
 
         s, data, coordinator = self.size, self.root / "data", self.root / "coordinator"
         datasets = {name: data / f"{name}.eval" for name in DOMAINS}
@@ -280,11 +282,10 @@ class Demo:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from conversion.convert import copy_tokenizer_files, mcore_to_hf
-
-        from ..api import from_mcore
-        from ..evaluation import read_windows
-        from ..model import logits
+        from flexolmo_plugin.api import from_mcore
+        from flexolmo_plugin.conversion.convert import copy_tokenizer_files, mcore_to_hf
+        from flexolmo_plugin.lifecycle.evaluation import read_windows
+        from flexolmo_plugin.model.build import logits
 
         coordinator = self.root / "coordinator"
         self.command("convert", "mcore-to-hf", coordinator / "merged", coordinator / "merged-hf")

@@ -4,12 +4,21 @@ Runs the real benchmark scripts (in --quick mode: tiny models, a step or two) an
 file -- never to docs/benchmarks.md, which only a full run may rewrite.
 """
 
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _benchmarks() -> list[list[str]]:
+    """``benchmarks.run_all.BENCHMARKS``, read in a child run from the repository root (the way run_all itself
+    runs: under importlib mode the repository root is not importable from the test process)."""
+    code = "import json; from benchmarks.run_all import BENCHMARKS; print(json.dumps(BENCHMARKS))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout)
 
 
 def test_run_all_quick_writes_every_section_with_date_and_machine(tmp_path):
@@ -20,10 +29,7 @@ def test_run_all_quick_writes_every_section_with_date_and_machine(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     text = out.read_text()
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from run_all import BENCHMARKS
-
-    for script, _ in BENCHMARKS:
+    for script, _ in _benchmarks():
         headers = [line for line in text.splitlines() if line.startswith("## ") and f"`benchmarks/{script}`" in line]
         assert headers, f"no section for {script}"
         if script != "bench_gpu.py":  # the GPU one legitimately says "not measured" without CUDA

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from flexolmo_plugin.conversion.convert import hf_to_mcore, mcore_to_hf
 
-from conversion.convert import hf_to_mcore, mcore_to_hf
 from tests.support import hf_reference, make_hf_model, run_distributed, save_hf_model
 
 pytestmark = pytest.mark.multiprocess

@@ -12,8 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from conversion.direct_io import ALIGN, DirectFile, Staging, direct_io_enabled
+from flexolmo_plugin.conversion.direct_io import (
+    ALIGN,
+    DirectFile,
+    Staging,
+    direct_io_enabled,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -107,8 +111,7 @@ def test_background_write_error_surfaces(tmp_path, direct):
     """A real I/O error in an I/O thread (file-size limit: EFBIG) is raised to the writer, not lost."""
     script = textwrap.dedent(f"""
         import errno, resource, signal, sys
-        sys.path.insert(0, {str(ROOT)!r})
-        from conversion.direct_io import DirectFile, Staging
+        from flexolmo_plugin.conversion.direct_io import DirectFile, Staging
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
         staging = Staging(buffer_bytes=1 << 18, buffers=2)

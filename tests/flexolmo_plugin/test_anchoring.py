@@ -9,10 +9,16 @@ STEPS = 6
 
 
 def _train(rank, world_size, hf_dir, policy, weight_decay):
-    import flexolmo_plugin as fp
-    from flexolmo_plugin import anchoring, compat
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    import flexolmo_plugin as fp
+    from flexolmo_plugin import compat
+    from flexolmo_plugin.lifecycle import freezing as anchoring
 
     compat.enable_cpu_compat(training=True)
     model = fp.from_hf(hf_dir)
@@ -72,7 +78,7 @@ def test_router_tuning_moves_only_router_rows(hf_dir):
 
 def test_anchor_digest_sees_the_anchor_and_only_the_anchor(tmp_path, megatron_single_process):
     import flexolmo_plugin as fp
-    from flexolmo_plugin.anchoring import anchor_digest
+    from flexolmo_plugin.lifecycle.anchor import anchor_digest
 
     model = fp.from_hf(save_hf_model(make_hf_model(seed=8, num_experts=2), tmp_path / "hf"))
     digest = anchor_digest(model)
@@ -88,7 +94,7 @@ def test_anchor_digest_sees_the_anchor_and_only_the_anchor(tmp_path, megatron_si
 
 def test_public_expert_cannot_be_the_owner(tmp_path, megatron_single_process):
     import flexolmo_plugin as fp
-    from flexolmo_plugin.anchoring import anchor
+    from flexolmo_plugin.lifecycle.freezing import anchor
 
     model = fp.from_hf(save_hf_model(make_hf_model(seed=8, num_experts=2), tmp_path / "hf"))
     with pytest.raises(ValueError, match="non-public expert"):

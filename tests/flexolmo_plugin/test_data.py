@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from flexolmo_plugin.data import DataError, prepare_dataset
-from flexolmo_plugin.domain_embedding import embed_documents, sample_documents
+from flexolmo_plugin.lifecycle.data import DataError, prepare_dataset
+from flexolmo_plugin.lifecycle.domain_embedding import embed_documents, sample_documents
 from tests.support import make_tokenizer
 
 DOCS = ["def add(a, b): return a + b", "the quick brown fox", "lorem ipsum dolor sit amet, consectetur"]
@@ -106,8 +106,8 @@ def test_public_model_embedding_uses_its_final_hidden_states(tokenizer_dir, tmp_
 def test_embed_domain_cli_writes_a_loadable_router_row(tokenizer_dir, tmp_path):
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from conversion.upcycle import load_embedding
     from flexolmo_plugin.cli import EXIT_BAD_INPUT, EXIT_OK, main
+    from flexolmo_plugin.lifecycle.upcycle import load_embedding
 
     BertModel(BertConfig(vocab_size=300, hidden_size=48, num_hidden_layers=1, num_attention_heads=4,
                          intermediate_size=64)).save_pretrained(tmp_path / "enc")

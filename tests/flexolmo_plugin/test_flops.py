@@ -10,9 +10,15 @@ from __future__ import annotations
 import types
 
 import pytest
+from flexolmo_plugin.recipes.flops import (
+    Trainable,
+    flops_per_token,
+    peak_flops,
+    step_flops,
+    throughput,
+)
 
-from flexolmo_plugin.config import ConfigError, FlexOlmoConfig
-from flexolmo_plugin.flops import Trainable, flops_per_token, peak_flops, step_flops, throughput
+from flexolmo_plugin.model.config import ConfigError, FlexOlmoConfig
 
 # d=8, f=12, 2 layers, 2 heads of 4 (q width 8), 1 KV head (kv width 4), vocab 128 (already padded)
 TINY = FlexOlmoConfig(vocab_size=128, hidden_size=8, intermediate_size=12, num_layers=2, num_attention_heads=2,
@@ -105,9 +111,8 @@ def test_all_trainable_agrees_with_megatron_bridge_formula_plus_the_router_gemm(
     from flexolmo_plugin.compat import enable_bridge_compat
 
     enable_bridge_compat()
+    from flexolmo_plugin.recipes.provider import FlexOlmoModelProvider
     from megatron.bridge.training.utils.flop_utils import num_floating_point_operations
-
-    from recipes.provider import FlexOlmoModelProvider
 
     config = FlexOlmoConfig(vocab_size=100352, hidden_size=4096, intermediate_size=11008, num_layers=32,
                             num_attention_heads=32, num_key_value_heads=32, num_experts=7, top_k=5)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import flexolmo_plugin as fp
-from flexolmo_plugin.spec import transformer_engine_available
+from flexolmo_plugin.model.spec import transformer_engine_available
 from tests.support import hf_reference, make_hf_model, save_hf_model
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI machines have none)")
@@ -47,7 +47,7 @@ def test_te_backend_matches_local_backend(tmp_path, megatron_single_process):
 def test_te_backend_is_refused_clearly_without_transformer_engine(megatron_single_process):
     if transformer_engine_available():
         pytest.skip("transformer-engine is installed here")
-    from flexolmo_plugin.spec import flexolmo_layer_spec
+    from flexolmo_plugin.model.spec import flexolmo_layer_spec
 
     with pytest.raises(RuntimeError, match="transformer-engine"):
         flexolmo_layer_spec(backend="te")
@@ -57,7 +57,7 @@ def test_te_backend_is_refused_clearly_without_transformer_engine(megatron_singl
 @needs_te
 def test_te_backend_keeps_the_public_expert_frozen_under_anchoring(tmp_path, megatron_single_process):
     """TE's grouped linear shares requires_grad across experts; our TE experts are per-expert modules."""
-    from flexolmo_plugin.anchoring import anchor
+    from flexolmo_plugin.lifecycle.freezing import anchor
 
     hf = make_hf_model(seed=6, num_experts=2, num_experts_per_tok=2)
     model = fp.from_hf(save_hf_model(hf, tmp_path / "hf"), params_dtype=torch.bfloat16, backend="te")
@@ -93,10 +93,10 @@ def test_bench_gpu_measures_flexolmo_against_stock_moe(tmp_path):
 @pytest.mark.parametrize("recipe", ["tensorwise", "blockwise"])
 def test_fp8_anchored_step_keeps_the_public_expert_frozen(recipe, tmp_path, megatron_single_process):
     """One FP8 training step of the TE backend under Megatron's own FP8 context (Hopper recipes)."""
+    from flexolmo_plugin.recipes.precision import check_device_supports
     from megatron.core.fp8_utils import get_fp8_context
 
-    from flexolmo_plugin.anchoring import anchor
-    from recipes.precision import check_device_supports
+    from flexolmo_plugin.lifecycle.freezing import anchor
 
     capability = torch.cuda.get_device_capability()
     check_device_supports(f"fp8-{recipe}", capability)

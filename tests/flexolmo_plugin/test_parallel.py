@@ -7,8 +7,15 @@ training configuration, where Megatron requires sequence parallelism whenever Mo
 import pytest
 import torch
 
-from tests.support import (canonical_reference, hf_reference, make_hf_model, next_token_loss, run_distributed,
-                           save_hf_model, slot_errors)
+from tests.support import (
+    canonical_reference,
+    hf_reference,
+    make_hf_model,
+    next_token_loss,
+    run_distributed,
+    save_hf_model,
+    slot_errors,
+)
 
 pytestmark = pytest.mark.multiprocess
 
@@ -20,10 +27,14 @@ def _finalized_grads(model, ids):
     """Backward through Megatron's real DDP wrapper and grad finalisation (DP/expert-DP averaging,
     sequence-parallel weight reduction), as in training.  Every rank gets the same batch, so the
     averaged gradients must equal the single-model reference."""
-    from flexolmo_plugin import compat
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
 
     import flexolmo_plugin as fp
+    from flexolmo_plugin import compat
 
     compat.enable_cpu_compat(training=True)
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
@@ -34,8 +45,9 @@ def _finalized_grads(model, ids):
 
 
 def _worker(rank, world_size, hf_dir, ids, layout, grad_reference):
-    import flexolmo_plugin as fp
     from megatron.core import parallel_state as ps
+
+    import flexolmo_plugin as fp
 
     model = fp.from_hf(hf_dir, **layout)
     assert ps.get_tensor_model_parallel_world_size() == layout.get("tensor_parallel", 1)
@@ -53,7 +65,7 @@ def _worker(rank, world_size, hf_dir, ids, layout, grad_reference):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    from flexolmo_plugin.config import FlexOlmoConfig
+    from flexolmo_plugin.model.config import FlexOlmoConfig
 
     hf = make_hf_model(seed=7, num_experts=4, num_experts_per_tok=2)
     hf_dir = save_hf_model(hf, tmp_path_factory.mktemp("hf") / "model")

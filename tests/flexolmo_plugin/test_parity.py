@@ -4,8 +4,14 @@ import pytest
 import torch
 
 import flexolmo_plugin as fp
-from tests.support import (canonical_reference, hf_reference, make_hf_model, next_token_loss, save_hf_model,
-                           slot_errors)
+from tests.support import (
+    canonical_reference,
+    hf_reference,
+    make_hf_model,
+    next_token_loss,
+    save_hf_model,
+    slot_errors,
+)
 
 LOGIT_TOL = 1e-5  # measured worst max |Δlogit| 1.0e-6 (seq 128); the product target is 1e-4
 LOSS_TOL = 2e-6  # measured worst |Δloss| 4.8e-7

@@ -3,8 +3,12 @@
 import pytest
 import torch
 
-from flexolmo_plugin.config import FlexOlmoConfig, ParallelLayout, to_transformer_config
-from flexolmo_plugin.router import DomainEmbeddingRouter
+from flexolmo_plugin.model.config import (
+    FlexOlmoConfig,
+    ParallelLayout,
+    to_transformer_config,
+)
+from flexolmo_plugin.model.router import DomainEmbeddingRouter
 
 H = 24
 

@@ -31,8 +31,9 @@ SEQ = 32
 
 
 def _provider(expert_parallel: int):
-    from flexolmo_plugin.config import FlexOlmoConfig
-    from recipes.provider import FlexOlmoModelProvider
+    from flexolmo_plugin.recipes.provider import FlexOlmoModelProvider
+
+    from flexolmo_plugin.model.config import FlexOlmoConfig
 
     return FlexOlmoModelProvider.from_flexolmo_config(
         FlexOlmoConfig(**TINY), seq_length=SEQ, expert_model_parallel_size=expert_parallel)
@@ -46,9 +47,19 @@ def _config(save: Path, *, expert_parallel: int = 1, load: Path | None = None,
     horizon and refuses a different one on load; interruptions use ``exit_interval``.
     """
     from megatron.bridge.training.config import (
-        CheckpointConfig, ConfigContainer, DistributedDataParallelConfig, DistributedInitConfig,
-        LoggerConfig, MockGPTDatasetConfig, OptimizerConfig, RNGConfig, SchedulerConfig,
-        TokenizerConfig, TrainingConfig, ValidationConfig)
+        CheckpointConfig,
+        ConfigContainer,
+        DistributedDataParallelConfig,
+        DistributedInitConfig,
+        LoggerConfig,
+        MockGPTDatasetConfig,
+        OptimizerConfig,
+        RNGConfig,
+        SchedulerConfig,
+        TokenizerConfig,
+        TrainingConfig,
+        ValidationConfig,
+    )
 
     return ConfigContainer(
         model=_provider(expert_parallel),
@@ -113,9 +124,9 @@ def _pretrain(cfg) -> dict[int, float]:
 def _check_trained_model(chunks, expected) -> None:
     """``model.flexolmo_config`` is attached, the slot map covers every parameter, logits run."""
     import torch
+    from flexolmo_plugin.conversion.slots import check_complete, slots
 
-    from flexolmo_plugin.model import logits, unwrap
-    from flexolmo_plugin.parameters import check_complete, slots
+    from flexolmo_plugin.model.build import logits, unwrap
 
     (model,) = chunks
     assert unwrap(model).flexolmo_config == expected
@@ -135,7 +146,7 @@ def _assert_mirrors_to_transformer_config(provider, cfg) -> None:
 
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from flexolmo_plugin.config import ParallelLayout, to_transformer_config
+    from flexolmo_plugin.model.config import ParallelLayout, to_transformer_config
 
     reference = to_transformer_config(cfg, ParallelLayout())
     provider.finalize()  # bridge defers megatron-core's __post_init__ (derived fields) to here
@@ -155,8 +166,12 @@ def _assert_mirrors_to_transformer_config(provider, cfg) -> None:
 
 def _provider_checks() -> None:
     """Round trip FlexOlmoConfig -> provider -> FlexOlmoConfig, and FlexOlmo's invariants."""
-    from flexolmo_plugin.config import ConfigError, FlexOlmoConfig
-    from recipes.provider import FlexOlmoModelProvider, flexolmo_transformer_layer_spec
+    from flexolmo_plugin.recipes.provider import (
+        FlexOlmoModelProvider,
+        flexolmo_transformer_layer_spec,
+    )
+
+    from flexolmo_plugin.model.config import ConfigError, FlexOlmoConfig
 
     cfg = FlexOlmoConfig(**{**TINY, "head_dim": 32, "router_bias": True, "rope_theta": 10000.0,
                             "expert_names": ("public", "math", "code", "news"), "eos_token_id": 2})

@@ -28,8 +28,8 @@ def test_nemo_run_plan_builds_the_torchrun_command_and_nccl_environment():
     command = launcher.torchrun_command(plan, head="node01")
     assert command[:5] == ["torchrun", "--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d",
                            "--rdzv-endpoint=node01:29500"]
-    assert command[5].endswith("launchers/train_recipe.py")
-    assert command[6:] == ["expert-2x7b", "recipe.nodes=2", "recipe.gpus_per_node=8", "recipe.init_from=/ckpt/start",
+    assert command[5:7] == ["-m", "flexolmo_plugin.recipes.train"]
+    assert command[7:] == ["expert-2x7b", "recipe.nodes=2", "recipe.gpus_per_node=8", "recipe.init_from=/ckpt/start",
                            "recipe.precision=fp8-blockwise"]
     env = launcher.environment(plan)
     assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
@@ -56,16 +56,25 @@ def test_slurm_script_dry_run_passes_the_cluster_shape_to_the_recipe():
                          env=env, capture_output=True, text=True, check=True).stdout
     assert "torchrun --nnodes=4 --nproc-per-node=8 --rdzv-backend=c10d" in out
     assert "--rdzv-id=77" in out
+    assert " -m flexolmo_plugin.recipes.train public-7b " in out
     assert out.rstrip().endswith("public-7b recipe.nodes=4 recipe.gpus_per_node=8 recipe.precision=bf16")
     missing = subprocess.run(["bash", str(REPO / "launchers" / "torchrun_slurm.sh")], env=env, capture_output=True,
                              text=True)
     assert missing.returncode != 0 and "usage" in missing.stderr
 
 
-def test_train_recipe_entry_rejects_a_missing_recipe():
-    out = subprocess.run(["python3", str(REPO / "launchers" / "train_recipe.py"), "recipe.x=1"], capture_output=True,
-                         text=True)
+def test_train_module_entry_rejects_a_missing_recipe(tmp_path):
+    # run outside the repository: the launchers start the installed module, not a file of the checkout
+    out = subprocess.run([sys.executable, "-m", "flexolmo_plugin.recipes.train", "recipe.x=1"], capture_output=True,
+                         text=True, cwd=tmp_path)
     assert out.returncode == 2 and "usage" in out.stderr
+
+
+def test_train_module_imports_no_megatron_bridge():
+    code = ("import sys, flexolmo_plugin.recipes.train; "
+            "print(sorted(m for m in sys.modules if m.startswith('megatron')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_bench_gpu_without_cuda_says_not_measured(tmp_path):
@@ -74,7 +83,7 @@ def test_bench_gpu_without_cuda_says_not_measured(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA present: bench_gpu measures instead (see the gpu tests)")
     md = tmp_path / "gpu.md"
-    out = subprocess.run([str(REPO / ".venv" / "bin" / "python"), str(REPO / "benchmarks" / "bench_gpu.py"),
-                          "--markdown", str(md)], capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_gpu", "--markdown", str(md)], capture_output=True,
+                         text=True, cwd=REPO)
     assert out.returncode == 0 and "not measured: no CUDA" in out.stdout
     assert md.read_text().startswith("## GPU") and "not measured: no CUDA" in md.read_text()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from flexolmo_plugin.recipes.precision import check_device_supports, check_fp8_alignment
 
-from flexolmo_plugin.config import ConfigError, FlexOlmoConfig
-from recipes.precision import check_device_supports, check_fp8_alignment
+from flexolmo_plugin.model.config import ConfigError, FlexOlmoConfig
 
 SEVEN_B = FlexOlmoConfig(vocab_size=100352, hidden_size=4096, intermediate_size=11008, num_layers=32,
                          num_attention_heads=32, num_key_value_heads=32, num_experts=2, top_k=2)
@@ -47,8 +47,11 @@ def _container_checks():
     from flexolmo_plugin.compat import enable_bridge_compat
 
     enable_bridge_compat()
-    from recipes.precision import check_container_precision, mixed_precision_config
-    from recipes.production import flexolmo_expert_2x7b_config
+    from flexolmo_plugin.recipes.precision import (
+        check_container_precision,
+        mixed_precision_config,
+    )
+    from flexolmo_plugin.recipes.production import flexolmo_expert_2x7b_config
 
     out = {}
     for name, call in {

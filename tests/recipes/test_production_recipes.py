@@ -28,9 +28,8 @@ def _validate_full_size():
     from flexolmo_plugin.compat import enable_bridge_compat
 
     enable_bridge_compat()
+    from flexolmo_plugin.recipes.production import PRODUCTION_RECIPES, describe
     from megatron.bridge.training.config import runtime_config_update
-
-    from recipes.production import PRODUCTION_RECIPES, describe
 
     results = {}
     for name, recipe in PRODUCTION_RECIPES.items():
@@ -109,9 +108,8 @@ def _train_scaled_down(rank, world_size, init):
     from flexolmo_plugin.compat import enable_bridge_compat
 
     enable_bridge_compat()
+    from flexolmo_plugin.recipes.train import run
     from megatron.bridge.training.callbacks import Callback
-
-    from recipes.train import run
 
     class EvalLoss(Callback):
         losses: list = []
@@ -140,7 +138,7 @@ def _train_scaled_down(rank, world_size, init):
 
 @pytest.fixture(scope="module")
 def scaled_down(tmp_path_factory):
-    from conversion.upcycle import upcycle
+    from flexolmo_plugin.lifecycle.upcycle import upcycle
 
     root = tmp_path_factory.mktemp("production")
     make_dense_model(root / "public", vocab_size=TINY["vocab_size"], hidden_size=TINY["hidden_size"])

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import flexolmo_plugin as fp
+from flexolmo_plugin.lifecycle.merge import merge_experts
+from flexolmo_plugin.lifecycle.package import package_expert
+from flexolmo_plugin.lifecycle.upcycle import upcycle
 from tests.support import make_dense_model
-from conversion.upcycle import upcycle
-from flexolmo_plugin.experts.merge import merge_experts
-from flexolmo_plugin.experts.package import package_expert
 
 H = 48
 IDS = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))

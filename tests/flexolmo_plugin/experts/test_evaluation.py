@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import flexolmo_plugin as fp
-from flexolmo_plugin.evaluation import evaluate, read_windows
-from flexolmo_plugin.experts.opt_out import exclude_experts
+from flexolmo_plugin.lifecycle.evaluation import evaluate, read_windows
+from flexolmo_plugin.lifecycle.opt_out import exclude_experts
 
 
 def write_dataset(prefix, documents):

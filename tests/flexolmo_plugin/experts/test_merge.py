@@ -7,11 +7,18 @@ import pytest
 import torch
 
 import flexolmo_plugin as fp
-from conversion.upcycle import upcycle
-from flexolmo_plugin.experts.merge import merge_experts
-from flexolmo_plugin.experts.opt_out import exclude_experts, opt_out
-from flexolmo_plugin.experts.package import PackageError, load_package, package_expert
-from tests.flexolmo_plugin.experts.helpers import H, IDS, OWNERS, dense_model, embedding, make_owner
+from flexolmo_plugin.lifecycle.merge import merge_experts
+from flexolmo_plugin.lifecycle.opt_out import exclude_experts, opt_out
+from flexolmo_plugin.lifecycle.package import PackageError, load_package, package_expert
+from flexolmo_plugin.lifecycle.upcycle import upcycle
+from tests.flexolmo_plugin.experts.helpers import (
+    IDS,
+    OWNERS,
+    H,
+    dense_model,
+    embedding,
+    make_owner,
+)
 from tests.support import hf_reference
 
 
@@ -106,7 +113,7 @@ def test_opt_out_refuses_the_public_expert_and_unknown_names(world, tmp_path):
 
 
 def test_merged_model_exports_to_transformers_with_identical_logits(world, tmp_path):
-    from conversion.convert import mcore_to_hf
+    from flexolmo_plugin.conversion.convert import mcore_to_hf
     from transformers import AutoModelForCausalLM
 
     root, anchor, owners, packages, merged = world
@@ -132,8 +139,9 @@ def test_cli_package_merge_opt_out(world, tmp_path, capsys):
 
 
 def test_export_with_a_router_bias_needs_the_flag_and_reports_the_change(world, tmp_path, capsys):
-    from conversion.convert import mcore_to_hf
-    from conversion.mcore_io import McoreCheckpointError
+    from flexolmo_plugin.conversion.convert import mcore_to_hf
+    from flexolmo_plugin.conversion.mcore_io import McoreCheckpointError
+
     from flexolmo_plugin.cli import EXIT_BAD_INPUT, EXIT_OK, main
 
     root, anchor, owners, packages, merged = world

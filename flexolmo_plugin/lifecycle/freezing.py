@@ -12,19 +12,19 @@ would still let decoupled weight decay drift it).  Each expert is its own module
 and each router row its own Parameter, so this works under any EP layout: on ranks that do not hold
 the owner's expert, only its router row trains.
 
-:func:`anchor_digest` fingerprints the anchor (all shared tensors, the public FFN and r_pub) so
-that merge tooling can verify that an expert was trained against a given public model.
+:mod:`.anchor` fingerprints the anchor (all shared tensors, the public FFN and r_pub) so that merge
+tooling can verify that an expert was trained against a given public model.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from .parameters import Slot, slots
+from flexolmo_plugin.conversion.mapping import Role
+from flexolmo_plugin.conversion.slots import Slot, slots
+from flexolmo_plugin.model.build import unwrap
 
 PUBLIC_EXPERT = 0
 
@@ -40,11 +40,11 @@ class TrainableSet:
 
 
 def _is_router(slot: Slot) -> bool:
-    return ".mlp.router." in slot.canonical
+    return slot.role in (Role.ROUTER_ROW, Role.ROUTER_BIAS)
 
 
 def _is_expert_ffn(slot: Slot) -> bool:
-    return ".mlp.experts." in slot.canonical
+    return slot.role is Role.EXPERT
 
 
 def _apply(model: nn.Module, keep) -> TrainableSet:
@@ -77,38 +77,4 @@ def unfreeze_all(model: nn.Module) -> TrainableSet:
 
 
 def _num_experts(model: nn.Module) -> int:
-    from .model import unwrap
-
     return unwrap(model).flexolmo_config.num_experts
-
-
-def anchor_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The anchor as canonical tensors held by this rank: shared weights, public FFN, r_pub.
-
-    TP/EP-sharded tensors appear as this rank's slices; use on a TP=EP=1 model (or a checkpoint
-    reader) for a layout-independent digest.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for slot in slots(model):
-        if slot.expert is None:
-            out[slot.canonical] = slot.param.detach()
-        elif slot.expert == PUBLIC_EXPERT:
-            key = slot.canonical if _is_expert_ffn(slot) else f"{slot.canonical}[0]"
-            out[key] = slot.param.detach()
-    return out
-
-
-def digest_tensors(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes, in name order (bitwise identity check)."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no copy; hashlib releases the GIL
-    return h.hexdigest()
-
-
-def anchor_digest(model: nn.Module) -> str:
-    return digest_tensors(anchor_tensors(model))

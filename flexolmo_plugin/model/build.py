@@ -10,8 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import FlexOlmoConfig, ParallelLayout, to_transformer_config
-from .spec import Backend, flexolmo_block_spec
+from flexolmo_plugin.model.config import (
+    FlexOlmoConfig,
+    ParallelLayout,
+    to_transformer_config,
+)
+from flexolmo_plugin.model.spec import Backend, flexolmo_block_spec
 
 
 def build_model(
@@ -25,7 +29,7 @@ def build_model(
 ):
     """A FlexOlmo ``GPTModel`` for the current ``parallel_state`` layout (random init).
 
-    Call :func:`flexolmo_plugin.distributed.ensure_model_parallel` (or run under a launcher that
+    Call :func:`flexolmo_plugin.model.parallel.ensure_model_parallel` (or run under a launcher that
     initialises Megatron) first.  ``dispatcher`` is Megatron's token dispatcher: ``"alltoall"``
     (production default) or ``"allgather"`` (lets a runtime expert mask shrink top-k).  Weights are usually loaded afterwards (``from_hf`` / checkpoints).
     """

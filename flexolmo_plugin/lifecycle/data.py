@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from flexolmo_plugin.errors import FlexOlmoError
 
-class DataError(ValueError):
+
+class DataError(FlexOlmoError):
     """Unusable input data (bad JSON, missing text, empty corpus) or tokenizer."""
 
 

@@ -12,7 +12,7 @@ import datetime
 import torch
 import torch.distributed as dist
 
-from . import compat
+from flexolmo_plugin import compat
 
 DEFAULT_SEED = 1234
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .data import DataError, iter_documents, load_tokenizer
+from flexolmo_plugin.lifecycle.data import DataError, iter_documents, load_tokenizer
 
 
 def sample_documents(path: str | os.PathLike, *, num_docs: int = 1000, seed: int = 0,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .model import logits, next_token_loss, unwrap
+from flexolmo_plugin.model.build import logits, next_token_loss, unwrap
 
 
 @dataclass
@@ -149,3 +149,23 @@ def plot_routing(results: list[DomainResult], expert_names: tuple[str, ...], pat
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9, label=label)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+@torch.no_grad()
+def router_bias_logit_change(model: nn.Module, *, tokens: int = 64, seed: int = 0) -> float:
+    """Max |Δlogit| on random tokens between ``model`` with its learned router bias and without it:
+    what exporting to HF ``flex_olmo`` (which has no bias) changes.  The bias is restored afterwards."""
+    config = unwrap(model).flexolmo_config
+    ids = torch.randint(0, config.vocab_size, (2, min(tokens, config.max_position_embeddings)),
+                        generator=torch.Generator().manual_seed(seed))
+    with_bias = logits(model, ids)
+    saved = []
+    for layer in unwrap(model).decoder.layers:
+        for bias in layer.mlp.router.domain_biases or []:
+            saved.append((bias, bias.detach().clone()))
+            bias.zero_()
+    try:
+        return (logits(model, ids) - with_bias).abs().max().item()
+    finally:
+        for bias, value in saved:
+            bias.copy_(value)

@@ -17,14 +17,18 @@ from pathlib import Path
 
 import torch
 
-from conversion.atomic import atomic_directory, check_new_output
-from conversion.checks import file_sha256
-from conversion.mcore_io import CanonicalReader, load_config
-from conversion.safetensors_reader import CheckpointFormatError, SafetensorsCheckpoint
-from conversion.safetensors_writer import ShardedSafetensorsWriter
-
-from ..config import FlexOlmoConfig
-from .anchor import anchor_hashes, combined_digest
+from flexolmo_plugin.conversion.atomic import atomic_directory, check_new_output
+from flexolmo_plugin.conversion.checks import file_sha256
+from flexolmo_plugin.conversion.mapping import RULES, Entry, Role, entries
+from flexolmo_plugin.conversion.mcore_io import CanonicalReader, load_config
+from flexolmo_plugin.conversion.safetensors_reader import (
+    CheckpointFormatError,
+    SafetensorsCheckpoint,
+)
+from flexolmo_plugin.conversion.safetensors_writer import ShardedSafetensorsWriter
+from flexolmo_plugin.errors import FlexOlmoError
+from flexolmo_plugin.lifecycle.anchor import anchor_hashes, combined_digest
+from flexolmo_plugin.model.config import FlexOlmoConfig
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -33,24 +37,34 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-class PackageError(ValueError):
+class PackageError(FlexOlmoError):
     """An expert package that is malformed, tampered with, or does not fit the model."""
 
 
-def package_tensor_names(layer: int, *, bias: bool) -> list[str]:
-    names = [f"layers.{layer}.linear_fc1.weight", f"layers.{layer}.linear_fc2.weight", f"layers.{layer}.router_row"]
-    return names + [f"layers.{layer}.router_bias"] if bias else names
+def owner_entries(config: FlexOlmoConfig, expert: int = 1) -> list[Entry]:
+    """The table's entries that hold an owner's part of the model (its FFN, router row and bias),
+    layer by layer: exactly what a package carries."""
+    chosen = [e for e in entries(config) if e.rule.package and e.expert in (None, expert)]
+    return sorted(chosen, key=lambda e: (e.layer, RULES.index(e.rule)))
+
+
+def _package_shape(entry: Entry, config: FlexOlmoConfig) -> tuple[int, ...]:
+    shape = entry.shape(config)
+    return shape[1:] if entry.rule.rows else shape  # one row of the router matrix / bias vector
 
 
 def _plan(config: FlexOlmoConfig, dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-    h, i = config.hidden_size, config.intermediate_size
-    shapes = {"linear_fc1.weight": (2 * i, h), "linear_fc2.weight": (h, i), "router_row": (h,), "router_bias": (1,)}
-    plan = []
-    for layer in range(config.num_layers):
-        for name in package_tensor_names(layer, bias=config.router_bias):
-            kind = name.split(".", 2)[2]
-            plan.append((name, torch.float32 if kind == "router_bias" else dtype, shapes[kind]))
-    return plan
+    return [(e.package(), torch.float32 if e.rule.role is Role.ROUTER_BIAS else dtype, _package_shape(e, config))
+            for e in owner_entries(config)]
+
+
+def _owner_tensor(reader: CanonicalReader, entry: Entry, expert: int) -> torch.Tensor:
+    """The owner's tensor of ``entry``: its FFN weight, its router row, or its (fp32) bias."""
+    if entry.rule.role is Role.ROUTER_ROW:
+        return reader.read(entry.megatron)[expert].contiguous()
+    if entry.rule.role is Role.ROUTER_BIAS:
+        return reader.read(entry.megatron)[expert - 1].float().contiguous()
+    return reader.read(entry.megatron)
 
 
 def check_name(name: str) -> str:
@@ -73,14 +87,8 @@ def package_expert(owner_dir: str | os.PathLike, package_dir: str | os.PathLike,
     anchor = anchor_hashes(config, reader.read)
     with atomic_directory(package_dir) as tmp:
         writer = ShardedSafetensorsWriter(tmp, _plan(config, dtype))
-        for layer in range(config.num_layers):
-            base = f"decoder.layers.{layer}.mlp"
-            writer.write(f"layers.{layer}.linear_fc1.weight", reader.read(f"{base}.experts.{expert}.linear_fc1.weight"))
-            writer.write(f"layers.{layer}.linear_fc2.weight", reader.read(f"{base}.experts.{expert}.linear_fc2.weight"))
-            writer.write(f"layers.{layer}.router_row", reader.read(f"{base}.router.weight")[expert].contiguous())
-            if config.router_bias:
-                bias = reader.read(f"{base}.router.domain_bias")[expert - 1].float().contiguous()
-                writer.write(f"layers.{layer}.router_bias", bias)
+        for entry in owner_entries(config, expert):
+            writer.write(entry.package(), _owner_tensor(reader, entry, expert))
         writer.close()
         manifest = {
             "format_version": FORMAT_VERSION,

@@ -14,30 +14,38 @@ Domain embeddings are files holding one float vector of the model's hidden size:
 from __future__ import annotations
 
 import os
-import re
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from flexolmo_plugin.config import FlexOlmoConfig
-
-from .atomic import atomic_directory, check_new_output
-from .checks import all_finite, file_sha256
-from .convert import ConversionReport, copy_tokenizer_files, ProgressMeter
-from .hf_layout import HFWeights
-from .mapping import entries, to_megatron
-from .mcore_io import CONFIG_FILE, CanonicalReader, load_config, save_config, write_checkpoint
-from .olmo2 import Olmo2AsFlexOlmo, is_olmo2_config
-from .safetensors_reader import PICKLE_SUFFIXES, CheckpointFormatError, SafetensorsCheckpoint
+from flexolmo_plugin.conversion.atomic import atomic_directory, check_new_output
+from flexolmo_plugin.conversion.checks import all_finite, file_sha256
+from flexolmo_plugin.conversion.convert import copy_tokenizer_files
+from flexolmo_plugin.conversion.hf_layout import HFWeights
+from flexolmo_plugin.conversion.mapping import Role, entries_by_name, expert_entry
+from flexolmo_plugin.conversion.mcore_io import (
+    CONFIG_FILE,
+    CanonicalReader,
+    load_config,
+    save_config,
+    write_checkpoint,
+)
+from flexolmo_plugin.conversion.olmo2 import Olmo2AsFlexOlmo, is_olmo2_config
+from flexolmo_plugin.conversion.progress import ConversionReport, ProgressMeter
+from flexolmo_plugin.conversion.safetensors_reader import (
+    PICKLE_SUFFIXES,
+    CheckpointFormatError,
+    SafetensorsCheckpoint,
+)
+from flexolmo_plugin.errors import FlexOlmoError
+from flexolmo_plugin.model.config import FlexOlmoConfig
 
 EMBEDDING_KEY = "embedding"
-_EXPERT = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.)\d+(\..+)$")
-_ROUTER = re.compile(r"^decoder\.layers\.\d+\.mlp\.router\.weight$")
 
 
-class EmbeddingError(ValueError):
+class EmbeddingError(FlexOlmoError):
     """A domain-embedding file that is unreadable, unsafe, or does not fit the model."""
 
 
@@ -119,13 +127,8 @@ class _PublicModel:
         self.config = weights.config if self.kind == "olmo2" else FlexOlmoConfig.from_hf(raw)
         dtypes = {self._checkpoint.dtype(k) for k in self._checkpoint.keys()}
         self.dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-        by_name = {e.megatron: e for e in entries(self.config)}
-
-        def read(name: str) -> torch.Tensor:
-            entry = by_name[name]
-            return to_megatron(entry, tuple(weights.get(h) for h in entry.hf), self.config)
-
-        self.read = read
+        by_name = entries_by_name(self.config)
+        self.read = lambda name: weights.canonical(by_name[name])
 
     def close(self) -> None:
         if self._checkpoint is not None:
@@ -146,20 +149,20 @@ def upcycle(public_dir: str | os.PathLike, out_dir: str | os.PathLike, *, public
         rows = torch.stack([load_embedding(public_embedding, config.hidden_size),
                             load_embedding(domain_embedding, config.hidden_size)])
         out_dtype = dtype or public.dtype
-        names = {e.megatron for e in entries(config)}
+        by_name = entries_by_name(config)
 
         def source(name: str) -> torch.Tensor:
-            if _ROUTER.match(name):
+            entry = by_name[name]
+            if entry.rule.role is Role.ROUTER_ROW:
                 return rows  # the same [r_pub; r_i] seeds every layer
-            expert = _EXPERT.match(name)
-            if expert:  # both experts start as the public FFN
-                return public.read(f"{expert.group(1)}0{expert.group(2)}")
+            if entry.rule.role is Role.EXPERT:  # both experts start as the public FFN
+                return public.read(expert_entry(entry, 0))
             return public.read(name)
 
         meter = ProgressMeter(0, progress, "upcycle")
         try:
             with atomic_directory(out_dir) as tmp:
-                write_checkpoint(tmp, config, source, dtype=out_dtype, expected=names, on_tensor=meter)
+                write_checkpoint(tmp, config, source, dtype=out_dtype, expected=set(by_name), on_tensor=meter)
                 tokenizer_src = public_dir / "tokenizer" if public.kind == "megatron" else public_dir
                 copied = copy_tokenizer_files(tokenizer_src, tmp / "tokenizer")
                 save_config(tmp, config, dtype=out_dtype, extra={

@@ -6,7 +6,7 @@ Why a ``TopKRouter`` subclass rather than the stock router:
   frozen.  Freezing must be ``requires_grad=False`` (so the optimizer and weight decay never see
   it), which needs one ``Parameter`` per row; Megatron's router is a single ``[E, H]`` Parameter.
   Checkpoints store each row under its own key (``...router.domain_embeddings.{e}``), so that a
-  frozen row and a trained row never share a key (see :mod:`.expert_mlp` for why that matters);
+  frozen row and a trained row never share a key (see :mod:`.experts` for why that matters);
   conversion tools assemble the ``[E, H]`` router matrix from them.
 * **Optional learned bias** ``min(b_i, 0)`` on non-public experts (paper §3.4): a per-expert
   Parameter, absent for the public expert, clamped so that it can only lower a domain's logit.
@@ -25,10 +25,9 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-from torch import nn
-
 from megatron.core.transformer.moe.moe_utils import router_gating_linear
 from megatron.core.transformer.moe.router import TopKRouter
+from torch import nn
 
 SUPPORTED_BALANCING = {"none", "aux_loss", "seq_aux_loss", "global_aux_loss"}
 

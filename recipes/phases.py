@@ -22,12 +22,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from flexolmo_plugin.conversion.mcore_io import load_config
+from flexolmo_plugin.recipes.provider import FlexOlmoModelProvider
 
-from conversion.mcore_io import load_config
 from flexolmo_plugin.compat import cuda_available
-from flexolmo_plugin.config import FlexOlmoConfig
-
-from .provider import FlexOlmoModelProvider
+from flexolmo_plugin.model.config import FlexOlmoConfig
 
 EXPERT_DEFAULTS = dict(top_k=2, router_z_loss_coeff=1e-3, load_balancing_coeff=0.0)
 
@@ -35,10 +34,21 @@ EXPERT_DEFAULTS = dict(top_k=2, router_z_loss_coeff=1e-3, load_balancing_coeff=0
 def _container(provider: FlexOlmoModelProvider, *, data_paths, tokenizer_dir, save_dir, seq_length, train_iters,
                global_batch_size, micro_batch_size, lr, min_lr, lr_warmup_iters, weight_decay, save_interval,
                log_interval, seed, cpu, load_dir):
-    from megatron.bridge.training.config import (CheckpointConfig, ConfigContainer, DistributedDataParallelConfig,
-                                                 DistributedInitConfig, GPTDatasetConfig, LoggerConfig,
-                                                 MockGPTDatasetConfig, OptimizerConfig, RNGConfig, SchedulerConfig,
-                                                 TokenizerConfig, TrainingConfig, ValidationConfig)
+    from megatron.bridge.training.config import (
+        CheckpointConfig,
+        ConfigContainer,
+        DistributedDataParallelConfig,
+        DistributedInitConfig,
+        GPTDatasetConfig,
+        LoggerConfig,
+        MockGPTDatasetConfig,
+        OptimizerConfig,
+        RNGConfig,
+        SchedulerConfig,
+        TokenizerConfig,
+        TrainingConfig,
+        ValidationConfig,
+    )
 
     data_args = dict(random_seed=seed, seq_length=seq_length, reset_attention_mask=False, reset_position_ids=False,
                      eod_mask_loss=False, num_dataset_builder_threads=1, dataloader_type="single",
@@ -144,7 +154,7 @@ def _vocab_size(vocab_size: int | None, tokenizer_dir: str | None) -> int:
         return vocab_size
     if tokenizer_dir is None:
         raise ValueError("flexolmo_public_config needs vocab_size or tokenizer_dir")
-    from flexolmo_plugin.data import load_tokenizer
+    from flexolmo_plugin.lifecycle.data import load_tokenizer
 
     return len(load_tokenizer(tokenizer_dir))
 

@@ -10,32 +10,59 @@ that differs.
 from __future__ import annotations
 
 import hashlib
-import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
 
 import torch
+from torch import nn
 
-from conversion.mapping import entries
+from flexolmo_plugin.conversion.mapping import Role, entries
+from flexolmo_plugin.conversion.slots import slots
+from flexolmo_plugin.model.config import FlexOlmoConfig
 
-from ..anchoring import digest_tensors
-from ..config import FlexOlmoConfig
-
-_EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
+PUBLIC_EXPERT = 0
 
 
 def anchor_items(config: FlexOlmoConfig) -> Iterator[tuple[str, str, int | None]]:
-    """``(anchor name, canonical tensor, router row or None)`` for every anchor tensor."""
+    """``(anchor name, canonical tensor, router row or None)`` for every anchor tensor: the shared
+    weights, expert 0's FFN and router row 0 (r_pub)."""
     for entry in entries(config):
-        name = entry.megatron
-        expert = _EXPERT.search(name)
-        if expert:
-            if int(expert.group(1)) == 0:
-                yield name, name, None
-        elif name.endswith(".mlp.router.weight"):
-            yield f"{name}[0]", name, 0
-        else:
-            yield name, name, None
+        role = entry.rule.role
+        if role is Role.SHARED or (role is Role.EXPERT and entry.expert == PUBLIC_EXPERT):
+            yield entry.megatron, entry.megatron, None
+        elif role is Role.ROUTER_ROW:
+            yield f"{entry.megatron}[{PUBLIC_EXPERT}]", entry.megatron, PUBLIC_EXPERT
+
+
+def digest_tensors(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes, in name order (bitwise identity check)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no copy; hashlib releases the GIL
+    return h.hexdigest()
+
+
+def anchor_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The anchor of a built model as canonical tensors held by this rank.
+
+    TP/EP-sharded tensors appear as this rank's slices; use on a TP=EP=1 model (or a checkpoint
+    reader) for a layout-independent digest.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for slot in slots(model):
+        if slot.role is Role.SHARED or (slot.role is Role.EXPERT and slot.expert == PUBLIC_EXPERT):
+            out[slot.canonical] = slot.param.detach()
+        elif slot.role is Role.ROUTER_ROW and slot.expert == PUBLIC_EXPERT:
+            out[f"{slot.canonical}[{PUBLIC_EXPERT}]"] = slot.param.detach()
+    return out
+
+
+def anchor_digest(model: nn.Module) -> str:
+    return digest_tensors(anchor_tensors(model))
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:

@@ -5,7 +5,7 @@ RMSNorms (:mod:`.layer`), full-width q/k norms (:mod:`.attention`) and the domai
 (:mod:`.router`) plugged into Megatron's ``MoELayer`` through ``MoESubmodules(router=...)``.
 Experts are Megatron's ``SequentialMLP`` -- one module per expert, so each expert's parameters can
 be frozen or trained on their own (anchoring needs exactly that) -- checkpointed per expert
-(:mod:`.expert_mlp`).
+(:mod:`.experts`).
 
 ``backend="local"`` uses only Megatron-Core modules (runs on CPU); ``backend="te"`` swaps in
 Transformer Engine linears and attention and needs transformer-engine (imported lazily).
@@ -23,13 +23,19 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 
-from .attention import FlexOlmoSelfAttention
-from .expert_mlp import PerExpertSequentialMLP
-from .layer import FlexOlmoLayerSubmodules, FlexOlmoTransformerLayer
-from .norms import FlexOlmoRMSNorm
-from .router import DomainEmbeddingRouter
+from flexolmo_plugin.model.attention import FlexOlmoSelfAttention
+from flexolmo_plugin.model.experts import PerExpertSequentialMLP
+from flexolmo_plugin.model.layer import (
+    FlexOlmoLayerSubmodules,
+    FlexOlmoTransformerLayer,
+)
+from flexolmo_plugin.model.norms import FlexOlmoRMSNorm
+from flexolmo_plugin.model.router import DomainEmbeddingRouter
 
 Backend = Literal["local", "te", "auto"]
 
@@ -53,7 +59,9 @@ def _backend_modules(backend: Backend):
         if not transformer_engine_available():
             raise RuntimeError("backend='te' needs transformer-engine, which is not importable here; "
                                "use backend='local' or run inside an NGC container")
-        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+        from megatron.core.extensions.transformer_engine_spec_provider import (
+            TESpecProvider,
+        )
 
         return TESpecProvider()
     raise ValueError(f"unknown backend {backend!r}; expected 'local', 'te' or 'auto'")

@@ -9,7 +9,6 @@ physically opted-out model computes (top-k permitting).
 from __future__ import annotations
 
 import os
-import re
 import time
 import warnings
 from pathlib import Path
@@ -17,17 +16,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from conversion.atomic import atomic_directory, check_new_output
-from conversion.convert import ConversionReport, ProgressMeter
-from conversion.mapping import entries
-from conversion.mcore_io import CanonicalReader, load_config, save_config, write_checkpoint
-
-from ..model import unwrap
-from .merge import bias_names
-from .package import PackageError
-
-_EXPERT = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.)(\d+)(\..+)$")
-_ROUTER = re.compile(r"^decoder\.layers\.\d+\.mlp\.router\.(weight|domain_bias)$")
+from flexolmo_plugin.conversion.atomic import atomic_directory, check_new_output
+from flexolmo_plugin.conversion.mapping import Role, entries_by_name, expert_entry
+from flexolmo_plugin.conversion.mcore_io import (
+    CanonicalReader,
+    load_config,
+    save_config,
+    write_checkpoint,
+)
+from flexolmo_plugin.conversion.progress import ConversionReport, ProgressMeter
+from flexolmo_plugin.lifecycle.package import PackageError
+from flexolmo_plugin.model.build import unwrap
 
 
 def _indices(expert_names: tuple[str, ...] | None, drop: list[str]) -> list[int]:
@@ -58,21 +57,23 @@ def opt_out(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, drop: l
     reader = CanonicalReader(mcore_dir)
     keep_bias = [i - 1 for i in keep[1:]]
 
+    by_name = entries_by_name(new)
+
     def source(name: str) -> torch.Tensor:
-        expert = _EXPERT.match(name)
-        if expert:
-            return reader.read(f"{expert.group(1)}{keep[int(expert.group(2))]}{expert.group(3)}")
-        router = _ROUTER.match(name)
-        if router:
-            tensor = reader.read(name)
-            return tensor[keep] if router.group(1) == "weight" else tensor[keep_bias]
+        entry = by_name[name]
+        role = entry.rule.role
+        if role is Role.EXPERT:
+            return reader.read(expert_entry(entry, keep[entry.expert]))
+        if role is Role.ROUTER_ROW:
+            return reader.read(name)[keep]
+        if role is Role.ROUTER_BIAS:
+            return reader.read(name)[keep_bias]
         return reader.read(name)
 
-    expected = {e.megatron for e in entries(new)} | (bias_names(new.num_layers) if new.router_bias else set())
     meter = ProgressMeter(0, progress, "opt-out")
     try:
         with atomic_directory(out_dir) as tmp:
-            write_checkpoint(tmp, new, source, dtype=dtype, expected=expected, on_tensor=meter)
+            write_checkpoint(tmp, new, source, dtype=dtype, expected=set(by_name), on_tensor=meter)
             history = list(payload.get("opted_out", [])) + list(drop)
             save_config(tmp, new, dtype=dtype, extra={"source": {"format": "opt-out", "from": str(Path(mcore_dir).resolve())},
                                                       "opted_out": history})

@@ -12,7 +12,7 @@ from __future__ import annotations
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.identity_op import IdentityOp
 
-from .norms import FullWidthRMSNorm
+from flexolmo_plugin.model.norms import FullWidthRMSNorm
 
 
 class FlexOlmoSelfAttention(SelfAttention):

@@ -10,29 +10,29 @@ another public model stops the merge, naming the first tensor that differs.
 from __future__ import annotations
 
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from conversion.atomic import atomic_directory, check_new_output
-from conversion.convert import ConversionReport, ProgressMeter
-from conversion.mapping import entries
-from conversion.mcore_io import CanonicalReader, load_config, save_config, write_checkpoint
-
-from .anchor import anchor_hashes, combined_digest, first_difference
-from .package import PackageError, load_package
+from flexolmo_plugin.conversion.atomic import atomic_directory, check_new_output
+from flexolmo_plugin.conversion.mapping import Role, entries_by_name
+from flexolmo_plugin.conversion.mcore_io import (
+    CanonicalReader,
+    load_config,
+    save_config,
+    write_checkpoint,
+)
+from flexolmo_plugin.conversion.progress import ConversionReport, ProgressMeter
+from flexolmo_plugin.lifecycle.anchor import (
+    anchor_hashes,
+    combined_digest,
+    first_difference,
+)
+from flexolmo_plugin.lifecycle.package import PackageError, load_package
 
 DEFAULT_MAX_ACTIVE = 4  # paper §4.4 / Fig. 3: quality rises up to 4 active experts, then plateaus
-_EXPERT = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(linear_fc[12]\.weight)$")
-_ROUTER = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.router\.(weight|domain_bias)$")
-
-
-def bias_names(num_layers: int) -> set[str]:
-    return {f"decoder.layers.{layer}.mlp.router.domain_bias" for layer in range(num_layers)}
-
 
 def default_top_k(num_experts: int) -> int:
     return min(num_experts, DEFAULT_MAX_ACTIVE)
@@ -81,28 +81,27 @@ def merge_experts(public_dir: str | os.PathLike, package_dirs: list[str | os.Pat
         config = public_config.replace(num_experts=num_experts, top_k=top_k, router_bias=with_bias,
                                        expert_names=("public", *names))
 
+        by_name = entries_by_name(config)
+
         def source(name: str) -> torch.Tensor:
-            expert = _EXPERT.match(name)
-            if expert:
-                layer, index, tensor = int(expert.group(1)), int(expert.group(2)), expert.group(3)
-                if index == 0:
+            entry = by_name[name]
+            role = entry.rule.role
+            if role is Role.EXPERT:
+                if entry.expert == 0:
                     return public.read(name)
-                return packages[index - 1].get(f"layers.{layer}.{tensor}")
-            router = _ROUTER.match(name)
-            if router:
-                layer = int(router.group(1))
-                if router.group(2) == "weight":
-                    r_pub = public.read(name)[0].to(dtype)
-                    return torch.stack([r_pub] + [p.get(f"layers.{layer}.router_row").to(dtype) for p in packages])
-                return torch.stack([p.get(f"layers.{layer}.router_bias") if p.has_bias else torch.zeros(1)
+                return packages[entry.expert - 1].get(entry.package())
+            if role is Role.ROUTER_ROW:
+                r_pub = public.read(name)[0].to(dtype)
+                return torch.stack([r_pub] + [p.get(entry.package()).to(dtype) for p in packages])
+            if role is Role.ROUTER_BIAS:
+                return torch.stack([p.get(entry.package()) if p.has_bias else torch.zeros(1)
                                     for p in packages]).float()
             return public.read(name)
 
-        expected = {e.megatron for e in entries(config)} | (bias_names(config.num_layers) if with_bias else set())
         meter = ProgressMeter(0, progress, "merge")
         try:
             with atomic_directory(out_dir) as tmp:
-                write_checkpoint(tmp, config, source, dtype=dtype, expected=expected, on_tensor=meter)
+                write_checkpoint(tmp, config, source, dtype=dtype, expected=set(by_name), on_tensor=meter)
                 save_config(tmp, config, dtype=dtype, extra={
                     "source": {"format": "merge", "public": str(Path(public_dir).resolve())},
                     "anchor_sha256": combined_digest(public_anchor),

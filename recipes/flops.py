@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .config import ConfigError, FlexOlmoConfig
+from flexolmo_plugin.model.config import ConfigError, FlexOlmoConfig
 
 POLICIES = ("all", "anchored", "router", "none")
 
