@@ -94,8 +94,10 @@ def main() -> None:
     if args.quick:
         lines.append("* Quick mode (a smoke test of the report on a tiny model): no verdict.")
     else:
-        lines.append(f"* Target ≤ 0.82× (theoretical floor ≈ 0.78× at the 7B shape): **{'met' if ratio <= 0.82 else 'not met'}"
-                     f"** on CPU ({ratio:.2f}×). On GPU: see the GPU section.")
+        lines.append(
+            f"* Target ≤ 0.82× (theoretical floor ≈ 0.78× at the 7B shape): **{'met' if ratio <= 0.82 else 'not met'}"
+            f"** on CPU ({ratio:.2f}×). On GPU: see the GPU section."
+        )
     write_section(args.markdown, lines)
 
 

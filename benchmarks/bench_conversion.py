@@ -61,9 +61,9 @@ def make_checkpoint(directory: Path, layers: int, seed: int = 0, num_experts: in
                     hidden: int = HIDDEN, intermediate: int = INTERMEDIATE, heads: int = HEADS,
                     kv_heads: int = KV_HEADS, vocab: int = VOCAB) -> dict:
     import torch
+
     from flexolmo_plugin.conversion.mapping import hf_shapes
     from flexolmo_plugin.conversion.safetensors_writer import ShardedSafetensorsWriter
-
     from flexolmo_plugin.model.config import FlexOlmoConfig
 
     config = FlexOlmoConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_layers=layers,
@@ -237,7 +237,7 @@ def main() -> None:
                 shutil.rmtree(case / f"back{i}")
             copy_s = min(copies)
             imports += [r["import_seconds"] for r in to_mcores + to_hfs if r["import_seconds"] is not None]
-            fastest = lambda runs: min(runs, key=lambda r: r["seconds"])  # noqa: E731
+            fastest = lambda runs: min(runs, key=lambda r: r["seconds"])  # noqa: E731, B023
             peak = lambda runs: None if args.quick else max(r["peak_rss"] for r in runs)  # noqa: E731
             for direction, runs in (("HF → Megatron", to_mcores), ("Megatron → HF", to_hfs)):
                 result = fastest(runs)
@@ -250,12 +250,13 @@ def main() -> None:
             shutil.rmtree(case)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    dims = {"hidden": HIDDEN, "intermediate": INTERMEDIATE, "heads": HEADS, "kv_heads": KV_HEADS, "vocab": VOCAB, **shape}
+    dims = {"hidden": HIDDEN, "intermediate": INTERMEDIATE, "heads": HEADS, "kv_heads": KV_HEADS, "vocab": VOCAB,
+            **shape}
     conditions = {
         "when": f"{time.strftime('%Y-%m-%d')}, `OMP_NUM_THREADS=1`",
         "load": load_note(load_before, load()),
         "shape": f"hidden {dims['hidden']}, FFN {dims['intermediate']}, {dims['heads']} heads / {dims['kv_heads']} KV "
-                 f"heads, {EXPERTS} experts, vocab {dims['vocab']}; {' and '.join(map(str, layers_list))} layers",
+        f"heads, {EXPERTS} experts, vocab {dims['vocab']}; {' and '.join(map(str, layers_list))} layers",
         "process": "runs in this process (quick mode)" if args.quick else "runs in a fresh process",
         "imports": f"{min(imports):.1f}–{max(imports):.1f} s" if imports else "not measured",
         "repeats": repeats,

@@ -95,9 +95,11 @@ def section(rows: list[dict], conditions: dict) -> list[str]:
              "peak − imports |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         over = None if r["peak_rss"] is None else r["peak_rss"] - r["baseline_rss"]
-        lines.append(f"| {r['op']} (L={r['layers']}) | {mib(r['merged_bytes'])} | {r['seconds']:.2f} s | "
-                     f"{r['copy_seconds']:.2f} s | {100 * r['copy_seconds'] / r['seconds']:.0f}% | {mib(r['peak_rss'])} | "
-                     f"{mib(r['baseline_rss'])} | {mib(over)} |")
+        lines.append(
+            f"| {r['op']} (L={r['layers']}) | {mib(r['merged_bytes'])} | {r['seconds']:.2f} s | "
+            f"{r['copy_seconds']:.2f} s | {100 * r['copy_seconds'] / r['seconds']:.0f}% | {mib(r['peak_rss'])} | "
+            f"{mib(r['baseline_rss'])} | {mib(over)} |"
+        )
     if conditions["quick"]:
         return lines + ["", "* Quick mode (a smoke test of the report on a tiny model): no verdict."]
     lines.append("")
@@ -105,11 +107,13 @@ def section(rows: list[dict], conditions: dict) -> list[str]:
         mine = sorted((r for r in rows if r["op"] == op), key=lambda r: r["merged_bytes"])
         overs = [r["peak_rss"] - r["baseline_rss"] for r in mine]
         budget = 3 * max(r["largest"] for r in mine) + 300 * 2**20
-        lines.append(f"* {op}: peak above imports {', '.join(mib(o) for o in overs)} for "
-                     f"{', '.join(mib(r['merged_bytes']) for r in mine)} merged models -- "
-                     f"{'within' if max(overs) <= budget else 'above'} 3 × largest tensor + 300 MiB ({mib(budget)}); "
-                     f"{min(100 * r['copy_seconds'] / r['seconds'] for r in mine):.0f}–"
-                     f"{max(100 * r['copy_seconds'] / r['seconds'] for r in mine):.0f}% of the raw copy's speed.")
+        lines.append(
+            f"* {op}: peak above imports {', '.join(mib(o) for o in overs)} for "
+            f"{', '.join(mib(r['merged_bytes']) for r in mine)} merged models -- "
+            f"{'within' if max(overs) <= budget else 'above'} 3 × largest tensor + 300 MiB ({mib(budget)}); "
+            f"{min(100 * r['copy_seconds'] / r['seconds'] for r in mine):.0f}–"
+            f"{max(100 * r['copy_seconds'] / r['seconds'] for r in mine):.0f}% of the raw copy's speed."
+        )
     return lines
 
 
@@ -144,10 +148,20 @@ def main() -> None:
                         timings["package"].append(result)
                 for source in ("anchor", f"pkg_a{i}", f"pkg_b{i}"):
                     warm(case / source)
-                timings["merge"].append(run("merge", case / "anchor", case / f"pkg_a{i}", case / f"pkg_b{i}",
-                                            case / f"merged{i}", in_process=quick))
+                timings["merge"].append(
+                    run(
+                        "merge",
+                        case / "anchor",
+                        case / f"pkg_a{i}",
+                        case / f"pkg_b{i}",
+                        case / f"merged{i}",
+                        in_process=quick,
+                    )
+                )
                 warm(case / f"merged{i}")
-                timings["opt-out"].append(run("opt-out", case / f"merged{i}", case / f"opted{i}", "b", in_process=quick))
+                timings["opt-out"].append(
+                    run("opt-out", case / f"merged{i}", case / f"opted{i}", "b", in_process=quick)
+                )
                 copies.append(raw_copy(case / f"merged{i}", case / f"copy{i}"))
                 merged_bytes = dir_bytes(case / f"merged{i}")
                 for name in (f"pkg_a{i}", f"pkg_b{i}", f"merged{i}", f"opted{i}", f"copy{i}"):
@@ -155,18 +169,31 @@ def main() -> None:
             copy_s = min(copies)
             for op, results in timings.items():
                 best = min(results, key=lambda r: r["seconds"])
-                rows.append({"op": op, "layers": layers, "merged_bytes": merged_bytes, "seconds": best["seconds"],
-                             "copy_seconds": copy_s, "peak_rss": None if quick else max(r["peak_rss"] for r in results),
-                             "baseline_rss": best["baseline_rss"], "largest": info["largest_tensor"]})
+                rows.append(
+                    {
+                        "op": op,
+                        "layers": layers,
+                        "merged_bytes": merged_bytes,
+                        "seconds": best["seconds"],
+                        "copy_seconds": copy_s,
+                        "peak_rss": None if quick else max(r["peak_rss"] for r in results),
+                        "baseline_rss": best["baseline_rss"],
+                        "largest": info["largest_tensor"],
+                    }
+                )
             shutil.rmtree(case)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     dims = {"hidden": 1024, "intermediate": 2816, "vocab": 32000, **shape}
-    conditions = {"when": f"{time.strftime('%Y-%m-%d')}, `OMP_NUM_THREADS=1`", "load": load_note(load_before, load()),
-                  "shape": f"hidden {dims['hidden']}, FFN {dims['intermediate']}, vocab {dims['vocab']}; "
-                           f"{' and '.join(map(str, layers_list))} layers",
-                  "process": "Every step in this process (quick mode)" if quick else "Fresh process per step",
-                  "repeats": repeats, "quick": quick}
+    conditions = {
+        "when": f"{time.strftime('%Y-%m-%d')}, `OMP_NUM_THREADS=1`",
+        "load": load_note(load_before, load()),
+        "shape": f"hidden {dims['hidden']}, FFN {dims['intermediate']}, vocab {dims['vocab']}; "
+        f"{' and '.join(map(str, layers_list))} layers",
+        "process": "Every step in this process (quick mode)" if quick else "Fresh process per step",
+        "repeats": repeats,
+        "quick": quick,
+    }
     write_section(args.markdown, section(rows, conditions))
 
 

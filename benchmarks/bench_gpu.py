@@ -90,23 +90,38 @@ def measure(args) -> list[str]:
     tokens = args.seq * args.batch
     tf_full = _layer_flops(args, [True] * args.experts) / full["flexolmo"] / 1e12
     tf_anchored = _layer_flops(args, [False] + [True] * (args.experts - 1)) / anchored / 1e12
-    return [TITLE, "",
-            f"{torch.cuda.get_device_name()}; hidden {args.hidden}, FFN {args.ffn}, {args.experts} experts top-{args.topk}, "
-            f"{tokens} tokens/step; median of {args.steps} steps", "",
-            "| layer | fwd+bwd | tokens/s | vs stock | TFLOPS |", "|---|---|---|---|---|",
-            f"| Megatron stock | {1000 * full['stock']:.2f} ms | {tokens / full['stock']:,.0f} | 1.000 | "
-            f"{_layer_flops(args, [True] * args.experts) / full['stock'] / 1e12:.1f} |",
-            f"| FlexOlmo (full training) | {1000 * full['flexolmo']:.2f} ms | {tokens / full['flexolmo']:,.0f} | "
-            f"{full['stock'] / full['flexolmo']:.3f} (target >= 0.98) | {tf_full:.1f} |",
-            f"| FlexOlmo (anchored: public expert frozen) | {1000 * anchored:.2f} ms | {tokens / anchored:,.0f} | "
-            f"{full['stock'] / anchored:.3f} | {tf_anchored:.1f} |", "",
-            f"anchored / full step time: {anchored / full['flexolmo']:.3f}"]
+    return [
+        TITLE,
+        "",
+        f"{torch.cuda.get_device_name()}; hidden {args.hidden}, FFN {args.ffn}, "
+        f"{args.experts} experts top-{args.topk}, "
+        f"{tokens} tokens/step; median of {args.steps} steps",
+        "",
+        "| layer | fwd+bwd | tokens/s | vs stock | TFLOPS |",
+        "|---|---|---|---|---|",
+        f"| Megatron stock | {1000 * full['stock']:.2f} ms | {tokens / full['stock']:,.0f} | 1.000 | "
+        f"{_layer_flops(args, [True] * args.experts) / full['stock'] / 1e12:.1f} |",
+        f"| FlexOlmo (full training) | {1000 * full['flexolmo']:.2f} ms | {tokens / full['flexolmo']:,.0f} | "
+        f"{full['stock'] / full['flexolmo']:.3f} (target >= 0.98) | {tf_full:.1f} |",
+        f"| FlexOlmo (anchored: public expert frozen) | {1000 * anchored:.2f} ms | {tokens / anchored:,.0f} | "
+        f"{full['stock'] / anchored:.3f} | {tf_anchored:.1f} |",
+        "",
+        f"anchored / full step time: {anchored / full['flexolmo']:.3f}",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    for name, default in (("hidden", 4096), ("ffn", 11008), ("experts", 2), ("topk", 2), ("seq", 4096),
-                          ("batch", 1), ("steps", 20), ("warmup", 5)):
+    for name, default in (
+        ("hidden", 4096),
+        ("ffn", 11008),
+        ("experts", 2),
+        ("topk", 2),
+        ("seq", 4096),
+        ("batch", 1),
+        ("steps", 20),
+        ("warmup", 5),
+    ):
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--markdown", type=Path, help="write the result as a markdown section here")
     args = parser.parse_args(argv)

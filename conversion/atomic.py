@@ -11,8 +11,8 @@ import contextlib
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from flexolmo_plugin.errors import FlexOlmoError
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from flexolmo_plugin.conversion.atomic import atomic_directory, check_new_output
 from flexolmo_plugin.conversion.checks import all_finite
 from flexolmo_plugin.conversion.dcp_io import reuse_freed_memory
@@ -47,7 +48,6 @@ from flexolmo_plugin.conversion.safetensors_reader import (
     SafetensorsCheckpoint,
 )
 from flexolmo_plugin.conversion.safetensors_writer import ShardedSafetensorsWriter
-
 from flexolmo_plugin.model.config import FlexOlmoConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",

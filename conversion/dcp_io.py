@@ -31,13 +31,14 @@ import threading
 import zipfile
 
 import torch
-from flexolmo_plugin.conversion.atomic import BackgroundSync
-from flexolmo_plugin.conversion.direct_io import DirectFile, Staging
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
+
+from flexolmo_plugin.conversion.atomic import BackgroundSync
+from flexolmo_plugin.conversion.direct_io import DirectFile, Staging
 
 _DONE = object()
 
@@ -158,7 +159,7 @@ class PipelinedWriter(FileSystemWriter):
                     nbytes = _item_bytes(item)
                     with budget:
                         budget.wait_for(lambda: state["error"] is not None or state["inflight"] == 0
-                                        or state["inflight"] + nbytes <= self.inflight_bytes)
+                                        or state["inflight"] + nbytes <= self.inflight_bytes)  # noqa: B023
                         if state["error"] is not None:
                             raise state["error"]
                         state["inflight"] += nbytes

@@ -13,6 +13,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
 from flexolmo_plugin.conversion.hf_layout import HFWeights
 from flexolmo_plugin.conversion.mapping import Role, entries
 from flexolmo_plugin.conversion.safetensors_reader import (
@@ -20,8 +22,6 @@ from flexolmo_plugin.conversion.safetensors_reader import (
     SafetensorsCheckpoint,
 )
 from flexolmo_plugin.conversion.slots import check_complete, slots
-from torch import nn
-
 from flexolmo_plugin.model.build import unwrap
 
 

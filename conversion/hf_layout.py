@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
+
 from flexolmo_plugin.conversion.checks import audit_reads
 from flexolmo_plugin.conversion.mapping import (
     HF_IGNORED,
@@ -29,7 +30,6 @@ from flexolmo_plugin.conversion.safetensors_reader import (
     CheckpointFormatError,
     SafetensorsCheckpoint,
 )
-
 from flexolmo_plugin.model.config import FlexOlmoConfig
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)

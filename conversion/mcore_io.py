@@ -22,17 +22,17 @@ import contextlib
 import dataclasses
 import json
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
+
 from flexolmo_plugin.conversion.mapping import (
     canonical_chunk,
     canonical_parts,
     layer_of,
     split_keys,
 )
-
 from flexolmo_plugin.errors import FlexOlmoError
 from flexolmo_plugin.model.config import FlexOlmoConfig
 
@@ -110,7 +110,9 @@ def load_config(directory: str | os.PathLike) -> tuple[FlexOlmoConfig, torch.dty
 def check_is_checkpoint(directory: Path) -> None:
     directory = resolve_checkpoint(directory)
     if not (directory / ".metadata").exists() or not (directory / "metadata.json").exists():
-        raise McoreCheckpointError(f"{directory}: not a Megatron torch_dist checkpoint (.metadata / metadata.json missing)")
+        raise McoreCheckpointError(
+            f"{directory}: not a Megatron torch_dist checkpoint (.metadata / metadata.json missing)"
+        )
 
 
 # ---------------------------------------------------------------------- meta model = the layout
@@ -131,7 +133,6 @@ Source = Callable[[str], torch.Tensor]
 
 
 def _streaming_classes():
-    from flexolmo_plugin.conversion.dcp_io import PipelinedWriter
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from megatron.core.dist_checkpointing.strategies.torch import (
@@ -142,6 +143,8 @@ def _streaming_classes():
     )
     from torch.distributed.checkpoint import save as dcp_save
     from torch.distributed.checkpoint.planner import WriteItemType
+
+    from flexolmo_plugin.conversion.dcp_io import PipelinedWriter
 
     class LazyChunkPlanner(MCoreSavePlanner):
         """Materialises each chunk from the source when the writer asks for it."""
@@ -212,13 +215,18 @@ def _streaming_classes():
             return data
 
         def save(self, sharded_state_dict, checkpoint_dir):
-            self.prepend = {t.key: t.prepend_axis_num for t in nested_values(sharded_state_dict)
-                            if isinstance(t, ShardedTensor)}
+            self.prepend = {
+                t.key: t.prepend_axis_num for t in nested_values(sharded_state_dict) if isinstance(t, ShardedTensor)
+            }
             state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
             # Chunks are produced on this thread while another writes them (bounded bytes in flight).
-            dcp_save(mcore_to_pyt_state_dict(state, False), storage_writer=PipelinedWriter(checkpoint_dir),
-                     planner=LazyChunkPlanner(self, dedup_replicated_tensors=False, flatten_state_dict=False,
-                                              flatten_sharded_tensors=False))
+            dcp_save(
+                mcore_to_pyt_state_dict(state, False),
+                storage_writer=PipelinedWriter(checkpoint_dir),
+                planner=LazyChunkPlanner(
+                    self, dedup_replicated_tensors=False, flatten_state_dict=False, flatten_sharded_tensors=False
+                ),
+            )
             if self._cached is not None:
                 self.canonical_done.add(self._cached[0])
                 self._cached = None
@@ -242,8 +250,15 @@ def _unwrapped_checkpoint_errors():
         raise
 
 
-def write_checkpoint(directory: Path, config: FlexOlmoConfig, source: Source, *, dtype: torch.dtype,
-                     expected: set[str], on_tensor: Callable[[str, int], None] | None = None) -> int:
+def write_checkpoint(
+    directory: Path,
+    config: FlexOlmoConfig,
+    source: Source,
+    *,
+    dtype: torch.dtype,
+    expected: set[str],
+    on_tensor: Callable[[str, int], None] | None = None,
+) -> int:
     """Write a torch_dist checkpoint into the existing empty ``directory``; returns chunks written.
 
     ``expected`` is the set of canonical names the source provides; the save must consume exactly
@@ -253,12 +268,15 @@ def write_checkpoint(directory: Path, config: FlexOlmoConfig, source: Source, *,
 
     strategy = _streaming_classes()(source, dtype, on_tensor)
     with meta_model(config, dtype) as model, _unwrapped_checkpoint_errors():
-        dist_checkpointing.save(model.sharded_state_dict(), str(directory), sharded_strategy=strategy,
-                                async_sharded_save=False)
+        dist_checkpointing.save(
+            model.sharded_state_dict(), str(directory), sharded_strategy=strategy, async_sharded_save=False
+        )
     done = strategy.canonical_done
     if done != expected:
-        raise McoreCheckpointError(f"checkpoint audit failed: not written {sorted(expected - done)[:5]}, "
-                                   f"unexpected {sorted(done - expected)[:5]}")
+        raise McoreCheckpointError(
+            f"checkpoint audit failed: not written {sorted(expected - done)[:5]}, "
+            f"unexpected {sorted(done - expected)[:5]}"
+        )
     return strategy.chunks_written
 
 
@@ -268,8 +286,11 @@ def checkpoint_tensor_metadata(directory: Path) -> dict[str, tuple[tuple[int, ..
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     metadata = FileSystemReader(str(resolve_checkpoint(directory))).read_metadata()
-    return {k: (tuple(v.size), v.properties.dtype) for k, v in metadata.state_dict_metadata.items()
-            if isinstance(v, TensorStorageMetadata)}
+    return {
+        k: (tuple(v.size), v.properties.dtype)
+        for k, v in metadata.state_dict_metadata.items()
+        if isinstance(v, TensorStorageMetadata)
+    }
 
 
 class CanonicalReader:
@@ -292,15 +313,17 @@ class CanonicalReader:
     def _read_key_into(self, key: str, prefix: tuple[int, ...], out: torch.Tensor) -> None:
         """Read layer ``prefix`` of ``key`` into ``out``: straight from the file when the chunk is
         a plain record (one copy), else through ``dcp.load``."""
-        from flexolmo_plugin.conversion.dcp_io import chunk_planner
         from torch.distributed.checkpoint import load as dcp_load
 
+        from flexolmo_plugin.conversion.dcp_io import chunk_planner
+
         shape = self.present[key][0]
-        view = out.view((1,) * len(prefix) + shape[len(prefix):])
+        view = out.view((1,) * len(prefix) + shape[len(prefix) :])
         offsets = prefix + (0,) * (len(shape) - len(prefix))
         if not self._chunks.read_into(key, offsets, view):
-            dcp_load({key: view}, storage_reader=self._reader, planner=chunk_planner({key: (offsets, view)}),
-                     no_dist=True)
+            dcp_load(
+                {key: view}, storage_reader=self._reader, planner=chunk_planner({key: (offsets, view)}), no_dist=True
+            )
 
     def read(self, name: str) -> torch.Tensor:
         """The whole canonical tensor; split keys (gate / up halves, router rows) are read straight
@@ -308,13 +331,15 @@ class CanonicalReader:
         parts = canonical_parts(name, self.present)
         missing = [key for key, _, _ in parts if key not in self.present]
         if missing or not parts:
-            raise McoreCheckpointError(f"{self.directory}: no tensor {missing[0] if missing else name} (needed for {name})")
-        shapes = [self.present[key][0][len(prefix):] for key, prefix, _ in parts]
+            raise McoreCheckpointError(
+                f"{self.directory}: no tensor {missing[0] if missing else name} (needed for {name})"
+            )
+        shapes = [self.present[key][0][len(prefix) :] for key, prefix, _ in parts]
         places = [place for _, _, place in parts]
         dtype = self.present[parts[0][0]][1]
         if places == ["w", "v"]:
             out = torch.empty((shapes[0][0] + shapes[1][0], *shapes[0][1:]), dtype=dtype)
-            targets = [out[: shapes[0][0]], out[shapes[0][0]:]]
+            targets = [out[: shapes[0][0]], out[shapes[0][0] :]]
         elif places == [None]:
             out = torch.empty(shapes[0], dtype=dtype)
             targets = [out]
@@ -351,7 +376,7 @@ def check_canonical_shapes(directory: Path, expected: dict[str, tuple[int, ...]]
             if len(stored) <= len(prefix) or any(i >= n for i, n in zip(prefix, stored)):
                 problems.append(f"{key} has shape {list(stored)}, cannot hold layer {prefix}")
                 break
-            pieces.append((tuple(stored[len(prefix):]), place))
+            pieces.append((tuple(stored[len(prefix) :]), place))
         else:
             places = [p for _, p in pieces]
             if places == [None]:
@@ -361,11 +386,14 @@ def check_canonical_shapes(directory: Path, expected: dict[str, tuple[int, ...]]
             else:
                 got = (len(pieces), *pieces[0][0]) if len({s for s, _ in pieces}) == 1 else None
             if got != tuple(shape):
-                problems.append(f"{name} assembles to {list(got) if got else 'mismatched rows'}, "
-                                f"the configuration implies {list(shape)}")
+                problems.append(
+                    f"{name} assembles to {list(got) if got else 'mismatched rows'}, "
+                    f"the configuration implies {list(shape)}"
+                )
     if problems:
-        raise McoreCheckpointError(f"{directory}: checkpoint does not match its configuration: "
-                                   + "; ".join(sorted(set(problems))[:8]))
+        raise McoreCheckpointError(
+            f"{directory}: checkpoint does not match its configuration: " + "; ".join(sorted(set(problems))[:8])
+        )
 
 
 def validate_model_layout(directory: Path, sharded) -> None:
@@ -387,11 +415,14 @@ def validate_model_layout(directory: Path, sharded) -> None:
             if item.key not in present:
                 problems.append(f"missing {item.key}")
             elif present[item.key][0] != tuple(item.global_shape):
-                problems.append(f"{item.key} has shape {list(present[item.key][0])}, "
-                                f"the configuration implies {list(item.global_shape)}")
+                problems.append(
+                    f"{item.key} has shape {list(present[item.key][0])}, "
+                    f"the configuration implies {list(item.global_shape)}"
+                )
     if problems:
-        raise McoreCheckpointError(f"{directory}: checkpoint does not match its configuration: "
-                                   + "; ".join(sorted(set(problems))[:8]))
+        raise McoreCheckpointError(
+            f"{directory}: checkpoint does not match its configuration: " + "; ".join(sorted(set(problems))[:8])
+        )
 
 
 def load_model_weights(model, directory: str | os.PathLike) -> None:

@@ -10,9 +10,11 @@ computes exactly the dense model's function.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
+
 from flexolmo_plugin.conversion.checks import audit_reads
 from flexolmo_plugin.conversion.mapping import (
     HF_IGNORED,
@@ -25,7 +27,6 @@ from flexolmo_plugin.conversion.safetensors_reader import (
     CheckpointFormatError,
     SafetensorsCheckpoint,
 )
-
 from flexolmo_plugin.model.config import FlexOlmoConfig
 
 
@@ -53,12 +54,17 @@ class Olmo2AsFlexOlmo:
         for entry in entries(self.config):
             if entry.dense():  # the dense tensors are shaped like expert 0's HF tensors
                 meta = torch.empty(entry.shape(self.config), device="meta")
-                expected.update((name, tuple(t.shape)) for name, t in zip(entry.dense(), to_hf(entry, meta, self.config)))
+                expected.update(
+                    (name, tuple(t.shape)) for name, t in zip(entry.dense(), to_hf(entry, meta, self.config))
+                )
         present = {k for k in self.checkpoint.keys() if not HF_IGNORED.search(k)}
         missing = sorted(set(expected) - present)
         unexpected = sorted(present - set(expected))
-        misshaped = [f"{k} has shape {list(self.checkpoint.shape(k))}, expected {list(s)}"
-                     for k, s in expected.items() if k in present and tuple(self.checkpoint.shape(k)) != s]
+        misshaped = [
+            f"{k} has shape {list(self.checkpoint.shape(k))}, expected {list(s)}"
+            for k, s in expected.items()
+            if k in present and tuple(self.checkpoint.shape(k)) != s
+        ]
         problems = []
         if missing:
             problems.append(f"missing tensors: {', '.join(missing[:8])}")
@@ -92,5 +98,6 @@ class Olmo2AsFlexOlmo:
         return to_megatron(entry, tensors, self.config)
 
     def audit(self) -> None:
-        audit_reads(self.checkpoint.directory, [k for k in self.checkpoint.keys() if not HF_IGNORED.search(k)],
-                    self.reads)
+        audit_reads(
+            self.checkpoint.directory, [k for k in self.checkpoint.keys() if not HF_IGNORED.search(k)], self.reads
+        )

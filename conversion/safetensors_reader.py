@@ -22,8 +22,8 @@ from types import TracebackType
 from typing import Any
 
 import torch
-from flexolmo_plugin.conversion.checks import all_finite
 
+from flexolmo_plugin.conversion.checks import all_finite
 from flexolmo_plugin.errors import FlexOlmoError
 
 __all__ = ["CheckpointFormatError", "PICKLE_SUFFIXES", "SafetensorsCheckpoint"]

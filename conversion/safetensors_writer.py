@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
 from flexolmo_plugin.conversion.atomic import BackgroundSync
 from flexolmo_plugin.conversion.direct_io import DirectFile, Staging
 

@@ -13,14 +13,14 @@ derived from the mapping table (:mod:`.mapping`: each rule's parameter path and 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
-from flexolmo_plugin.conversion.mapping import RULES, Role, Rule, Split
 from megatron.core import parallel_state as ps
 from torch import nn
 
+from flexolmo_plugin.conversion.mapping import RULES, Role, Rule, Split
 from flexolmo_plugin.model.build import unwrap
 
 

@@ -10,6 +10,7 @@ import torch
 from flexolmo_plugin import compat
 from flexolmo_plugin.model.build import build_model
 from flexolmo_plugin.model.config import FlexOlmoConfig
+from flexolmo_plugin.model.layout import ParallelLayout
 from flexolmo_plugin.model.parallel import ensure_model_parallel
 from flexolmo_plugin.model.spec import Backend
 
@@ -28,14 +29,20 @@ def read_hf_config(hf_dir: str | os.PathLike, **overrides) -> FlexOlmoConfig:
     return FlexOlmoConfig.from_hf(raw, **overrides)
 
 
+def _ready(layout: ParallelLayout | None) -> ParallelLayout:
+    """CPU compatibility where CUDA is absent (documented: these functions are entry points), then
+    the process groups for ``layout``."""
+    layout = layout or ParallelLayout()
+    compat.enable_cpu_compat()
+    ensure_model_parallel(layout)
+    return layout
+
+
 def from_hf(
     hf_dir: str | os.PathLike,
     *,
+    layout: ParallelLayout | None = None,
     params_dtype: torch.dtype = torch.float32,
-    tensor_parallel: int = 1,
-    expert_parallel: int = 1,
-    expert_tensor_parallel: int | None = None,
-    sequence_parallel: bool = False,
     backend: Backend = "local",
     dispatcher: str = "alltoall",
     **config_overrides,
@@ -44,16 +51,28 @@ def from_hf(
 
     Uses the process groups already set up (``torchrun`` + ``parallel_state``); if
     ``torch.distributed`` is not initialised it creates a single-process group itself (gloo on a
-    CPU machine), with the requested TP/EP sizes (1 by default).  The model is returned in eval
-    mode on this process's device.  Training with TP>1 needs ``sequence_parallel=True`` (Megatron
-    refuses MoE + TP without it, since experts would see every token once per TP rank).
+    CPU machine), with the requested ``layout`` (no model parallelism by default).  On a machine
+    without CUDA it first applies :func:`flexolmo_plugin.compat.enable_cpu_compat` (logged once).
+    The model is returned in eval mode on this process's device.  Training with TP>1 needs
+    ``ParallelLayout(sequence_parallel=True)`` (Megatron refuses MoE + TP without it, since experts
+    would see every token once per TP rank).
+
+    Args:
+        hf_dir: directory with ``config.json`` and safetensors of an HF ``flex_olmo`` model.
+        layout: tensor / expert parallelism (the current process groups must match it).
+        params_dtype: parameter dtype of the Megatron model.
+        backend: ``"local"`` (Megatron-Core modules, runs on CPU), ``"te"`` or ``"auto"``.
+        dispatcher: Megatron's token dispatcher (``"allgather"`` lets a run-time opt-out shrink top-k).
+        **config_overrides: :class:`FlexOlmoConfig` fields to change (e.g. ``top_k``).
+
+    Returns:
+        A Megatron-Core ``GPTModel`` with ``model.flexolmo_config`` attached.
     """
     from flexolmo_plugin.conversion.hf_import import load_hf_weights
 
     config = read_hf_config(hf_dir, **config_overrides)
-    ensure_model_parallel(tensor_parallel=tensor_parallel, expert_parallel=expert_parallel,
-                          expert_tensor_parallel=expert_tensor_parallel)
-    model = build_model(config, params_dtype=params_dtype, sequence_parallel=sequence_parallel,
+    layout = _ready(layout)
+    model = build_model(config, params_dtype=params_dtype, sequence_parallel=layout.sequence_parallel,
                         backend=backend, dispatcher=dispatcher)
     model.to(compat.default_device())
     load_hf_weights(model, hf_dir)
@@ -64,11 +83,8 @@ def from_hf(
 def from_mcore(
     mcore_dir: str | os.PathLike,
     *,
+    layout: ParallelLayout | None = None,
     params_dtype: torch.dtype | None = None,
-    tensor_parallel: int = 1,
-    expert_parallel: int = 1,
-    expert_tensor_parallel: int | None = None,
-    sequence_parallel: bool = False,
     backend: Backend = "local",
     dispatcher: str = "alltoall",
 ):
@@ -81,9 +97,8 @@ def from_mcore(
     from flexolmo_plugin.conversion.mcore_io import load_config, load_model_weights
 
     config, stored_dtype, _ = load_config(mcore_dir)
-    ensure_model_parallel(tensor_parallel=tensor_parallel, expert_parallel=expert_parallel,
-                          expert_tensor_parallel=expert_tensor_parallel)
-    model = build_model(config, params_dtype=params_dtype or stored_dtype, sequence_parallel=sequence_parallel,
+    layout = _ready(layout)
+    model = build_model(config, params_dtype=params_dtype or stored_dtype, sequence_parallel=layout.sequence_parallel,
                         backend=backend, dispatcher=dispatcher)
     model.to(compat.default_device())
     load_model_weights(model, mcore_dir)
@@ -104,6 +119,7 @@ def save_mcore(model, mcore_dir: str | os.PathLike) -> None:
     from flexolmo_plugin.conversion.mcore_io import save_config
     from flexolmo_plugin.model.build import unwrap
 
+    compat.enable_cpu_compat()
     inner = unwrap(model)
     final = Path(mcore_dir)
     rank0 = dist.get_rank() == 0

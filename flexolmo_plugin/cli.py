@@ -1,6 +1,8 @@
 """The ``flexolmo`` command line: one tool for the FlexOlmo lifecycle.
 
 Exit codes: 0 success, 1 a check failed (e.g. parity above tolerance), 2 bad input or usage.
+Each command imports its implementation when it runs (``--help`` must not import torch, Megatron or
+transformers, which take seconds); these deferred imports are the CLI's, and only the CLI's.
 """
 
 from __future__ import annotations
@@ -10,11 +12,11 @@ import os
 import sys
 import warnings
 
-EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+from flexolmo_plugin.errors import ConfigError, FlexOlmoError
+from flexolmo_plugin.recipes.registry import RECIPES
 
-# Names of recipes.train's recipes, listed here so that --help needs no Megatron-Bridge import
-# (tests/recipes/test_cli_recipes.py keeps the two in step).
-TRAIN_RECIPES = ("public", "expert", "router-tune", "public-7b", "expert-2x7b", "router-tune-7x7b", "inference-7x7b")
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+TRAIN_RECIPES = tuple(RECIPES)  # listing them needs no Megatron-Bridge import
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
@@ -30,50 +32,26 @@ def _quiet_imports() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _megatron() -> None:
+    """Setup of every command that runs megatron-core: quiet imports, then the CPU compatibility
+    shims where CUDA is absent (the CLI is an entry point: it applies them, logged once)."""
+    _quiet_imports()
+    from flexolmo_plugin import compat
+
+    compat.enable_cpu_compat()
+
+
 def cmd_parity(args: argparse.Namespace) -> int:
     """Compare our Megatron model's logits with transformers' FlexOlmoForCausalLM on random tokens."""
-    _quiet_imports()
+    _megatron()
     import torch
 
-    import flexolmo_plugin as fp
-    from flexolmo_plugin.model.build import next_token_loss
+    from flexolmo_plugin.parity import check_parity
 
-    if args.tokens < 1 or args.batch < 1:
-        raise ValueError("--tokens and --batch must be >= 1")
-    dtype = getattr(torch, _DTYPES[args.dtype])
-    config = fp.read_hf_config(args.hf_dir)
-    if args.tokens > config.max_position_embeddings:
-        raise ValueError(f"--tokens {args.tokens} exceeds max_position_embeddings {config.max_position_embeddings}")
-    print(f"FlexOlmo parity check: {args.hf_dir}")
-    print(f"  model    : {config.num_layers} layers, hidden {config.hidden_size}, {config.num_experts} experts "
-          f"(top-{config.top_k}), vocab {config.vocab_size}")
-    generator = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(0, config.vocab_size, (args.batch, args.tokens), generator=generator)
-    print(f"  input    : {args.batch} x {args.tokens} random token ids (seed {args.seed}); ours in {args.dtype}, "
-          f"reference in float32")
-
-    ours_model = fp.from_hf(args.hf_dir, params_dtype=dtype)
-    ours = fp.logits(ours_model, ids).float().cpu()
-    del ours_model
-
-    from transformers import AutoModelForCausalLM
-
-    reference_model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32, use_safetensors=True)
-    reference_model.eval()
-    with torch.no_grad():
-        reference = reference_model(ids).logits.float()
-    delta = (ours - reference).abs()
-    max_delta = delta.max().item()
-    print(f"  max  |Δlogit| : {max_delta:.3e}   (tolerance {args.tolerance:.1e})")
-    print(f"  mean |Δlogit| : {delta.mean().item():.3e}")
-    if args.tokens > 1:
-        ours_loss, ref_loss = next_token_loss(ours, ids).item(), next_token_loss(reference, ids).item()
-        print(f"  loss ours/ref : {ours_loss:.6f} / {ref_loss:.6f}   (|Δ| {abs(ours_loss - ref_loss):.2e})")
-    agreement = (ours.argmax(-1) == reference.argmax(-1)).float().mean().item()
-    print(f"  top-1 agree   : {100 * agreement:.2f}%")
-    passed = max_delta <= args.tolerance
-    print("PASS" if passed else "FAIL: logits differ by more than the tolerance")
-    return EXIT_OK if passed else EXIT_CHECK_FAILED
+    report = check_parity(args.hf_dir, tokens=args.tokens, batch=args.batch, seed=args.seed,
+                          params_dtype=getattr(torch, _DTYPES[args.dtype]), tolerance=args.tolerance)
+    print(report.describe())
+    return EXIT_OK if report.passed else EXIT_CHECK_FAILED
 
 
 def _parse_size(text: str) -> int:
@@ -87,7 +65,7 @@ def _parse_size(text: str) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """HF <-> Megatron conversion with a progress bar and a final summary."""
-    _quiet_imports()
+    _megatron()
     import torch
 
     from flexolmo_plugin.conversion.convert import hf_to_mcore, mcore_to_hf
@@ -98,7 +76,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                              top_k=args.top_k, progress=not args.quiet)
     else:
         if args.num_experts or args.top_k:
-            raise ValueError("--num-experts/--top-k only apply to hf-to-mcore")
+            raise ConfigError("--num-experts/--top-k only apply to hf-to-mcore")
         report = mcore_to_hf(args.source, args.target, dtype=dtype, max_shard_bytes=_parse_size(args.max_shard_size),
                              drop_router_bias=args.drop_router_bias, progress=not args.quiet)
     print(f"converted {args.direction}: {report.summary()}")
@@ -115,7 +93,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_upcycle(args: argparse.Namespace) -> int:
     """Public model -> the [public, domain] 2-expert Megatron checkpoint an owner trains."""
-    _quiet_imports()
+    _megatron()
     import torch
 
     from flexolmo_plugin.lifecycle.upcycle import upcycle
@@ -129,7 +107,7 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
 
 def cmd_prepare_data(args: argparse.Namespace) -> int:
     """JSON Lines -> Megatron indexed dataset."""
-    _quiet_imports()
+    _megatron()
     from flexolmo_plugin.lifecycle.data import prepare_dataset
 
     report = prepare_dataset(args.input, args.output_prefix, tokenizer_dir=args.tokenizer, text_key=args.text_key,
@@ -140,7 +118,7 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
 
 def cmd_embed_domain(args: argparse.Namespace) -> int:
     """Mean embedding of a sample of the owner's documents -> a router row."""
-    _quiet_imports()
+    _megatron()
     from flexolmo_plugin.lifecycle.domain_embedding import (
         embed_documents,
         sample_documents,
@@ -164,7 +142,7 @@ def cmd_embed_domain(args: argparse.Namespace) -> int:
 
 
 def cmd_package_expert(args: argparse.Namespace) -> int:
-    _quiet_imports()
+    _megatron()
     from flexolmo_plugin.lifecycle.package import package_expert
 
     path = package_expert(args.owner_dir, args.package_dir, name=args.name, description=args.description,
@@ -174,7 +152,7 @@ def cmd_package_expert(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    _quiet_imports()
+    _megatron()
     from flexolmo_plugin.lifecycle.merge import merge_experts
 
     report = merge_experts(args.public_dir, args.packages, args.out, top_k=args.top_k, progress=not args.quiet)
@@ -183,7 +161,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_opt_out(args: argparse.Namespace) -> int:
-    _quiet_imports()
+    _megatron()
     from flexolmo_plugin.lifecycle.opt_out import opt_out
 
     report = opt_out(args.mcore_dir, args.out, drop=args.drop, progress=not args.quiet)
@@ -193,7 +171,7 @@ def cmd_opt_out(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Per-domain loss / perplexity and routing shares, optionally with experts excluded."""
-    _quiet_imports()
+    _megatron()
     import flexolmo_plugin as fp
     from flexolmo_plugin.lifecycle.evaluation import (
         evaluate,
@@ -207,7 +185,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for item in args.data:
         name, sep, prefix = item.partition("=")
         if not sep or not name or not prefix:
-            raise ValueError(f"--data expects NAME=PREFIX, got {item!r}")
+            raise ConfigError(f"--data expects NAME=PREFIX, got {item!r}")
         datasets[name] = prefix
     model = fp.from_mcore(args.mcore_dir, dispatcher="allgather" if args.exclude else "alltoall")
     names = model.flexolmo_config.expert_names or tuple(f"expert{i}" for i in range(model.flexolmo_config.num_experts))
@@ -409,14 +387,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command.  A refusal of the user's input (:class:`~flexolmo_plugin.errors.FlexOlmoError`,
+    or a path that does not exist / already exists) prints one line and exits 2; anything else is a
+    bug and propagates with its traceback (a non-zero exit that is never reported as bad input)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from flexolmo_plugin.conversion.safetensors_reader import CheckpointFormatError
-    from flexolmo_plugin.model.config import ConfigError
-
     try:
         return args.func(args)
-    except (CheckpointFormatError, ConfigError, ValueError, FileNotFoundError, FileExistsError) as error:
+    except (FlexOlmoError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

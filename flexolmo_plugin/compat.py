@@ -11,14 +11,22 @@ Product modules must never call CUDA-only APIs themselves; everything CPU-specif
 The shims were established by measurement (shared/research/feasibility.md, Appendix A) against
 megatron-core 0.19.2, which is asserted below because two of them replace Megatron internals.
 :func:`enable_bridge_compat` (end of file) does the same for Megatron-Bridge 0.6.2's training loop.
+
+Nothing is applied at import: only the entry points call these functions (the ``flexolmo`` CLI,
+the demo, the test suite, and ``from_hf`` / ``from_mcore`` / ``save_mcore``), each applied once per
+process and logged once.  :func:`cpu_model_settings` is the one place that says which model
+settings differ on a CPU-only machine.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 
 import torch
+
+logger = logging.getLogger("flexolmo_plugin")
 
 SUPPORTED_MEGATRON_CORE = "0.19.2"
 
@@ -88,6 +96,23 @@ def device_capability() -> tuple[int, int] | None:
 def device_name() -> str | None:
     """The local GPU's name (peak-FLOPs lookup for MFU), or None without CUDA."""
     return torch.cuda.get_device_name() if cuda_available() else None
+
+
+# Megatron model settings a CPU run needs: parameters created on the CPU, and every fused kernel off
+# (none of them exists without CUDA).
+CPU_MODEL_SETTINGS = dict(use_cpu_initialization=True, gradient_accumulation_fusion=False, masked_softmax_fusion=False,
+                          bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+                          persist_layer_norm=False, cross_entropy_loss_fusion=False)
+
+
+def cpu_model_settings() -> dict:
+    """:data:`CPU_MODEL_SETTINGS` on a machine without CUDA; {} where CUDA exists, so that Megatron's
+    and Bridge's own defaults apply there."""
+    return {} if cuda_available() else dict(CPU_MODEL_SETTINGS)
+
+
+def cpu_compat_enabled() -> bool:
+    return "forward" in _enabled
 
 
 def _check_megatron_version() -> None:
@@ -193,9 +218,12 @@ def enable_cpu_compat(*, training: bool = False) -> bool:
             _check_megatron_version()
             _patch_forward_paths()
             _enabled.add("forward")
+            logger.info("no CUDA: megatron-core %s runs on the CPU with flexolmo's compatibility shims "
+                        "(flexolmo_plugin.compat)", SUPPORTED_MEGATRON_CORE)
         if training and "training" not in _enabled:
             _patch_training_paths()
             _enabled.add("training")
+            logger.info("no CUDA: optimizer and gradient-clipping paths patched for the CPU")
     return True
 
 
@@ -217,7 +245,10 @@ def default_backend() -> str:
 # Measured against exactly megatron-bridge 0.6.2 + megatron-core 0.19.2
 # (shared/research/bridge_cpu.md); each patch applies only where what it replaces is missing.
 
-SUPPORTED_MEGATRON_BRIDGE = "0.6.2"
+SUPPORTED_MEGATRON_BRIDGE = "0.6.2"  # the release every shim below was validated against
+# Where no shim is needed (a GPU machine with Transformer Engine, e.g. an NGC container), releases
+# in this range are accepted: the provider and recipes use only Bridge's public configuration API.
+TESTED_MEGATRON_BRIDGE_RANGE = (">=0.6.2", "<0.7")
 
 
 class _AbsentTransformerEngineClass:
@@ -335,19 +366,37 @@ class _ScopedStubFinder:
         return spec
 
 
-def _check_bridge_version() -> None:
+def _bridge_version() -> str:
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as package_version
 
     try:
-        version = package_version("megatron-bridge")
+        return package_version("megatron-bridge")
     except PackageNotFoundError:
-        version = "nothing"
-    if version != SUPPORTED_MEGATRON_BRIDGE:
-        raise RuntimeError(
-            f"flexolmo's Megatron-Bridge patches were validated against megatron-bridge "
-            f"{SUPPORTED_MEGATRON_BRIDGE}, found {version}; install requirements/lock-cpu.txt or "
-            f"re-validate enable_bridge_compat in flexolmo_plugin/compat.py")
+        return "nothing"
+
+
+def _check_bridge_version(shimmed: bool) -> None:
+    """Exactly the validated release where a shim replaces Bridge internals; else the tested range."""
+    version = _bridge_version()
+    if shimmed:
+        if version != SUPPORTED_MEGATRON_BRIDGE:
+            raise RuntimeError(
+                f"flexolmo's Megatron-Bridge patches (needed here: no CUDA or no Transformer Engine) were "
+                f"validated against megatron-bridge {SUPPORTED_MEGATRON_BRIDGE}, found {version}; install "
+                f"requirements/lock-cpu.txt or re-validate enable_bridge_compat in flexolmo_plugin/compat.py")
+        return
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    tested = SpecifierSet(",".join(TESTED_MEGATRON_BRIDGE_RANGE))
+    try:
+        accepted = Version(version) in tested
+    except InvalidVersion:
+        accepted = False
+    if not accepted:
+        raise RuntimeError(f"megatron-bridge {version} is outside the range flexolmo is tested with "
+                           f"({tested}); install a release in that range")
 
 
 def _patch_initialize_megatron() -> None:
@@ -411,24 +460,26 @@ def enable_bridge_compat() -> frozenset[str]:
     executes (TE absent); ``I2`` ``nvidia_resiliency_ext.inprocess.CallWrapper`` visible only
     while ``megatron.bridge.training.pretrain`` executes (nvrx absent); ``B1`` CUDA-free
     ``initialize_megatron`` (no CUDA); ``B2`` no-op ``compile_helpers`` (prebuilt helpers, no
-    Makefile).  Raises unless megatron-bridge is exactly 0.6.2.  Idempotent; returns the names of
+    Makefile).  Where a CUDA or stand-in shim applies, megatron-bridge must be exactly 0.6.2;
+    elsewhere any release in ``TESTED_MEGATRON_BRIDGE_RANGE``.  Idempotent; returns the names of
     the patches active in this process.
     """
     import importlib.util
     import sys
 
-    _check_bridge_version()
+    missing = {target: entry for target, entry in _STUBS.items()
+               if importlib.util.find_spec(entry[2]) is None and target not in sys.modules}
+    _check_bridge_version(shimmed=not cuda_available() or bool(missing))
     cpu = enable_cpu_compat(training=True)
     with _lock:
         if cpu:
             _enabled.add("cpu")
         if "stubs-checked" not in _enabled:
             _enabled.add("stubs-checked")
-            missing = {target: entry for target, entry in _STUBS.items()
-                       if importlib.util.find_spec(entry[2]) is None and target not in sys.modules}
             if missing:
                 sys.meta_path.insert(0, _ScopedStubFinder(missing))
                 _enabled.update(entry[0] for entry in missing.values())
+                logger.info("Megatron-Bridge: import-time stand-ins for %s", sorted(e[2] for e in missing.values()))
         if not cuda_available() and "B1" not in _enabled:
             _patch_initialize_megatron()
             _enabled.add("B1")

@@ -46,7 +46,11 @@ class LaunchPlan:
         bad = [o for o in self.overrides if "=" not in o]
         if bad:
             raise ValueError(f"overrides must look like key=value, got {bad}")
-        owned = [o for o in self.overrides if o.split("=", 1)[0] in (f"{RECIPE_PREFIX}nodes", f"{RECIPE_PREFIX}gpus_per_node")]
+        owned = [
+            o
+            for o in self.overrides
+            if o.split("=", 1)[0] in (f"{RECIPE_PREFIX}nodes", f"{RECIPE_PREFIX}gpus_per_node")
+        ]
         if owned:
             raise ValueError(f"{owned}: set nodes / gpus_per_node on the plan, the launcher passes them to the recipe")
         if self.executor == "slurm" and not (self.account and self.partition):
@@ -54,15 +58,23 @@ class LaunchPlan:
 
 
 def recipe_arguments(plan: LaunchPlan) -> list[str]:
-    """Arguments of ``python -m flexolmo_plugin.recipes.train``: the recipe, the cluster shape it must check, the overrides."""
-    return [plan.recipe, f"recipe.nodes={plan.nodes}", f"recipe.gpus_per_node={plan.gpus_per_node}",
-            *plan.overrides]
+    """Arguments of ``python -m flexolmo_plugin.recipes.train``: the recipe, the cluster shape it must
+    check, the overrides."""
+    return [plan.recipe, f"recipe.nodes={plan.nodes}", f"recipe.gpus_per_node={plan.gpus_per_node}", *plan.overrides]
 
 
 def torchrun_command(plan: LaunchPlan, *, head: str = "$HEAD", port: int = 29500) -> list[str]:
     """The per-node torchrun command (what NeMo-Run's torchrun launcher runs on each node)."""
-    return ["torchrun", f"--nnodes={plan.nodes}", f"--nproc-per-node={plan.gpus_per_node}", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={head}:{port}", "-m", ENTRY, *recipe_arguments(plan)]
+    return [
+        "torchrun",
+        f"--nnodes={plan.nodes}",
+        f"--nproc-per-node={plan.gpus_per_node}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={head}:{port}",
+        "-m",
+        ENTRY,
+        *recipe_arguments(plan),
+    ]
 
 
 def environment(plan: LaunchPlan) -> dict[str, str]:
@@ -74,16 +86,27 @@ def submit(plan: LaunchPlan, *, detach: bool = True):
     try:
         import nemo_run as run
     except ImportError as error:
-        raise RuntimeError("launching through NeMo-Run needs the optional 'nemo-run' package "
-                           "(pip install -e .[nemo-run]); launchers/torchrun_slurm.sh needs nothing extra") from error
+        raise RuntimeError(
+            "launching through NeMo-Run needs the optional 'nemo-run' package "
+            "(pip install -e .[nemo-run]); launchers/torchrun_slurm.sh needs nothing extra"
+        ) from error
     # nemo_run.Script(m=True) runs ``python -m ENTRY ARGS`` (through the executor's torchrun launcher)
     task = run.Script(path=ENTRY, args=recipe_arguments(plan), entrypoint="python", m=True)
     if plan.executor == "local":
-        executor = run.LocalExecutor(launcher="torchrun", ntasks_per_node=plan.gpus_per_node, env_vars=environment(plan))
+        executor = run.LocalExecutor(
+            launcher="torchrun", ntasks_per_node=plan.gpus_per_node, env_vars=environment(plan)
+        )
     else:
-        executor = run.SlurmExecutor(account=plan.account, partition=plan.partition, nodes=plan.nodes,
-                                     ntasks_per_node=plan.gpus_per_node, gpus_per_node=plan.gpus_per_node,
-                                     container_image=plan.container_image, time=plan.time, env_vars=environment(plan))
+        executor = run.SlurmExecutor(
+            account=plan.account,
+            partition=plan.partition,
+            nodes=plan.nodes,
+            ntasks_per_node=plan.gpus_per_node,
+            gpus_per_node=plan.gpus_per_node,
+            container_image=plan.container_image,
+            time=plan.time,
+            env_vars=environment(plan),
+        )
         executor.launcher = "torchrun"
     return run.run(task, executor=executor, name=f"flexolmo-{plan.recipe}", detach=detach)
 
@@ -102,9 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
     try:
-        plan = LaunchPlan(recipe=args.recipe, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                          overrides=tuple(args.overrides), executor=args.executor, account=args.account,
-                          partition=args.partition, container_image=args.container_image, time=args.time)
+        plan = LaunchPlan(
+            recipe=args.recipe,
+            nodes=args.nodes,
+            gpus_per_node=args.gpus_per_node,
+            overrides=tuple(args.overrides),
+            executor=args.executor,
+            account=args.account,
+            partition=args.partition,
+            container_image=args.container_image,
+            time=args.time,
+        )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

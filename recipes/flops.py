@@ -21,8 +21,8 @@ uniform ``top_k / num_experts`` when no measured shares are given).  The router 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from flexolmo_plugin.model.config import ConfigError, FlexOlmoConfig
 
@@ -47,16 +47,24 @@ class Trainable:
     output: bool
 
     @classmethod
-    def policy(cls, name: str, num_experts: int, owner_expert: int = 1) -> "Trainable":
+    def policy(cls, name: str, num_experts: int, owner_expert: int = 1) -> Trainable:
         """The trainable set of a :mod:`recipes.provider` freezing policy (``none``: forward only)."""
         if name not in POLICIES:
             raise ConfigError(f"trainable policy {name!r}; expected one of {POLICIES}")
         everything = name == "all"
         if name == "anchored" and not 0 < owner_expert < num_experts:
-            raise ConfigError(f"owner_expert must be in [1, {num_experts - 1}] for anchored training, got {owner_expert}")
+            raise ConfigError(
+                f"owner_expert must be in [1, {num_experts - 1}] for anchored training, got {owner_expert}"
+            )
         experts = tuple(everything or (name == "anchored" and e == owner_expert) for e in range(num_experts))
-        return cls(embedding=everything, attention=everything, norms=everything,
-                   router=name in ("all", "anchored", "router"), experts=experts, output=everything)
+        return cls(
+            embedding=everything,
+            attention=everything,
+            norms=everything,
+            router=name in ("all", "anchored", "router"),
+            experts=experts,
+            output=everything,
+        )
 
     @property
     def any(self) -> bool:
@@ -75,11 +83,12 @@ class FlopCount:
     def total(self) -> float:
         return self.forward + self.dgrad + self.wgrad
 
-    def __add__(self, other: "FlopCount") -> "FlopCount":
-        return FlopCount(forward=self.forward + other.forward, dgrad=self.dgrad + other.dgrad,
-                         wgrad=self.wgrad + other.wgrad)
+    def __add__(self, other: FlopCount) -> FlopCount:
+        return FlopCount(
+            forward=self.forward + other.forward, dgrad=self.dgrad + other.dgrad, wgrad=self.wgrad + other.wgrad
+        )
 
-    def scaled(self, factor: float) -> "FlopCount":
+    def scaled(self, factor: float) -> FlopCount:
         return FlopCount(forward=self.forward * factor, dgrad=self.dgrad * factor, wgrad=self.wgrad * factor)
 
 
@@ -87,8 +96,9 @@ def _gemm(flops: float, *, grad_in: bool, trainable: bool) -> FlopCount:
     return FlopCount(forward=flops, dgrad=flops if grad_in else 0.0, wgrad=flops if trainable else 0.0)
 
 
-def flops_per_token(config: FlexOlmoConfig, *, seq_length: int, trainable: Trainable,
-                    expert_shares: Sequence[float] | None = None) -> FlopCount:
+def flops_per_token(
+    config: FlexOlmoConfig, *, seq_length: int, trainable: Trainable, expert_shares: Sequence[float] | None = None
+) -> FlopCount:
     """FLOPs of one token of a ``seq_length`` sequence through forward and (needed) backward.
 
     ``expert_shares``: fraction of all routed token slots each expert received (sums to 1, e.g.
@@ -121,22 +131,29 @@ def flops_per_token(config: FlexOlmoConfig, *, seq_length: int, trainable: Train
         for slot, expert_trainable in zip(slots, trainable.experts):
             total += _gemm(2 * d * 2 * f * slot, grad_in=live, trainable=expert_trainable)
             total += _gemm(2 * f * d * slot, grad_in=live or expert_trainable, trainable=expert_trainable)
-        live = live or trainable.router or trainable.norms or any(
-            t and s > 0 for t, s in zip(trainable.experts, slots))
+        live = live or trainable.router or trainable.norms or any(t and s > 0 for t, s in zip(trainable.experts, slots))
     total += _gemm(2 * d * config.padded_vocab_size, grad_in=live or trainable.norms, trainable=trainable.output)
     if not trainable.any:  # forward only (inference / evaluation)
         total = FlopCount(forward=total.forward, dgrad=0.0, wgrad=0.0)
     return total
 
 
-def step_flops(config: FlexOlmoConfig, *, seq_length: int, global_batch_size: int, trainable: Trainable,
-               expert_shares: Sequence[float] | None = None) -> FlopCount:
+def step_flops(
+    config: FlexOlmoConfig,
+    *,
+    seq_length: int,
+    global_batch_size: int,
+    trainable: Trainable,
+    expert_shares: Sequence[float] | None = None,
+) -> FlopCount:
     """FLOPs of one optimizer step over ``global_batch_size`` sequences of ``seq_length`` tokens."""
     per_token = flops_per_token(config, seq_length=seq_length, trainable=trainable, expert_shares=expert_shares)
     return per_token.scaled(global_batch_size * seq_length)
 
 
-def throughput(flops: float, seconds: float, *, num_gpus: int, peak_flops_per_gpu: float | None) -> tuple[float, float | None]:
+def throughput(
+    flops: float, seconds: float, *, num_gpus: int, peak_flops_per_gpu: float | None
+) -> tuple[float, float | None]:
     """``(TFLOPS per GPU, MFU)``; MFU is None when the peak is unknown (e.g. on CPU)."""
     if seconds <= 0 or num_gpus < 1:
         raise ValueError(f"need positive time and GPU count, got {seconds} s on {num_gpus} GPUs")

@@ -22,11 +22,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from flexolmo_plugin.conversion.mcore_io import load_config
-from flexolmo_plugin.recipes.provider import FlexOlmoModelProvider
 
-from flexolmo_plugin.compat import cuda_available
+from flexolmo_plugin.compat import CPU_MODEL_SETTINGS, cuda_available
+from flexolmo_plugin.conversion.mcore_io import load_config
+from flexolmo_plugin.errors import ConfigError
 from flexolmo_plugin.model.config import FlexOlmoConfig
+from flexolmo_plugin.model.layout import ParallelLayout
+from flexolmo_plugin.recipes.provider import FlexOlmoModelProvider
 
 EXPERT_DEFAULTS = dict(top_k=2, router_z_loss_coeff=1e-3, load_balancing_coeff=0.0)
 
@@ -62,9 +64,8 @@ def _container(provider: FlexOlmoModelProvider, *, data_paths, tokenizer_dir, sa
     else:  # data is pre-tokenized; only the vocabulary size matters
         tokenizer = TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=provider.vocab_size)
     if cpu:
-        for fusion in ("gradient_accumulation_fusion", "masked_softmax_fusion", "cross_entropy_loss_fusion",
-                       "bias_activation_fusion", "bias_dropout_fusion", "apply_rope_fusion"):
-            setattr(provider, fusion, False)
+        for name, value in CPU_MODEL_SETTINGS.items():
+            setattr(provider, name, value)
         provider.bf16, provider.params_dtype, provider.pipeline_dtype = False, torch.float32, torch.float32
     provider.seq_length = seq_length
     return ConfigContainer(
@@ -106,17 +107,19 @@ def _run_arguments(arguments: dict) -> dict:
     return run
 
 
-def _provider(init_from, *, trainable: str, owner_expert: int, overrides: dict, parallel: dict) -> FlexOlmoModelProvider:
+def _provider(init_from, *, trainable: str, owner_expert: int, overrides: dict,
+              layout: ParallelLayout) -> FlexOlmoModelProvider:
     config, _, _ = load_config(init_from)
     config = config.replace(**overrides)
-    return FlexOlmoModelProvider.from_flexolmo_config(config, init_from=str(Path(init_from).resolve()),
-                                                      trainable=trainable, owner_expert=owner_expert, **parallel)
+    return FlexOlmoModelProvider.from_flexolmo_config(config, layout, init_from=str(Path(init_from).resolve()),
+                                                      trainable=trainable, owner_expert=owner_expert)
 
 
-def _parallel(tensor_parallel: int, expert_parallel: int) -> dict:
-    return dict(tensor_model_parallel_size=tensor_parallel, expert_model_parallel_size=expert_parallel,
-                expert_tensor_parallel_size=1 if tensor_parallel > 1 and expert_parallel > 1 else None,
-                sequence_parallel=tensor_parallel > 1)
+def training_layout(tensor_parallel: int = 1, expert_parallel: int = 1, **cluster) -> ParallelLayout:
+    """The layout the recipes train with: sequence parallelism whenever TP > 1 (Megatron needs it for
+    MoE with TP), expert-TP 1 when TP and EP are combined (``ParallelLayout``'s default)."""
+    return ParallelLayout(tensor_parallel=tensor_parallel, expert_parallel=expert_parallel,
+                          sequence_parallel=tensor_parallel > 1, **cluster)
 
 
 def flexolmo_expert_config(*, init_from: str, save_dir: str | None, data_paths: list[str] | None = None,
@@ -129,7 +132,7 @@ def flexolmo_expert_config(*, init_from: str, save_dir: str | None, data_paths: 
     """Anchored expert training of ``owner_expert`` from an upcycled checkpoint."""
     arguments = dict(locals())
     provider = _provider(init_from, trainable="anchored", owner_expert=owner_expert, overrides=EXPERT_DEFAULTS,
-                         parallel=_parallel(tensor_parallel, expert_parallel))
+                         layout=training_layout(tensor_parallel, expert_parallel))
     return _container(provider, **_run_arguments(arguments))
 
 
@@ -145,7 +148,7 @@ def flexolmo_router_tuning_config(*, init_from: str, save_dir: str | None, data_
     stored, _, _ = load_config(init_from)
     provider = _provider(init_from, trainable="router", owner_expert=1,
                          overrides=dict(top_k=stored.num_experts, router_z_loss_coeff=1e-3, load_balancing_coeff=0.0),
-                         parallel=_parallel(tensor_parallel, expert_parallel))
+                         layout=training_layout(tensor_parallel, expert_parallel))
     return _container(provider, **_run_arguments(arguments))
 
 
@@ -153,7 +156,7 @@ def _vocab_size(vocab_size: int | None, tokenizer_dir: str | None) -> int:
     if vocab_size is not None:
         return vocab_size
     if tokenizer_dir is None:
-        raise ValueError("flexolmo_public_config needs vocab_size or tokenizer_dir")
+        raise ConfigError("flexolmo_public_config needs vocab_size or tokenizer_dir")
     from flexolmo_plugin.lifecycle.data import load_tokenizer
 
     return len(load_tokenizer(tokenizer_dir))
@@ -176,18 +179,18 @@ def flexolmo_public_config(*, save_dir: str | None, data_paths: list[str] | None
     ``vocab_size`` taken from ``tokenizer_dir`` when not given.
     """
     arguments = dict(locals())
-    parallel = _parallel(tensor_parallel, 1)
+    layout = training_layout(tensor_parallel)
     if init_from:
         config, _, _ = load_config(init_from)
         if config.num_experts != 1:
-            raise ValueError(f"{init_from}: the public model has one expert, this checkpoint has {config.num_experts}")
-        provider = FlexOlmoModelProvider.from_flexolmo_config(config, init_from=str(Path(init_from).resolve()),
-                                                              trainable="all", **parallel)
+            raise ConfigError(f"{init_from}: the public model has one expert, this checkpoint has {config.num_experts}")
+        provider = FlexOlmoModelProvider.from_flexolmo_config(config, layout, init_from=str(Path(init_from).resolve()),
+                                                              trainable="all")
     else:
         config = FlexOlmoConfig(vocab_size=_vocab_size(vocab_size, tokenizer_dir), hidden_size=hidden_size,
                                 intermediate_size=ffn_hidden_size, num_layers=num_layers,
                                 num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
                                 num_experts=1, top_k=1, max_position_embeddings=seq_length, expert_names=("public",),
                                 eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-        provider = FlexOlmoModelProvider.from_flexolmo_config(config, trainable="all", **parallel)
+        provider = FlexOlmoModelProvider.from_flexolmo_config(config, layout, trainable="all")
     return _container(provider, **_run_arguments(arguments))

@@ -25,77 +25,40 @@ expert_parallel=7`` is the alternative on nodes run with 7 ranks.
 ``model=`` overrides sizes (a dict of :class:`~flexolmo_plugin.config.FlexOlmoConfig` fields),
 which is how the tests run scaled-down copies of each recipe on CPU (``cpu=True``: fp32, gloo).
 ``init_from`` (the upcycled / merged checkpoint) is read when it exists: sizes then come from it, and
-any size given in ``model`` (and the recipe's number of experts) must match it; a path that does not exist yet (built on a login node) is checked when training starts.
+any size given in ``model`` (and the recipe's number of experts) must match it; a path that does not
+exist yet (built on a login node) is checked when training starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flexolmo_plugin.compat import cuda_available
+from flexolmo_plugin.model.config import ConfigError, FlexOlmoConfig
+from flexolmo_plugin.model.layout import ParallelLayout
+from flexolmo_plugin.recipes.phases import training_layout
 from flexolmo_plugin.recipes.precision import (
     apply_precision,
     check_precision_name,
     current_capability,
 )
 
-from flexolmo_plugin.compat import cuda_available
-from flexolmo_plugin.model.config import ConfigError, FlexOlmoConfig
-
-OLMO2_7B = dict(vocab_size=100352, hidden_size=4096, intermediate_size=11008, num_layers=32, num_attention_heads=32,
-                num_key_value_heads=32, max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-6,
-                eos_token_id=100257, pad_token_id=100277)
+OLMO2_7B = dict(
+    vocab_size=100352,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-6,
+    eos_token_id=100257,
+    pad_token_id=100277,
+)
 NCCL_TIMEOUT_MINUTES = 60  # process-group creation, checkpoint load; a collective stuck this long is a hang
-
-
-@dataclass(frozen=True, kw_only=True)
-class ClusterLayout:
-    """Where a run's ranks are: nodes x GPUs per node, and the model-parallel split inside a node."""
-
-    nodes: int = 1
-    gpus_per_node: int = 8
-    tensor_parallel: int = 1
-    expert_parallel: int = 1
-
-    def __post_init__(self):
-        for name in ("nodes", "gpus_per_node", "tensor_parallel", "expert_parallel"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-
-    @property
-    def world_size(self) -> int:
-        return self.nodes * self.gpus_per_node
-
-    @property
-    def expert_tensor_parallel(self) -> int:
-        """Expert TP as :func:`flexolmo_plugin.recipes.phases._parallel` sets it: 1 when TP and EP are combined, else TP."""
-        return 1 if self.tensor_parallel > 1 and self.expert_parallel > 1 else self.tensor_parallel
-
-    @property
-    def data_parallel(self) -> int:
-        return self.world_size // self.tensor_parallel
-
-    def check(self, config: FlexOlmoConfig, *, global_batch_size: int, micro_batch_size: int) -> None:
-        """Refuse splits that cross nodes, do not tile the cluster, or do not fit the model."""
-        problems = []
-        expert_group = self.expert_parallel * self.expert_tensor_parallel
-        if self.gpus_per_node % self.tensor_parallel:
-            problems.append(f"TP={self.tensor_parallel} does not divide the {self.gpus_per_node} GPUs of a node "
-                            "(TP groups must stay inside a node)")
-        if self.gpus_per_node % expert_group:
-            problems.append(f"EP x expert-TP={expert_group} does not divide the {self.gpus_per_node} GPUs of a node "
-                            "(expert all-to-all must stay on NVLink)")
-        if config.num_experts % self.expert_parallel:
-            problems.append(f"EP={self.expert_parallel} does not divide num_experts={config.num_experts}")
-        per_step = micro_batch_size * self.data_parallel
-        if global_batch_size % per_step:
-            problems.append(f"global_batch_size={global_batch_size} is not a multiple of micro_batch_size x DP = "
-                            f"{micro_batch_size} x {self.data_parallel}")
-        if problems:
-            raise ConfigError("parallel layout: " + "; ".join(problems))
 
 
 def _shape(shape: dict, imposed: dict, model: dict | None, init_from: str | None) -> FlexOlmoConfig:
@@ -111,15 +74,26 @@ def _shape(shape: dict, imposed: dict, model: dict | None, init_from: str | None
 
     stored, _, _ = load_config(init_from)
     keys = {"num_experts", *(model or {})} & _SIZE_KEYS  # what this recipe or its caller asked for
-    differ = [f"{k}: checkpoint {getattr(stored, k)}, recipe {getattr(wanted, k)}"
-              for k in sorted(keys) if getattr(stored, k) != getattr(wanted, k)]
+    differ = [
+        f"{k}: checkpoint {getattr(stored, k)}, recipe {getattr(wanted, k)}"
+        for k in sorted(keys)
+        if getattr(stored, k) != getattr(wanted, k)
+    ]
     if differ:
         raise ConfigError(f"{init_from} does not fit this recipe: " + "; ".join(differ))
     return stored.replace(**_resolve({"num_experts": stored.num_experts, **imposed}, drop=("num_experts",)))
 
 
-_SIZE_KEYS = {"vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
-              "num_key_value_heads", "num_experts", "head_dim"}
+_SIZE_KEYS = {
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "num_experts",
+    "head_dim",
+}
 
 
 def _resolve(fields: dict, drop: tuple[str, ...] = ()) -> dict:
@@ -129,7 +103,7 @@ def _resolve(fields: dict, drop: tuple[str, ...] = ()) -> dict:
     return {k: v for k, v in fields.items() if k not in drop}
 
 
-def _gpu_settings(container, layout: ClusterLayout) -> None:
+def _gpu_settings(container, layout: ParallelLayout) -> None:
     """What a GPU cluster run changes relative to the parity-tested CPU settings."""
     from flexolmo_plugin.model.spec import transformer_engine_available
 
@@ -147,10 +121,23 @@ def _gpu_settings(container, layout: ClusterLayout) -> None:
     container.dataset.num_workers = 2
 
 
-def _production(*, shape: dict, imposed: dict, model: dict | None, init_from: str | None, trainable: str, owner_expert: int,
-                layout: ClusterLayout, precision: str, bf16_edge_layers: int | None, fp8_param_gather: bool,
-                run: dict, cpu: bool | None, eval_only: bool = False):
-    from flexolmo_plugin.recipes.phases import _container, _parallel
+def _production(
+    *,
+    shape: dict,
+    imposed: dict,
+    model: dict | None,
+    init_from: str | None,
+    trainable: str,
+    owner_expert: int,
+    layout: ParallelLayout,
+    precision: str,
+    bf16_edge_layers: int | None,
+    fp8_param_gather: bool,
+    run: dict,
+    cpu: bool | None,
+    eval_only: bool = False,
+):
+    from flexolmo_plugin.recipes.phases import _container
     from flexolmo_plugin.recipes.provider import FlexOlmoModelProvider
 
     check_precision_name(precision)
@@ -158,11 +145,11 @@ def _production(*, shape: dict, imposed: dict, model: dict | None, init_from: st
     if cpu and precision != "bf16":
         raise ConfigError(f"precision {precision!r} needs GPUs with Transformer Engine; cpu=True runs in fp32")
     config = _shape(shape, imposed, model, init_from)
-    layout.check(config, global_batch_size=run["global_batch_size"], micro_batch_size=run["micro_batch_size"])
+    layout.check_cluster(config, global_batch_size=run["global_batch_size"], micro_batch_size=run["micro_batch_size"])
     init = str(Path(init_from).resolve()) if init_from else None
     provider = FlexOlmoModelProvider.from_flexolmo_config(
-        config, init_from=init, trainable=trainable, owner_expert=owner_expert,
-        **_parallel(layout.tensor_parallel, layout.expert_parallel))
+        config, layout, init_from=init, trainable=trainable, owner_expert=owner_expert
+    )
     provider.check_flexolmo()
     container = _container(provider, cpu=cpu, **run)
     if eval_only:  # forward-only evaluation of the whole validation split (Bridge's skip_train path)
@@ -172,119 +159,293 @@ def _production(*, shape: dict, imposed: dict, model: dict | None, init_from: st
         container.dataset.split = "0,100,0"
     if not cpu:
         _gpu_settings(container, layout)
-        apply_precision(container, precision, bf16_edge_layers=bf16_edge_layers, fp8_param_gather=fp8_param_gather,
-                        capability=current_capability())
+        apply_precision(
+            container,
+            precision,
+            bf16_edge_layers=bf16_edge_layers,
+            fp8_param_gather=fp8_param_gather,
+            capability=current_capability(),
+        )
     return container
 
 
-def _run(*, save_dir, data_paths, tokenizer_dir, seq_length, train_iters, global_batch_size, micro_batch_size, lr,
-         min_lr, lr_warmup_iters, weight_decay, save_interval, log_interval, seed, load_dir) -> dict:
-    return dict(save_dir=save_dir, data_paths=data_paths, tokenizer_dir=tokenizer_dir, seq_length=seq_length,
-                train_iters=train_iters, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
-                lr=lr, min_lr=min_lr, lr_warmup_iters=lr_warmup_iters, weight_decay=weight_decay,
-                save_interval=save_interval, log_interval=log_interval, seed=seed, load_dir=load_dir)
+def _run(
+    *,
+    save_dir,
+    data_paths,
+    tokenizer_dir,
+    seq_length,
+    train_iters,
+    global_batch_size,
+    micro_batch_size,
+    lr,
+    min_lr,
+    lr_warmup_iters,
+    weight_decay,
+    save_interval,
+    log_interval,
+    seed,
+    load_dir,
+) -> dict:
+    return dict(
+        save_dir=save_dir,
+        data_paths=data_paths,
+        tokenizer_dir=tokenizer_dir,
+        seq_length=seq_length,
+        train_iters=train_iters,
+        global_batch_size=global_batch_size,
+        micro_batch_size=micro_batch_size,
+        lr=lr,
+        min_lr=min_lr,
+        lr_warmup_iters=lr_warmup_iters,
+        weight_decay=weight_decay,
+        save_interval=save_interval,
+        log_interval=log_interval,
+        seed=seed,
+        load_dir=load_dir,
+    )
 
 
-def flexolmo_public_7b_config(*, precision: str = "bf16", nodes: int = 4, gpus_per_node: int = 8,
-                              tensor_parallel: int = 1, save_dir: str | None = None,
-                              data_paths: list[str] | None = None, tokenizer_dir: str | None = None,
-                              init_from: str | None = None, model: dict | None = None, seq_length: int = 4096,
-                              train_iters: int = 250000, global_batch_size: int = 1024, micro_batch_size: int = 1,
-                              lr: float = 3e-4, min_lr: float = 3e-5, lr_warmup_iters: int = 2000,
-                              weight_decay: float = 0.1, save_interval: int = 1000, log_interval: int = 10,
-                              seed: int = 1234, load_dir: str | None = None, bf16_edge_layers: int | None = None,
-                              fp8_param_gather: bool = False, cpu: bool | None = None):
+def flexolmo_public_7b_config(
+    *,
+    precision: str = "bf16",
+    nodes: int = 4,
+    gpus_per_node: int = 8,
+    tensor_parallel: int = 1,
+    save_dir: str | None = None,
+    data_paths: list[str] | None = None,
+    tokenizer_dir: str | None = None,
+    init_from: str | None = None,
+    model: dict | None = None,
+    seq_length: int = 4096,
+    train_iters: int = 250000,
+    global_batch_size: int = 1024,
+    micro_batch_size: int = 1,
+    lr: float = 3e-4,
+    min_lr: float = 3e-5,
+    lr_warmup_iters: int = 2000,
+    weight_decay: float = 0.1,
+    save_interval: int = 1000,
+    log_interval: int = 10,
+    seed: int = 1234,
+    load_dir: str | None = None,
+    bf16_edge_layers: int | None = None,
+    fp8_param_gather: bool = False,
+    cpu: bool | None = None,
+):
     """The public dense model (OLMo-2 7B shape and optimiser) from scratch: a 1-expert FlexOlmo."""
     run = _run(**{k: v for k, v in locals().items() if k in _RUN_ARGS})
-    layout = ClusterLayout(nodes=nodes, gpus_per_node=gpus_per_node, tensor_parallel=tensor_parallel)
-    return _production(shape=dict(num_experts=1, expert_names=("public",)), imposed=dict(top_k=1), model=model,
-                       init_from=init_from, trainable="all", owner_expert=1, layout=layout, precision=precision,
-                       bf16_edge_layers=bf16_edge_layers, fp8_param_gather=fp8_param_gather, run=run, cpu=cpu)
+    layout = training_layout(tensor_parallel, nodes=nodes, gpus_per_node=gpus_per_node)
+    return _production(
+        shape=dict(num_experts=1, expert_names=("public",)),
+        imposed=dict(top_k=1),
+        model=model,
+        init_from=init_from,
+        trainable="all",
+        owner_expert=1,
+        layout=layout,
+        precision=precision,
+        bf16_edge_layers=bf16_edge_layers,
+        fp8_param_gather=fp8_param_gather,
+        run=run,
+        cpu=cpu,
+    )
 
 
-def flexolmo_expert_2x7b_config(*, init_from: str, precision: str = "bf16", nodes: int = 1, gpus_per_node: int = 8,
-                                expert_parallel: int = 2, owner_expert: int = 1, save_dir: str | None = None,
-                                data_paths: list[str] | None = None, tokenizer_dir: str | None = None,
-                                model: dict | None = None, seq_length: int = 4096, train_iters: int = 12000,
-                                global_batch_size: int = 1024, micro_batch_size: int = 1, lr: float = 9e-4,
-                                min_lr: float = 9e-5, lr_warmup_iters: int = 2000, weight_decay: float = 0.0,
-                                save_interval: int = 1000, log_interval: int = 10, seed: int = 1234,
-                                load_dir: str | None = None, bf16_edge_layers: int | None = None,
-                                fp8_param_gather: bool = False, cpu: bool | None = None):
+def flexolmo_expert_2x7b_config(
+    *,
+    init_from: str,
+    precision: str = "bf16",
+    nodes: int = 1,
+    gpus_per_node: int = 8,
+    expert_parallel: int = 2,
+    owner_expert: int = 1,
+    save_dir: str | None = None,
+    data_paths: list[str] | None = None,
+    tokenizer_dir: str | None = None,
+    model: dict | None = None,
+    seq_length: int = 4096,
+    train_iters: int = 12000,
+    global_batch_size: int = 1024,
+    micro_batch_size: int = 1,
+    lr: float = 9e-4,
+    min_lr: float = 9e-5,
+    lr_warmup_iters: int = 2000,
+    weight_decay: float = 0.0,
+    save_interval: int = 1000,
+    log_interval: int = 10,
+    seed: int = 1234,
+    load_dir: str | None = None,
+    bf16_edge_layers: int | None = None,
+    fp8_param_gather: bool = False,
+    cpu: bool | None = None,
+):
     """Anchored training of one data owner's expert against the frozen public 7B (paper §3.3.1, §4.4)."""
     from flexolmo_plugin.recipes.phases import EXPERT_DEFAULTS
 
     run = _run(**{k: v for k, v in locals().items() if k in _RUN_ARGS})
-    layout = ClusterLayout(nodes=nodes, gpus_per_node=gpus_per_node, expert_parallel=expert_parallel)
-    return _production(shape=dict(num_experts=2), imposed=EXPERT_DEFAULTS, model=model, init_from=init_from,
-                       trainable="anchored", owner_expert=owner_expert, layout=layout, precision=precision,
-                       bf16_edge_layers=bf16_edge_layers, fp8_param_gather=fp8_param_gather, run=run, cpu=cpu)
+    layout = training_layout(1, expert_parallel, nodes=nodes, gpus_per_node=gpus_per_node)
+    return _production(
+        shape=dict(num_experts=2),
+        imposed=EXPERT_DEFAULTS,
+        model=model,
+        init_from=init_from,
+        trainable="anchored",
+        owner_expert=owner_expert,
+        layout=layout,
+        precision=precision,
+        bf16_edge_layers=bf16_edge_layers,
+        fp8_param_gather=fp8_param_gather,
+        run=run,
+        cpu=cpu,
+    )
 
 
-def flexolmo_router_tuning_7x7b_config(*, init_from: str, precision: str = "bf16", nodes: int = 1,
-                                       gpus_per_node: int = 8, tensor_parallel: int = 2, expert_parallel: int = 1,
-                                       save_dir: str | None = None, data_paths: list[str] | None = None,
-                                       tokenizer_dir: str | None = None, model: dict | None = None,
-                                       seq_length: int = 4096, train_iters: int = 1200, global_batch_size: int = 1024,
-                                       micro_batch_size: int = 1, lr: float = 2e-3, min_lr: float = 2e-4,
-                                       lr_warmup_iters: int = 100, weight_decay: float = 0.0, save_interval: int = 200,
-                                       log_interval: int = 10, seed: int = 1234, load_dir: str | None = None,
-                                       bf16_edge_layers: int | None = None, fp8_param_gather: bool = False,
-                                       cpu: bool | None = None):
+def flexolmo_router_tuning_7x7b_config(
+    *,
+    init_from: str,
+    precision: str = "bf16",
+    nodes: int = 1,
+    gpus_per_node: int = 8,
+    tensor_parallel: int = 2,
+    expert_parallel: int = 1,
+    save_dir: str | None = None,
+    data_paths: list[str] | None = None,
+    tokenizer_dir: str | None = None,
+    model: dict | None = None,
+    seq_length: int = 4096,
+    train_iters: int = 1200,
+    global_batch_size: int = 1024,
+    micro_batch_size: int = 1,
+    lr: float = 2e-3,
+    min_lr: float = 2e-4,
+    lr_warmup_iters: int = 100,
+    weight_decay: float = 0.0,
+    save_interval: int = 200,
+    log_interval: int = 10,
+    seed: int = 1234,
+    load_dir: str | None = None,
+    bf16_edge_layers: int | None = None,
+    fp8_param_gather: bool = False,
+    cpu: bool | None = None,
+):
     """Router tuning of the merged 7x7B (§3.3.3): router rows and biases train, all experts active."""
     run = _run(**{k: v for k, v in locals().items() if k in _RUN_ARGS})
-    layout = ClusterLayout(nodes=nodes, gpus_per_node=gpus_per_node, tensor_parallel=tensor_parallel,
-                           expert_parallel=expert_parallel)
-    return _production(shape=dict(num_experts=7),
-                       imposed=dict(top_k="all", router_z_loss_coeff=1e-3, load_balancing_coeff=0.0),
-                       model=model, init_from=init_from, trainable="router", owner_expert=1, layout=layout,
-                       precision=precision, bf16_edge_layers=bf16_edge_layers, fp8_param_gather=fp8_param_gather,
-                       run=run, cpu=cpu)
+    layout = training_layout(tensor_parallel, expert_parallel, nodes=nodes, gpus_per_node=gpus_per_node)
+    return _production(
+        shape=dict(num_experts=7),
+        imposed=dict(top_k="all", router_z_loss_coeff=1e-3, load_balancing_coeff=0.0),
+        model=model,
+        init_from=init_from,
+        trainable="router",
+        owner_expert=1,
+        layout=layout,
+        precision=precision,
+        bf16_edge_layers=bf16_edge_layers,
+        fp8_param_gather=fp8_param_gather,
+        run=run,
+        cpu=cpu,
+    )
 
 
-def flexolmo_inference_7x7b_config(*, init_from: str, precision: str = "bf16", nodes: int = 1, gpus_per_node: int = 8,
-                                   tensor_parallel: int = 2, expert_parallel: int = 1,
-                                   data_paths: list[str] | None = None, tokenizer_dir: str | None = None,
-                                   model: dict | None = None, seq_length: int = 4096, eval_iters: int = 100,
-                                   global_batch_size: int = 256, micro_batch_size: int = 1, log_interval: int = 10,
-                                   seed: int = 1234, bf16_edge_layers: int | None = None, cpu: bool | None = None):
+def flexolmo_inference_7x7b_config(
+    *,
+    init_from: str,
+    precision: str = "bf16",
+    nodes: int = 1,
+    gpus_per_node: int = 8,
+    tensor_parallel: int = 2,
+    expert_parallel: int = 1,
+    data_paths: list[str] | None = None,
+    tokenizer_dir: str | None = None,
+    model: dict | None = None,
+    seq_length: int = 4096,
+    eval_iters: int = 100,
+    global_batch_size: int = 256,
+    micro_batch_size: int = 1,
+    log_interval: int = 10,
+    seed: int = 1234,
+    bf16_edge_layers: int | None = None,
+    cpu: bool | None = None,
+):
     """Forward-only evaluation of a merged 7x7B checkpoint on ``data_paths`` (loss / perplexity).
 
     Runs Bridge's ``skip_train`` path over ``eval_iters`` batches.  Bridge builds an optimizer even
     then, so the router-only freezing policy is used: it is the smallest non-empty trainable set
     (a few hundred KB of state) and no step is ever taken.
     """
-    run = _run(save_dir=None, data_paths=data_paths, tokenizer_dir=tokenizer_dir, seq_length=seq_length,
-               train_iters=eval_iters, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
-               lr=0.0, min_lr=0.0, lr_warmup_iters=0, weight_decay=0.0, save_interval=1, log_interval=log_interval,
-               seed=seed, load_dir=None)
-    layout = ClusterLayout(nodes=nodes, gpus_per_node=gpus_per_node, tensor_parallel=tensor_parallel,
-                           expert_parallel=expert_parallel)
+    run = _run(
+        save_dir=None,
+        data_paths=data_paths,
+        tokenizer_dir=tokenizer_dir,
+        seq_length=seq_length,
+        train_iters=eval_iters,
+        global_batch_size=global_batch_size,
+        micro_batch_size=micro_batch_size,
+        lr=0.0,
+        min_lr=0.0,
+        lr_warmup_iters=0,
+        weight_decay=0.0,
+        save_interval=1,
+        log_interval=log_interval,
+        seed=seed,
+        load_dir=None,
+    )
+    layout = training_layout(tensor_parallel, expert_parallel, nodes=nodes, gpus_per_node=gpus_per_node)
     experts = (model or {}).get("num_experts", 7)  # the released FlexOlmo-7x7B routes to 5 of 7
-    return _production(shape=dict(num_experts=7, top_k=min(5, experts)), imposed={}, model=model, init_from=init_from, trainable="router",
-                       owner_expert=1, layout=layout, precision=precision, bf16_edge_layers=bf16_edge_layers,
-                       fp8_param_gather=False, run=run, cpu=cpu, eval_only=True)
+    return _production(
+        shape=dict(num_experts=7, top_k=min(5, experts)),
+        imposed={},
+        model=model,
+        init_from=init_from,
+        trainable="router",
+        owner_expert=1,
+        layout=layout,
+        precision=precision,
+        bf16_edge_layers=bf16_edge_layers,
+        fp8_param_gather=False,
+        run=run,
+        cpu=cpu,
+        eval_only=True,
+    )
 
 
-_RUN_ARGS = ("save_dir", "data_paths", "tokenizer_dir", "seq_length", "train_iters", "global_batch_size",
-             "micro_batch_size", "lr", "min_lr", "lr_warmup_iters", "weight_decay", "save_interval", "log_interval",
-             "seed", "load_dir")
-
-PRODUCTION_RECIPES = {
-    "public-7b": flexolmo_public_7b_config,
-    "expert-2x7b": flexolmo_expert_2x7b_config,
-    "router-tune-7x7b": flexolmo_router_tuning_7x7b_config,
-    "inference-7x7b": flexolmo_inference_7x7b_config,
-}
+_RUN_ARGS = (
+    "save_dir",
+    "data_paths",
+    "tokenizer_dir",
+    "seq_length",
+    "train_iters",
+    "global_batch_size",
+    "micro_batch_size",
+    "lr",
+    "min_lr",
+    "lr_warmup_iters",
+    "weight_decay",
+    "save_interval",
+    "log_interval",
+    "seed",
+    "load_dir",
+)
 
 
 def describe(container) -> dict[str, Any]:
     """A short summary of a production container (used by launchers and tests)."""
     model = container.model
     mp = container.mixed_precision
-    return dict(num_experts=model.num_moe_experts, top_k=model.moe_router_topk, trainable=model.trainable,
-                tensor_parallel=model.tensor_model_parallel_size, expert_parallel=model.expert_model_parallel_size,
-                fp8=getattr(mp, "fp8", None), fp8_recipe=getattr(mp, "fp8_recipe", None) if mp else None,
-                router_padding=model.moe_router_padding_for_quantization, router_dtype=model.moe_router_dtype,
-                layout={f.name: getattr(model, f.name) for f in dataclasses.fields(model)
-                        if f.name in ("sequence_parallel", "expert_tensor_parallel_size")})
+    return dict(
+        num_experts=model.num_moe_experts,
+        top_k=model.moe_router_topk,
+        trainable=model.trainable,
+        tensor_parallel=model.tensor_model_parallel_size,
+        expert_parallel=model.expert_model_parallel_size,
+        fp8=getattr(mp, "fp8", None),
+        fp8_recipe=getattr(mp, "fp8_recipe", None) if mp else None,
+        router_padding=model.moe_router_padding_for_quantization,
+        router_dtype=model.moe_router_dtype,
+        layout={
+            f.name: getattr(model, f.name)
+            for f in dataclasses.fields(model)
+            if f.name in ("sequence_parallel", "expert_tensor_parallel_size")
+        },
+    )

@@ -17,18 +17,10 @@ import os
 import time
 from pathlib import Path
 
+from flexolmo_plugin.errors import ConfigError
+from flexolmo_plugin.recipes import registry
+
 RECIPE_PREFIX = "recipe."
-
-
-def _recipes():
-    from flexolmo_plugin.recipes.phases import (
-        flexolmo_expert_config,
-        flexolmo_public_config,
-        flexolmo_router_tuning_config,
-    )
-
-    return {"public": flexolmo_public_config, "expert": flexolmo_expert_config,
-            "router-tune": flexolmo_router_tuning_config}
 
 
 def training_log_callback(*, print_fn=print):
@@ -103,6 +95,8 @@ def _flop_counter(cfg, config):
     Routed shares are this rank's; with data parallelism ranks see statistically identical batches.
     """
     import torch.distributed as dist
+
+    from flexolmo_plugin.compat import device_name
     from flexolmo_plugin.recipes.flops import (
         Trainable,
         peak_flops,
@@ -110,8 +104,6 @@ def _flop_counter(cfg, config):
         throughput,
     )
     from flexolmo_plugin.recipes.precision import precision_of
-
-    from flexolmo_plugin.compat import device_name
 
     model = cfg.model
     trainable = Trainable.policy(model.trainable, config.num_experts, model.owner_expert)
@@ -154,8 +146,9 @@ def warm_up_process_groups(*, print_fn=print) -> list[str]:
             raise RuntimeError(f"warm-up all-reduce over the {name} group returned {probe.item()}")
         if name == "expert" and dist.get_backend(group) == "nccl":
             size = dist.get_world_size(group)
-            dist.all_to_all_single(torch.empty(size, device=default_device()), torch.ones(size, device=default_device()),
-                                   group=group)
+            dist.all_to_all_single(
+                torch.empty(size, device=default_device()), torch.ones(size, device=default_device()), group=group
+            )
         warmed.append(name)
     if dist.get_rank() == 0:
         print_fn(f"[flexolmo] warmed process groups: {', '.join(warmed)}")
@@ -174,19 +167,16 @@ def _warm_up_callback():
 
 def build_config(recipe: str, overrides: list[str]):
     """The recipe's ``ConfigContainer`` with ``recipe.*`` arguments and config overrides applied."""
-    from flexolmo_plugin.recipes.production import PRODUCTION_RECIPES
     from omegaconf import OmegaConf
 
-    recipes = {**_recipes(), **PRODUCTION_RECIPES}
-    if recipe not in recipes:
-        raise ValueError(f"unknown recipe {recipe!r}; available: {sorted(recipes)}")
-    recipe_args = [o[len(RECIPE_PREFIX):] for o in overrides if o.startswith(RECIPE_PREFIX)]
+    function = registry.recipe(recipe)
+    recipe_args = [o[len(RECIPE_PREFIX) :] for o in overrides if o.startswith(RECIPE_PREFIX)]
     config_overrides = [o for o in overrides if not o.startswith(RECIPE_PREFIX)]
     bad = [o for o in overrides if "=" not in o]
     if bad:
-        raise ValueError(f"overrides must look like key=value, got {bad}")
+        raise ConfigError(f"overrides must look like key=value, got {bad}")
     kwargs = OmegaConf.to_container(OmegaConf.from_dotlist(recipe_args)) if recipe_args else {}
-    config = recipes[recipe](**kwargs)
+    config = function(**kwargs)
     if config_overrides:
         from megatron.bridge.training.utils.omegaconf_utils import (
             process_config_with_overrides,
@@ -222,9 +212,19 @@ def write_run_config(config, recipe: str) -> None:
     target = Path(config.checkpoint.save)
     temporary = target / f".{CONFIG_FILE}.tmp"
     temporary.mkdir(exist_ok=True)
-    save_config(temporary, flexolmo, dtype=model.params_dtype,
-                extra={"source": {"format": "megatron-bridge", "recipe": recipe, "trainable": model.trainable,
-                                  "init_from": model.init_from}})
+    save_config(
+        temporary,
+        flexolmo,
+        dtype=model.params_dtype,
+        extra={
+            "source": {
+                "format": "megatron-bridge",
+                "recipe": recipe,
+                "trainable": model.trainable,
+                "init_from": model.init_from,
+            }
+        },
+    )
     os.replace(temporary / CONFIG_FILE, target / CONFIG_FILE)
     temporary.rmdir()
 
@@ -270,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     if not argv or "=" in argv[0]:
-        print("usage: python -m flexolmo_plugin.recipes.train RECIPE [recipe.ARG=VALUE | KEY=VALUE ...]",
-              file=sys.stderr)
+        print(
+            "usage: python -m flexolmo_plugin.recipes.train RECIPE [recipe.ARG=VALUE | KEY=VALUE ...]", file=sys.stderr
+        )
         return 2
     run(argv[0], argv[1:])
     return 0

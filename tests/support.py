@@ -71,6 +71,9 @@ def _worker_entry(rank, world_size, port, fn, args, queue, collected):
     import torch.distributed as dist
 
     try:
+        from flexolmo_plugin import compat
+
+        compat.enable_cpu_compat()  # a spawned process starts unpatched
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size, timeout=datetime.timedelta(seconds=120))

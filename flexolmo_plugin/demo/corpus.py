@@ -21,9 +21,9 @@ import json
 import os
 import random
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from flexolmo_plugin.errors import FlexOlmoError
 

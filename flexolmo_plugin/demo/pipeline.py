@@ -271,12 +271,15 @@ class Demo:
         runtime = table[f"merged, {OWNERS[0]} opted out"]
         self.result.physical_vs_runtime_opt_out = max(abs(physical[d] - runtime[d]) for d in DOMAINS)
         self.say(format_losses(table))
-        self.say("\n   mean gate weight per expert on each domain (merged model, all experts active, mean over layers):")
+        self.say("\n   mean gate weight per expert on each domain "
+                 "(merged model, all experts active, mean over layers):")
         self.say("   " + f"{'domain':<9}" + "".join(f"{n:>10}" for n in names))
         for domain, shares in self.result.routing.items():
             self.say("   " + f"{domain:<9}" + "".join(f"{100 * v:>9.1f}%" for v in shares))
-        self.say(f"   physically opted-out checkpoint vs run-time exclusion: max |Δloss| = "
-                 f"{self.result.physical_vs_runtime_opt_out:.2e}")
+        self.say(
+            f"   physically opted-out checkpoint vs run-time exclusion: max |Δloss| = "
+            f"{self.result.physical_vs_runtime_opt_out:.2e}"
+        )
 
     def export(self) -> None:
         import torch
@@ -291,24 +294,35 @@ class Demo:
         self.command("convert", "mcore-to-hf", coordinator / "merged", coordinator / "merged-hf")
         mcore_to_hf(coordinator / "merged", coordinator / "merged-hf")
         copy_tokenizer_files(self.root / "data" / "tokenizer", coordinator / "merged-hf")
-        ids = torch.cat([read_windows(self.root / "data" / f"{d}.eval", seq_len=self.size.seq_length,
-                                      max_tokens=2 * self.size.seq_length) for d in DOMAINS])
+        ids = torch.cat(
+            [
+                read_windows(
+                    self.root / "data" / f"{d}.eval", seq_len=self.size.seq_length, max_tokens=2 * self.size.seq_length
+                )
+                for d in DOMAINS
+            ]
+        )
         ours = logits(from_mcore(coordinator / "merged"), ids).float()
-        hf = AutoModelForCausalLM.from_pretrained(str(coordinator / "merged-hf"), dtype=torch.float32,
-                                                  local_files_only=True).eval()
+        hf = AutoModelForCausalLM.from_pretrained(
+            str(coordinator / "merged-hf"), dtype=torch.float32, local_files_only=True
+        ).eval()
         with torch.no_grad():
             reference = hf(ids).logits.float()
         self.result.hf_max_abs_logit_diff = (ours - reference).abs().max().item()
-        self.say(f"   transformers FlexOlmoForCausalLM loaded coordinator/merged-hf; max |Δlogit| vs Megatron on "
-                 f"{ids.shape[0]}x{ids.shape[1]} held-out tokens = {self.result.hf_max_abs_logit_diff:.2e}")
+        self.say(
+            f"   transformers FlexOlmoForCausalLM loaded coordinator/merged-hf; max |Δlogit| vs Megatron on "
+            f"{ids.shape[0]}x{ids.shape[1]} held-out tokens = {self.result.hf_max_abs_logit_diff:.2e}"
+        )
         if not self.result.hf_max_abs_logit_diff <= 1e-4:
             raise DemoError(f"the HF export computes different logits (max |Δ| {self.result.hf_max_abs_logit_diff})")
 
 
 def format_losses(table: dict[str, dict[str, float]]) -> str:
     width = max(len(k) for k in table)
-    lines = ["\n   held-out loss per domain (nats/token; lower is better)",
-             "   " + f"{'model':<{width}}" + "".join(f"{d:>10}" for d in DOMAINS)]
+    lines = [
+        "\n   held-out loss per domain (nats/token; lower is better)",
+        "   " + f"{'model':<{width}}" + "".join(f"{d:>10}" for d in DOMAINS),
+    ]
     for model, row in table.items():
         lines.append("   " + f"{model:<{width}}" + "".join(f"{row[d]:>10.3f}" for d in DOMAINS))
     return "\n".join(lines)

@@ -10,8 +10,8 @@ that differs.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterator
 
 import torch
 from torch import nn

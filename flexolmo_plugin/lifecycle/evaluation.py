@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from flexolmo_plugin.lifecycle.data import DataError
 from flexolmo_plugin.model.build import logits, next_token_loss, unwrap
 
 
@@ -53,7 +54,7 @@ def read_windows(prefix: str | os.PathLike, *, seq_len: int, max_tokens: int) ->
     stream = torch.cat(pieces)[:max_tokens] if pieces else torch.empty(0, dtype=torch.long)
     n = stream.numel() // seq_len
     if n == 0:
-        raise ValueError(f"{prefix}: fewer than {seq_len} tokens; lower --seq-len")
+        raise DataError(f"{prefix}: fewer than {seq_len} tokens; lower --seq-len")
     return stream[: n * seq_len].reshape(n, seq_len)
 
 

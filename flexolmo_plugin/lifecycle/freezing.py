@@ -24,6 +24,7 @@ from torch import nn
 
 from flexolmo_plugin.conversion.mapping import Role
 from flexolmo_plugin.conversion.slots import Slot, slots
+from flexolmo_plugin.errors import ConfigError
 from flexolmo_plugin.model.build import unwrap
 
 PUBLIC_EXPERT = 0
@@ -63,7 +64,7 @@ def anchor(model: nn.Module, *, owner_expert: int = 1) -> TrainableSet:
     """Freeze everything except expert ``owner_expert``'s FFN, router row and router bias."""
     num_experts = _num_experts(model)
     if not 0 < owner_expert < num_experts:
-        raise ValueError(f"owner_expert must be a non-public expert in [1, {num_experts - 1}], got {owner_expert}")
+        raise ConfigError(f"owner_expert must be a non-public expert in [1, {num_experts - 1}], got {owner_expert}")
     return _apply(model, lambda s: s.expert == owner_expert and (_is_expert_ffn(s) or _is_router(s)))
 
 

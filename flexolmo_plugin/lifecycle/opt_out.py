@@ -50,7 +50,8 @@ def opt_out(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, drop: l
     keep = [i for i in range(config.num_experts) if i not in dropped]
     top_k = config.top_k
     if top_k > len(keep):
-        warnings.warn(f"top-k {top_k} exceeds the {len(keep)} remaining experts; reduced to {len(keep)}")
+        warnings.warn(f"top-k {top_k} exceeds the {len(keep)} remaining experts; reduced to {len(keep)}",
+                      stacklevel=2)
         top_k = len(keep)
     new = config.replace(num_experts=len(keep), top_k=top_k,
                          expert_names=tuple(config.expert_names[i] for i in keep))
@@ -75,8 +76,12 @@ def opt_out(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, drop: l
         with atomic_directory(out_dir) as tmp:
             write_checkpoint(tmp, new, source, dtype=dtype, expected=set(by_name), on_tensor=meter)
             history = list(payload.get("opted_out", [])) + list(drop)
-            save_config(tmp, new, dtype=dtype, extra={"source": {"format": "opt-out", "from": str(Path(mcore_dir).resolve())},
-                                                      "opted_out": history})
+            save_config(
+                tmp,
+                new,
+                dtype=dtype,
+                extra={"source": {"format": "opt-out", "from": str(Path(mcore_dir).resolve())}, "opted_out": history},
+            )
     finally:
         meter.close()
     return ConversionReport(meter.tensors, meter.bytes, time.perf_counter() - start, Path(out_dir))

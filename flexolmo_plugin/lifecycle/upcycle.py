@@ -75,7 +75,9 @@ def load_embedding(path: str | os.PathLike, hidden_size: int | None = None) -> t
         elif len(tensors) == 1:
             tensor = next(iter(tensors.values()))
         else:
-            raise EmbeddingError(f"{path}: expected one tensor (or one named '{EMBEDDING_KEY}'), found {sorted(tensors)}")
+            raise EmbeddingError(
+                f"{path}: expected one tensor (or one named '{EMBEDDING_KEY}'), found {sorted(tensors)}"
+            )
     else:
         raise EmbeddingError(f"{path}: unsupported embedding file type {path.suffix!r} (use .safetensors or .npy)")
     if tensor.dim() == 2 and tensor.shape[0] == 1:
@@ -83,8 +85,10 @@ def load_embedding(path: str | os.PathLike, hidden_size: int | None = None) -> t
     if tensor.dim() != 1 or not tensor.is_floating_point():
         raise EmbeddingError(f"{path}: expected a 1-D float vector, got {tensor.dtype} {list(tensor.shape)}")
     if hidden_size is not None and tensor.numel() != hidden_size:
-        raise EmbeddingError(f"{path}: embedding width {tensor.numel()} does not match the model's hidden size "
-                             f"{hidden_size} (the embedder's width must equal the model's)")
+        raise EmbeddingError(
+            f"{path}: embedding width {tensor.numel()} does not match the model's hidden size "
+            f"{hidden_size} (the embedder's width must equal the model's)"
+        )
     if not all_finite(tensor):
         raise EmbeddingError(f"{path}: embedding contains NaN/Inf")
     return tensor.float().contiguous()
@@ -122,8 +126,10 @@ class _PublicModel:
             weights = HFWeights(self._checkpoint, FlexOlmoConfig.from_hf(raw))
             self.kind = "flex_olmo"
         else:
-            raise CheckpointFormatError(f"{directory}: model_type {raw.get('model_type')!r} is neither olmo2 nor "
-                                        "flex_olmo; the public model must be one of them")
+            raise CheckpointFormatError(
+                f"{directory}: model_type {raw.get('model_type')!r} is neither olmo2 nor "
+                "flex_olmo; the public model must be one of them"
+            )
         self.config = weights.config if self.kind == "olmo2" else FlexOlmoConfig.from_hf(raw)
         dtypes = {self._checkpoint.dtype(k) for k in self._checkpoint.keys()}
         self.dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
@@ -135,19 +141,26 @@ class _PublicModel:
             self._checkpoint.close()
 
 
-def upcycle(public_dir: str | os.PathLike, out_dir: str | os.PathLike, *, public_embedding: str | os.PathLike,
-            domain_embedding: str | os.PathLike, expert_names: tuple[str, str] = ("public", "domain"),
-            dtype: torch.dtype | None = None, progress: bool = False) -> ConversionReport:
+def upcycle(
+    public_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    public_embedding: str | os.PathLike,
+    domain_embedding: str | os.PathLike,
+    expert_names: tuple[str, str] = ("public", "domain"),
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> ConversionReport:
     """Write the 2-expert ``[public, domain]`` Megatron checkpoint a data owner starts training from."""
     start = time.perf_counter()
     public_dir = Path(public_dir)
     check_new_output(out_dir)
     public = _PublicModel(public_dir)
     try:
-        config = public.config.replace(num_experts=2, top_k=2, expert_names=tuple(expert_names),
-                                       router_bias=False)
-        rows = torch.stack([load_embedding(public_embedding, config.hidden_size),
-                            load_embedding(domain_embedding, config.hidden_size)])
+        config = public.config.replace(num_experts=2, top_k=2, expert_names=tuple(expert_names), router_bias=False)
+        rows = torch.stack(
+            [load_embedding(public_embedding, config.hidden_size), load_embedding(domain_embedding, config.hidden_size)]
+        )
         out_dtype = dtype or public.dtype
         by_name = entries_by_name(config)
 
@@ -165,13 +178,22 @@ def upcycle(public_dir: str | os.PathLike, out_dir: str | os.PathLike, *, public
                 write_checkpoint(tmp, config, source, dtype=out_dtype, expected=set(by_name), on_tensor=meter)
                 tokenizer_src = public_dir / "tokenizer" if public.kind == "megatron" else public_dir
                 copied = copy_tokenizer_files(tokenizer_src, tmp / "tokenizer")
-                save_config(tmp, config, dtype=out_dtype, extra={
-                    "source": {"format": f"upcycled from {public.kind}", "path": str(public_dir.resolve())},
-                    "domain_embeddings": {"public": {"path": str(public_embedding),
-                                                     "sha256": file_sha256(Path(public_embedding))},
-                                          expert_names[1]: {"path": str(domain_embedding),
-                                                            "sha256": file_sha256(Path(domain_embedding))}},
-                    "tokenizer_files": copied})
+                save_config(
+                    tmp,
+                    config,
+                    dtype=out_dtype,
+                    extra={
+                        "source": {"format": f"upcycled from {public.kind}", "path": str(public_dir.resolve())},
+                        "domain_embeddings": {
+                            "public": {"path": str(public_embedding), "sha256": file_sha256(Path(public_embedding))},
+                            expert_names[1]: {
+                                "path": str(domain_embedding),
+                                "sha256": file_sha256(Path(domain_embedding)),
+                            },
+                        },
+                        "tokenizer_files": copied,
+                    },
+                )
         finally:
             meter.close()
     finally:

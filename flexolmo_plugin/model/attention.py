@@ -12,6 +12,7 @@ from __future__ import annotations
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.identity_op import IdentityOp
 
+from flexolmo_plugin.errors import ConfigError
 from flexolmo_plugin.model.norms import FullWidthRMSNorm
 
 
@@ -20,17 +21,17 @@ class FlexOlmoSelfAttention(SelfAttention):
 
     def __init__(self, config, submodules, layer_number, **kwargs):
         if config.qk_layernorm or config.qk_l2_norm:
-            raise ValueError("FlexOlmoSelfAttention installs its own full-width q/k norm; "
+            raise ConfigError("FlexOlmoSelfAttention installs its own full-width q/k norm; "
                              "leave TransformerConfig.qk_layernorm/qk_l2_norm off")
         for slot in ("q_layernorm", "k_layernorm"):
             if getattr(submodules, slot) not in (None, IdentityOp):
-                raise ValueError(f"FlexOlmoSelfAttention builds {slot} itself; leave it empty in the spec")
+                raise ConfigError(f"FlexOlmoSelfAttention builds {slot} itself; leave it empty in the spec")
         super().__init__(config, submodules, layer_number, **kwargs)
         tp_size = self.pg_collection.tp.size()
         if self.config.num_query_groups % tp_size:
             # With fewer KV heads than TP ranks, KV heads are replicated across ranks and a summed
             # k statistic would count them several times.
-            raise ValueError(f"num_query_groups={self.config.num_query_groups} must be divisible by "
+            raise ConfigError(f"num_query_groups={self.config.num_query_groups} must be divisible by "
                              f"the tensor-parallel size {tp_size} for the full-width k norm")
         head_dim = self.hidden_size_per_attention_head
         common = dict(eps=self.config.layernorm_epsilon, params_dtype=self.config.params_dtype,

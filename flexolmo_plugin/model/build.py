@@ -10,11 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flexolmo_plugin.model.config import (
-    FlexOlmoConfig,
-    ParallelLayout,
-    to_transformer_config,
-)
+from flexolmo_plugin.errors import ConfigError
+from flexolmo_plugin.model.config import FlexOlmoConfig, gpt_model_fields, to_transformer_config
+from flexolmo_plugin.model.layout import ParallelLayout
 from flexolmo_plugin.model.spec import Backend, flexolmo_block_spec
 
 
@@ -31,24 +29,18 @@ def build_model(
 
     Call :func:`flexolmo_plugin.model.parallel.ensure_model_parallel` (or run under a launcher that
     initialises Megatron) first.  ``dispatcher`` is Megatron's token dispatcher: ``"alltoall"``
-    (production default) or ``"allgather"`` (lets a runtime expert mask shrink top-k).  Weights are usually loaded afterwards (``from_hf`` / checkpoints).
+    (production default) or ``"allgather"`` (lets a runtime expert mask shrink top-k).  Weights are
+    usually loaded afterwards (``from_hf`` / checkpoints).
     """
     from megatron.core.models.gpt import GPTModel
 
     layout = ParallelLayout.current(sequence_parallel=sequence_parallel)
-    transformer_config = to_transformer_config(config, layout, params_dtype=params_dtype,
-                                               moe_token_dispatcher_type=dispatcher, **transformer_overrides)
+    transformer_config = to_transformer_config(
+        config, layout, params_dtype=params_dtype, dispatcher=dispatcher, **transformer_overrides
+    )
     spec = flexolmo_block_spec(transformer_config, backend=backend, domain_bias=config.router_bias)
     model = GPTModel(
-        config=transformer_config,
-        transformer_layer_spec=spec,
-        vocab_size=config.padded_vocab_size,
-        max_sequence_length=config.max_position_embeddings,
-        position_embedding_type="rope",
-        rotary_percent=1.0,
-        rotary_base=config.rope_theta,
-        share_embeddings_and_output_weights=False,
-        parallel_output=True,
+        config=transformer_config, transformer_layer_spec=spec, parallel_output=True, **gpt_model_fields(config)
     )
     model.flexolmo_config = config
     return model
@@ -74,12 +66,12 @@ def _check_input_ids(input_ids, vocab_size: int) -> torch.Tensor:
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if input_ids.dim() != 2 or input_ids.shape[-1] == 0:
-        raise ValueError(f"input_ids must be [batch, seq] with seq >= 1, got shape {tuple(input_ids.shape)}")
+        raise ConfigError(f"input_ids must be [batch, seq] with seq >= 1, got shape {tuple(input_ids.shape)}")
     if input_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        raise ConfigError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= vocab_size:
-        raise ValueError(f"token ids must lie in [0, {vocab_size}), got range [{low}, {high}]")
+        raise ConfigError(f"token ids must lie in [0, {vocab_size}), got range [{low}, {high}]")
     return input_ids.long()
 
 
@@ -98,12 +90,13 @@ def logits(model: nn.Module, input_ids, *, grad: bool = False) -> torch.Tensor:
     input_ids = _check_input_ids(input_ids, config.vocab_size).to(device)
     batch, seq = input_ids.shape
     if seq > config.max_position_embeddings:
-        raise ValueError(f"sequence length {seq} exceeds max_position_embeddings "
-                         f"{config.max_position_embeddings}")
+        raise ConfigError(f"sequence length {seq} exceeds max_position_embeddings {config.max_position_embeddings}")
     tp = ps.get_tensor_model_parallel_world_size()
     if unwrap(model).config.sequence_parallel and seq % tp:
-        raise ValueError(f"with sequence parallelism the sequence length ({seq}) must be a multiple "
-                         f"of the tensor-parallel size ({tp})")
+        raise ConfigError(
+            f"with sequence parallelism the sequence length ({seq}) must be a multiple "
+            f"of the tensor-parallel size ({tp})"
+        )
     position_ids = torch.arange(seq, device=device).expand(batch, seq)
     mask = causal_attention_mask(seq, device)
     with torch.set_grad_enabled(grad):
@@ -117,4 +110,5 @@ def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tens
     """Mean cross-entropy of predicting token t+1 at position t (HF's ``labels=input_ids`` loss)."""
     vocab = logits.shape[-1]
     return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, vocab).float(), input_ids[:, 1:].reshape(-1).to(logits.device))
+        logits[:, :-1].reshape(-1, vocab).float(), input_ids[:, 1:].reshape(-1).to(logits.device)
+    )

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from flexolmo_plugin.compat import cpu_model_settings
 from flexolmo_plugin.errors import ConfigError
-from flexolmo_plugin.model.layout import ParallelLayout, check_layout
+from flexolmo_plugin.model.layout import ParallelLayout
 
 HF_MODEL_TYPE = "flex_olmo"
 
@@ -111,12 +114,12 @@ class FlexOlmoConfig:
         m = self.make_vocab_size_divisible_by
         return ((self.vocab_size + m - 1) // m) * m
 
-    def replace(self, **changes: Any) -> "FlexOlmoConfig":
+    def replace(self, **changes: Any) -> FlexOlmoConfig:
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ HF <-> ours
     @classmethod
-    def from_hf(cls, hf_config: Any, **overrides: Any) -> "FlexOlmoConfig":
+    def from_hf(cls, hf_config: Any, **overrides: Any) -> FlexOlmoConfig:
         """Build from a ``transformers`` ``FlexOlmoConfig`` (or its ``config.json`` dict)."""
         get = (hf_config.get if isinstance(hf_config, Mapping)
                else lambda k, d=None: getattr(hf_config, k, d))
@@ -189,20 +192,19 @@ class FlexOlmoConfig:
         return out
 
 
-def to_transformer_config(
-    config: FlexOlmoConfig,
-    layout: ParallelLayout,
-    *,
-    params_dtype: torch.dtype = torch.float32,
-    **overrides: Any,
-):
-    """The Megatron ``TransformerConfig`` for ``config`` at ``layout``."""
-    import torch.nn.functional as F
-    from megatron.core.transformer.transformer_config import TransformerConfig
+def megatron_fields(config: FlexOlmoConfig, layout: ParallelLayout | None = None, *,
+                    dispatcher: str = "alltoall") -> dict[str, Any]:
+    """The ``TransformerConfig`` fields that make Megatron compute FlexOlmo at ``layout``.
 
-    check_layout(config, layout)
+    The one translation from :class:`FlexOlmoConfig` to Megatron: :func:`to_transformer_config`
+    (hence ``build_model``) and the Megatron-Bridge provider both take their fields from here.
+    Everything not set here keeps Megatron's (or Bridge's) own default; on a machine without CUDA
+    :func:`flexolmo_plugin.compat.cpu_model_settings` adds the CPU-only settings.
+    """
+    layout = layout or ParallelLayout()
+    layout.check(config)
     lb_coeff = config.load_balancing_coeff
-    kwargs: dict[str, Any] = dict(
+    fields: dict[str, Any] = dict(
         num_layers=config.num_layers,
         hidden_size=config.hidden_size,
         num_attention_heads=config.num_attention_heads,
@@ -213,15 +215,15 @@ def to_transformer_config(
         num_moe_experts=config.num_experts,
         moe_router_topk=config.top_k,
         moe_router_score_function="softmax",
-        moe_router_pre_softmax=True,
-        moe_router_topk_scaling_factor=None,
+        moe_router_pre_softmax=True,  # softmax over all experts, then top-k ...
+        moe_router_topk_scaling_factor=None,  # ... with no renormalisation or scaling
         moe_router_dtype="fp32",
         moe_router_load_balancing_type="aux_loss" if lb_coeff > 0 else "none",
         moe_aux_loss_coeff=lb_coeff,
         moe_z_loss_coeff=config.router_z_loss_coeff,
-        moe_token_dispatcher_type="alltoall",
-        moe_grouped_gemm=False,
-        moe_permute_fusion=False,
+        moe_token_dispatcher_type=dispatcher,
+        moe_grouped_gemm=False,  # SequentialMLP: one module per expert, so experts freeze one by one
+        moe_shared_expert_intermediate_size=None,
         normalization="RMSNorm",
         layernorm_epsilon=config.rms_norm_eps,
         qk_layernorm=False,  # FlexOlmo's full-width q/k norm is installed by FlexOlmoSelfAttention
@@ -231,24 +233,60 @@ def to_transformer_config(
         add_qkv_bias=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        tensor_model_parallel_size=layout.tensor_parallel,
-        expert_model_parallel_size=layout.expert_parallel,
-        expert_tensor_parallel_size=layout.expert_tensor_parallel or layout.tensor_parallel,
-        pipeline_model_parallel_size=layout.pipeline_parallel,
-        sequence_parallel=layout.sequence_parallel,
-        params_dtype=params_dtype,
-        pipeline_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        fp16=params_dtype == torch.float16,
-        use_cpu_initialization=True,
+        attention_softmax_in_fp32=True,
         init_method_std=0.02,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
-        cross_entropy_loss_fusion=False,
+        **layout.megatron_fields(),
+        **cpu_model_settings(),
     )
-    kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    return fields
+
+
+def gpt_model_fields(config: FlexOlmoConfig) -> dict[str, Any]:
+    """The ``GPTModel`` arguments (besides config and spec) of a FlexOlmo model."""
+    return dict(vocab_size=config.padded_vocab_size, max_sequence_length=config.max_position_embeddings,
+                position_embedding_type="rope", rotary_percent=1.0, rotary_base=config.rope_theta,
+                share_embeddings_and_output_weights=False)
+
+
+def to_transformer_config(
+    config: FlexOlmoConfig,
+    layout: ParallelLayout | None = None,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    dispatcher: str = "alltoall",
+    **overrides: Any,
+):
+    """The Megatron ``TransformerConfig`` for ``config`` at ``layout`` (``overrides`` win)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    fields = megatron_fields(config, layout, dispatcher=dispatcher)
+    fields.update(params_dtype=params_dtype, pipeline_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
+                  fp16=params_dtype == torch.float16)
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+def from_megatron_fields(fields: Any, **flexolmo_fields: Any) -> FlexOlmoConfig:
+    """Inverse of :func:`megatron_fields`: the :class:`FlexOlmoConfig` an object with Megatron's field
+    names describes (a ``TransformerConfig`` or a Bridge provider).  ``flexolmo_fields`` supply what
+    Megatron does not store (vocabulary, positions, expert names, token ids, router bias)."""
+    heads, hidden = fields.num_attention_heads, fields.hidden_size
+    default_head_dim = hidden // heads if heads and hidden % heads == 0 else None
+    head_dim = None if fields.kv_channels in (None, default_head_dim) else fields.kv_channels
+    lb = fields.moe_aux_loss_coeff if fields.moe_router_load_balancing_type != "none" else 0.0
+    if not isinstance(lb, (int, float)):
+        raise ConfigError(f"per-layer moe_aux_loss_coeff {lb!r} is not supported by FlexOlmoConfig")
+    return FlexOlmoConfig(
+        hidden_size=hidden,
+        intermediate_size=fields.moe_ffn_hidden_size or fields.ffn_hidden_size,
+        num_layers=fields.num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=fields.num_query_groups or heads,
+        num_experts=fields.num_moe_experts,
+        top_k=fields.moe_router_topk,
+        head_dim=head_dim,
+        rms_norm_eps=fields.layernorm_epsilon,
+        router_z_loss_coeff=fields.moe_z_loss_coeff,
+        load_balancing_coeff=float(lb),
+        **flexolmo_fields,
+    )

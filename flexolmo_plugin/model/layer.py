@@ -19,6 +19,8 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
 )
 
+from flexolmo_plugin.errors import ConfigError
+
 
 @dataclass
 class FlexOlmoLayerSubmodules(TransformerLayerSubmodules):
@@ -57,12 +59,12 @@ class FlexOlmoTransformerLayer(TransformerLayer):
     def __init__(self, config, submodules: FlexOlmoLayerSubmodules, *args, **kwargs):
         for slot in ("input_layernorm", "pre_mlp_layernorm"):
             if getattr(submodules, slot) is not IdentityOp:
-                raise ValueError(f"FlexOlmo has no pre-norms: {slot} must be IdentityOp")
+                raise ConfigError(f"FlexOlmo has no pre-norms: {slot} must be IdentityOp")
         if submodules.post_self_attn_layernorm is None or submodules.post_mlp_layernorm is None:
-            raise ValueError("FlexOlmoTransformerLayer needs post_self_attn_layernorm and post_mlp_layernorm")
+            raise ConfigError("FlexOlmoTransformerLayer needs post_self_attn_layernorm and post_mlp_layernorm")
         super().__init__(config, submodules, *args, **kwargs)
         if config.fp32_residual_connection:
-            raise ValueError("fp32_residual_connection is not supported with post-norm layers")
+            raise ConfigError("fp32_residual_connection is not supported with post-norm layers")
         norm_args = dict(config=self.config, hidden_size=self.config.hidden_size,
                          eps=self.config.layernorm_epsilon)
         self.post_self_attn_layernorm = submodules.post_self_attn_layernorm(**norm_args)

@@ -13,19 +13,19 @@ import torch
 import torch.distributed as dist
 
 from flexolmo_plugin import compat
+from flexolmo_plugin.model.layout import ParallelLayout
 
 DEFAULT_SEED = 1234
 
 
 def ensure_model_parallel(
+    layout: ParallelLayout | None = None,
     *,
-    tensor_parallel: int = 1,
-    expert_parallel: int = 1,
-    expert_tensor_parallel: int | None = None,
     seed: int = DEFAULT_SEED,
     timeout_minutes: float = 10.0,
 ) -> None:
-    """Initialise torch.distributed (world of one if nothing is set up) and Megatron's groups.
+    """Initialise torch.distributed (world of one if nothing is set up) and Megatron's groups for
+    ``layout`` (default: no model parallelism).
 
     Existing initialisation is respected; requesting a layout that conflicts with an already
     initialised ``parallel_state`` is an error rather than a silent mismatch.
@@ -33,7 +33,10 @@ def ensure_model_parallel(
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel as mtp
 
-    compat.enable_cpu_compat()
+    layout = layout or ParallelLayout()
+    if not compat.cuda_available() and not compat.cpu_compat_enabled():
+        raise RuntimeError("megatron-core needs CUDA; on a CPU-only machine call flexolmo_plugin.enable_cpu_compat() "
+                           "first (the flexolmo command line, from_hf and from_mcore do)")
     if not dist.is_initialized():
         dist.init_process_group(
             backend=compat.default_backend(),
@@ -44,14 +47,15 @@ def ensure_model_parallel(
         )
     if ps.model_parallel_is_initialized():
         have = (ps.get_tensor_model_parallel_world_size(), ps.get_expert_model_parallel_world_size())
-        want = (tensor_parallel, expert_parallel)
+        want = (layout.tensor_parallel, layout.expert_parallel)
         if dist.get_world_size() == 1 and have != want:
             raise RuntimeError(f"parallel_state is already initialised with (TP, EP)={have}, not {want}")
     else:
         ps.initialize_model_parallel(
-            tensor_model_parallel_size=tensor_parallel,
-            expert_model_parallel_size=expert_parallel,
-            expert_tensor_parallel_size=expert_tensor_parallel,
+            tensor_model_parallel_size=layout.tensor_parallel,
+            expert_model_parallel_size=layout.expert_parallel,
+            expert_tensor_parallel_size=layout.etp,
+            pipeline_model_parallel_size=layout.pipeline_parallel,
             distributed_timeout_minutes=int(max(1, timeout_minutes)),
         )
     tracker = mtp.get_cuda_rng_tracker()

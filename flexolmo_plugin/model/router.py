@@ -22,12 +22,14 @@ Everything else -- fp32 gating GEMM, z-loss, aux losses, capacity -- is Megatron
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from megatron.core.transformer.moe.moe_utils import router_gating_linear
 from megatron.core.transformer.moe.router import TopKRouter
 from torch import nn
+
+from flexolmo_plugin.errors import ConfigError
 
 SUPPORTED_BALANCING = {"none", "aux_loss", "seq_aux_loss", "global_aux_loss"}
 
@@ -52,7 +54,7 @@ def _check_router_config(config) -> None:
     if not set(types) <= SUPPORTED_BALANCING:
         problems.append(f"moe_router_load_balancing_type {types} not in {sorted(SUPPORTED_BALANCING)}")
     if problems:
-        raise ValueError("DomainEmbeddingRouter: " + "; ".join(problems))
+        raise ConfigError("DomainEmbeddingRouter: " + "; ".join(problems))
 
 
 class DomainEmbeddingRouter(TopKRouter):
@@ -123,12 +125,12 @@ class DomainEmbeddingRouter(TopKRouter):
             return
         bad = [e for e in experts if not 0 <= e < self.num_experts]
         if bad:
-            raise ValueError(f"expert indices {bad} out of range for {self.num_experts} experts")
+            raise ConfigError(f"expert indices {bad} out of range for {self.num_experts} experts")
         if len(experts) == self.num_experts:
-            raise ValueError("cannot exclude every expert")
+            raise ConfigError("cannot exclude every expert")
         remaining = self.num_experts - len(experts)
         if self.fixed_selection_count and remaining < self.topk:
-            raise ValueError(
+            raise ConfigError(
                 f"excluding {len(experts)} experts leaves {remaining} < top-k={self.topk}, but the "
                 f"'{self.config.moe_token_dispatcher_type}' dispatcher routes exactly top-k experts per token; "
                 "build the model with dispatcher='allgather' (top-k then shrinks to the remaining experts) "

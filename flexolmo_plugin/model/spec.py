@@ -28,6 +28,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
+from flexolmo_plugin.errors import ConfigError
 from flexolmo_plugin.model.attention import FlexOlmoSelfAttention
 from flexolmo_plugin.model.experts import PerExpertSequentialMLP
 from flexolmo_plugin.model.layer import (
@@ -64,7 +65,7 @@ def _backend_modules(backend: Backend):
         )
 
         return TESpecProvider()
-    raise ValueError(f"unknown backend {backend!r}; expected 'local', 'te' or 'auto'")
+    raise ConfigError(f"unknown backend {backend!r}; expected 'local', 'te' or 'auto'")
 
 
 def flexolmo_layer_spec(*, backend: Backend = "local", domain_bias: bool = False) -> ModuleSpec:

@@ -5,6 +5,9 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
+import flexolmo_plugin as fp
 from flexolmo_plugin.conversion.atomic import OutputExistsError
 from flexolmo_plugin.conversion.convert import hf_to_mcore, mcore_to_hf
 from flexolmo_plugin.conversion.mcore_io import McoreCheckpointError
@@ -12,9 +15,6 @@ from flexolmo_plugin.conversion.safetensors_reader import (
     CheckpointFormatError,
     SafetensorsCheckpoint,
 )
-from safetensors.torch import load_file, save_file
-
-import flexolmo_plugin as fp
 from tests.support import hf_reference, make_dense_model, make_hf_model, save_hf_model
 
 IDS = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))

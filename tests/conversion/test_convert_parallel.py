@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from flexolmo_plugin.conversion.convert import hf_to_mcore, mcore_to_hf
 
+from flexolmo_plugin.conversion.convert import hf_to_mcore, mcore_to_hf
 from tests.support import hf_reference, make_hf_model, run_distributed, save_hf_model
 
 pytestmark = pytest.mark.multiprocess
@@ -12,7 +12,7 @@ pytestmark = pytest.mark.multiprocess
 def _worker(rank, world_size, mcore_dir, resave_dir, ids, layout):
     import flexolmo_plugin as fp
 
-    model = fp.from_mcore(mcore_dir, **layout)
+    model = fp.from_mcore(mcore_dir, layout=fp.ParallelLayout(**layout))
     logits = fp.logits(model, ids)
     fp.save_mcore(model, resave_dir)
     return {"logits": logits, "local_experts": list(model.decoder.layers[0].mlp.local_expert_indices)}

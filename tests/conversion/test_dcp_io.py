@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from flexolmo_plugin.conversion.convert import hf_to_mcore
-from flexolmo_plugin.conversion.dcp_io import ChunkReader, exact_storage
 from torch.distributed.checkpoint import FileSystemReader
 
 import flexolmo_plugin as fp
+from flexolmo_plugin.conversion.convert import hf_to_mcore
+from flexolmo_plugin.conversion.dcp_io import ChunkReader, exact_storage
 from tests.support import make_hf_model, save_hf_model
 
 

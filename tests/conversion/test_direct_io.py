@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from flexolmo_plugin.conversion.direct_io import (
     ALIGN,
     DirectFile,

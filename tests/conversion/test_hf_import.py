@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 import torch
-from flexolmo_plugin.conversion.safetensors_reader import CheckpointFormatError
 from safetensors.torch import load_file, save_file
 
 import flexolmo_plugin as fp
+from flexolmo_plugin.conversion.safetensors_reader import CheckpointFormatError
 from tests.support import make_hf_model, save_hf_model
 
 IDS = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))

@@ -9,12 +9,13 @@ import struct
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
 from flexolmo_plugin.conversion.safetensors_reader import (
     PICKLE_SUFFIXES,
     CheckpointFormatError,
     SafetensorsCheckpoint,
 )
-from safetensors.torch import save_file
 
 
 def _raw_file(path: pathlib.Path, header: dict, data: bytes) -> None:

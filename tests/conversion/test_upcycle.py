@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from flexolmo_plugin.conversion.convert import hf_to_mcore
-from flexolmo_plugin.conversion.safetensors_reader import CheckpointFormatError
 from safetensors.torch import save_file
 
 import flexolmo_plugin as fp
+from flexolmo_plugin.conversion.convert import hf_to_mcore
+from flexolmo_plugin.conversion.safetensors_reader import CheckpointFormatError
 from flexolmo_plugin.lifecycle.upcycle import EmbeddingError, load_embedding, upcycle
 from tests.support import hf_reference, make_dense_model, make_hf_model, save_hf_model
 

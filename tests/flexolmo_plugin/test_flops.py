@@ -10,6 +10,8 @@ from __future__ import annotations
 import types
 
 import pytest
+
+from flexolmo_plugin.model.config import ConfigError, FlexOlmoConfig
 from flexolmo_plugin.recipes.flops import (
     Trainable,
     flops_per_token,
@@ -17,8 +19,6 @@ from flexolmo_plugin.recipes.flops import (
     step_flops,
     throughput,
 )
-
-from flexolmo_plugin.model.config import ConfigError, FlexOlmoConfig
 
 # d=8, f=12, 2 layers, 2 heads of 4 (q width 8), 1 KV head (kv width 4), vocab 128 (already padded)
 TINY = FlexOlmoConfig(vocab_size=128, hidden_size=8, intermediate_size=12, num_layers=2, num_attention_heads=2,
@@ -89,7 +89,9 @@ def test_step_flops_scale_with_tokens_and_throughput_reports_mfu():
     one = flops_per_token(TINY, seq_length=S, trainable=Trainable.policy("all", 2)).total
     assert step_flops(TINY, seq_length=S, global_batch_size=4, trainable=Trainable.policy("all", 2)).total == \
         pytest.approx(one * 4 * S)
-    tflops, mfu = throughput(989.4e12 * 8, 2.0, num_gpus=8, peak_flops_per_gpu=peak_flops("NVIDIA H100 80GB HBM3", "bf16"))
+    tflops, mfu = throughput(
+        989.4e12 * 8, 2.0, num_gpus=8, peak_flops_per_gpu=peak_flops("NVIDIA H100 80GB HBM3", "bf16")
+    )
     assert tflops == pytest.approx(494.7) and mfu == pytest.approx(0.5)
     assert peak_flops("NVIDIA H100 80GB HBM3", "fp8-blockwise") == 1978.9e12
     assert peak_flops(None, "bf16") is None and peak_flops("NVIDIA A10G", "bf16") is None
@@ -111,11 +113,20 @@ def test_all_trainable_agrees_with_megatron_bridge_formula_plus_the_router_gemm(
     from flexolmo_plugin.compat import enable_bridge_compat
 
     enable_bridge_compat()
-    from flexolmo_plugin.recipes.provider import FlexOlmoModelProvider
     from megatron.bridge.training.utils.flop_utils import num_floating_point_operations
 
-    config = FlexOlmoConfig(vocab_size=100352, hidden_size=4096, intermediate_size=11008, num_layers=32,
-                            num_attention_heads=32, num_key_value_heads=32, num_experts=7, top_k=5)
+    from flexolmo_plugin.recipes.provider import FlexOlmoModelProvider
+
+    config = FlexOlmoConfig(
+        vocab_size=100352,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        num_experts=7,
+        top_k=5,
+    )
     provider = FlexOlmoModelProvider.from_flexolmo_config(config, seq_length=4096)
     # The provider hands Bridge our own count (its _get_num_floating_point_operations hook); the same
     # fields without the hook get Bridge's generic formula, the independent reference here.

@@ -81,9 +81,27 @@ def test_bench_gpu_measures_flexolmo_against_stock_moe(tmp_path):
 
     root = Path(__file__).resolve().parents[2]
     md = tmp_path / "gpu.md"
-    out = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_gpu.py"), "--hidden", "1024", "--ffn", "2816",
-                          "--seq", "1024", "--steps", "5", "--warmup", "2", "--markdown", str(md)],
-                         capture_output=True, text=True, cwd=root)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(root / "benchmarks" / "bench_gpu.py"),
+            "--hidden",
+            "1024",
+            "--ffn",
+            "2816",
+            "--seq",
+            "1024",
+            "--steps",
+            "5",
+            "--warmup",
+            "2",
+            "--markdown",
+            str(md),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=root,
+    )
     assert out.returncode == 0, out.stderr
     assert "vs stock" in md.read_text() and "anchored / full step time" in md.read_text()
 
@@ -93,15 +111,22 @@ def test_bench_gpu_measures_flexolmo_against_stock_moe(tmp_path):
 @pytest.mark.parametrize("recipe", ["tensorwise", "blockwise"])
 def test_fp8_anchored_step_keeps_the_public_expert_frozen(recipe, tmp_path, megatron_single_process):
     """One FP8 training step of the TE backend under Megatron's own FP8 context (Hopper recipes)."""
-    from flexolmo_plugin.recipes.precision import check_device_supports
     from megatron.core.fp8_utils import get_fp8_context
 
     from flexolmo_plugin.lifecycle.freezing import anchor
+    from flexolmo_plugin.recipes.precision import check_device_supports
 
     capability = torch.cuda.get_device_capability()
     check_device_supports(f"fp8-{recipe}", capability)
-    hf = make_hf_model(seed=6, num_experts=2, num_experts_per_tok=2, hidden_size=64, intermediate_size=128,
-                       num_attention_heads=4, num_key_value_heads=4)
+    hf = make_hf_model(
+        seed=6,
+        num_experts=2,
+        num_experts_per_tok=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
     model = fp.from_hf(save_hf_model(hf, tmp_path / "hf"), params_dtype=torch.bfloat16, backend="te")
     config = model.config
     config.fp8, config.fp8_recipe = "hybrid", recipe

@@ -49,7 +49,7 @@ def _worker(rank, world_size, hf_dir, ids, layout, grad_reference):
 
     import flexolmo_plugin as fp
 
-    model = fp.from_hf(hf_dir, **layout)
+    model = fp.from_hf(hf_dir, layout=fp.ParallelLayout(**layout))
     assert ps.get_tensor_model_parallel_world_size() == layout.get("tensor_parallel", 1)
     assert ps.get_expert_model_parallel_world_size() == layout.get("expert_parallel", 1)
     inference_logits = fp.logits(model, ids)
@@ -57,7 +57,7 @@ def _worker(rank, world_size, hf_dir, ids, layout, grad_reference):
 
     if layout.get("tensor_parallel", 1) > 1:  # training needs sequence parallelism with MoE + TP
         ps.destroy_model_parallel()
-        model = fp.from_hf(hf_dir, sequence_parallel=True, **layout)
+        model = fp.from_hf(hf_dir, layout=fp.ParallelLayout(**layout, sequence_parallel=True))
     train_logits = _finalized_grads(model, ids)
     return {"logits": inference_logits, "train_logits": train_logits,
             "grad_errors": slot_errors(model, grad_reference, grads=True), "local_experts": local_experts}

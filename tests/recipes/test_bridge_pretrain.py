@@ -31,9 +31,8 @@ SEQ = 32
 
 
 def _provider(expert_parallel: int):
-    from flexolmo_plugin.recipes.provider import FlexOlmoModelProvider
-
     from flexolmo_plugin.model.config import FlexOlmoConfig
+    from flexolmo_plugin.recipes.provider import FlexOlmoModelProvider
 
     return FlexOlmoModelProvider.from_flexolmo_config(
         FlexOlmoConfig(**TINY), seq_length=SEQ, expert_model_parallel_size=expert_parallel)
@@ -124,8 +123,8 @@ def _pretrain(cfg) -> dict[int, float]:
 def _check_trained_model(chunks, expected) -> None:
     """``model.flexolmo_config`` is attached, the slot map covers every parameter, logits run."""
     import torch
-    from flexolmo_plugin.conversion.slots import check_complete, slots
 
+    from flexolmo_plugin.conversion.slots import check_complete, slots
     from flexolmo_plugin.model.build import logits, unwrap
 
     (model,) = chunks
@@ -166,12 +165,11 @@ def _assert_mirrors_to_transformer_config(provider, cfg) -> None:
 
 def _provider_checks() -> None:
     """Round trip FlexOlmoConfig -> provider -> FlexOlmoConfig, and FlexOlmo's invariants."""
+    from flexolmo_plugin.model.config import ConfigError, FlexOlmoConfig
     from flexolmo_plugin.recipes.provider import (
         FlexOlmoModelProvider,
         flexolmo_transformer_layer_spec,
     )
-
-    from flexolmo_plugin.model.config import ConfigError, FlexOlmoConfig
 
     cfg = FlexOlmoConfig(**{**TINY, "head_dim": 32, "router_bias": True, "rope_theta": 10000.0,
                             "expert_names": ("public", "math", "code", "news"), "eos_token_id": 2})

@@ -31,13 +31,13 @@ def _train(rank, world_size, init, prefix, expert_parallel, root=None):
     from flexolmo_plugin.compat import enable_bridge_compat
 
     enable_bridge_compat()  # before any megatron.bridge import
-    from flexolmo_plugin.conversion.slots import slots
-    from flexolmo_plugin.recipes.train import run
     from megatron.bridge.training.callbacks import Callback
 
+    from flexolmo_plugin.conversion.slots import slots
     from flexolmo_plugin.lifecycle.anchor import anchor_hashes
     from flexolmo_plugin.lifecycle.evaluation import read_windows
     from flexolmo_plugin.model.build import logits, next_token_loss, unwrap
+    from flexolmo_plugin.recipes.train import run
 
     windows = read_windows(prefix, seq_len=SEQ, max_tokens=SEQ * 8)
     seen = {}
@@ -115,7 +115,6 @@ def test_anchored_bridge_training_moves_only_the_owners_expert(owner):
 @pytest.mark.multiprocess
 def test_saved_checkpoint_keeps_the_anchor_and_shares_the_trained_expert(owner):
     from flexolmo_plugin.conversion.mcore_io import CanonicalReader, load_config
-
     from flexolmo_plugin.lifecycle.anchor import anchor_hashes
 
     root, _ = owner

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from flexolmo_plugin.recipes.precision import check_device_supports, check_fp8_alignment
 
 from flexolmo_plugin.model.config import ConfigError, FlexOlmoConfig
+from flexolmo_plugin.recipes.precision import check_device_supports, check_fp8_alignment
 
 SEVEN_B = FlexOlmoConfig(vocab_size=100352, hidden_size=4096, intermediate_size=11008, num_layers=32,
                          num_attention_heads=32, num_key_value_heads=32, num_experts=2, top_k=2)
@@ -38,7 +38,9 @@ def test_fp8_alignment_of_the_7b_shapes_and_clear_errors_for_unaligned_sizes():
     assert "expert FFN width" in message and "= 40" in message  # 40 % 16
     assert "key/value width" not in message and "query width" not in message  # 16 and 48 are aligned
     assert "tokens per micro-batch" in message and "hidden_size" not in message  # 48 is aligned
-    with pytest.raises(ConfigError, match="expert FFN width per expert-TP rank"):  # 11008 / 8 = 1376 = 86 x 16 ok; / 64 not
+    with pytest.raises(
+        ConfigError, match="expert FFN width per expert-TP rank"
+    ):  # 11008 / 8 = 1376 = 86 x 16 ok; / 64 not
         check_fp8_alignment(SEVEN_B, expert_tensor_parallel=64, seq_length=4096, micro_batch_size=1)
 
 
@@ -56,12 +58,15 @@ def _container_checks():
     out = {}
     for name, call in {
         "cpu-fp8": lambda: flexolmo_expert_2x7b_config(init_from="/x", precision="fp8-blockwise", cpu=True),
-        "edges-bf16": lambda: flexolmo_expert_2x7b_config(init_from="/x", precision="bf16", bf16_edge_layers=1,
-                                                          cpu=False),
-        "too-many-edges": lambda: flexolmo_expert_2x7b_config(init_from="/x", precision="fp8-tensorwise",
-                                                              bf16_edge_layers=17, cpu=False),
-        "unaligned": lambda: flexolmo_expert_2x7b_config(init_from="/x", precision="fp8-tensorwise",
-                                                         model={"intermediate_size": 11000}, cpu=False),
+        "edges-bf16": lambda: flexolmo_expert_2x7b_config(
+            init_from="/x", precision="bf16", bf16_edge_layers=1, cpu=False
+        ),
+        "too-many-edges": lambda: flexolmo_expert_2x7b_config(
+            init_from="/x", precision="fp8-tensorwise", bf16_edge_layers=17, cpu=False
+        ),
+        "unaligned": lambda: flexolmo_expert_2x7b_config(
+            init_from="/x", precision="fp8-tensorwise", model={"intermediate_size": 11000}, cpu=False
+        ),
         "cross-node-ep": lambda: flexolmo_expert_2x7b_config(init_from="/x", gpus_per_node=1, cpu=False),
     }.items():
         try:
@@ -71,8 +76,12 @@ def _container_checks():
             out[name] = str(error)
     container = flexolmo_expert_2x7b_config(init_from="/x", precision="fp8-blockwise", bf16_edge_layers=2, cpu=False)
     mp = container.mixed_precision
-    out["edges"] = (mp.first_last_layers_bf16, mp.num_layers_at_start_in_bf16, mp.num_layers_at_end_in_bf16,
-                    mp.fp8_param_gather)
+    out["edges"] = (
+        mp.first_last_layers_bf16,
+        mp.num_layers_at_start_in_bf16,
+        mp.num_layers_at_end_in_bf16,
+        mp.fp8_param_gather,
+    )
     container.mixed_precision = mixed_precision_config("fp8-mxfp8")  # as a Hydra override would
     try:
         check_container_precision(container, (9, 0))

@@ -28,14 +28,17 @@ def _validate_full_size():
     from flexolmo_plugin.compat import enable_bridge_compat
 
     enable_bridge_compat()
-    from flexolmo_plugin.recipes.production import PRODUCTION_RECIPES, describe
+    from flexolmo_plugin.recipes.production import describe
+    from flexolmo_plugin.recipes.registry import RECIPES, recipe
+
+    PRODUCTION_RECIPES = {name: recipe(name) for name in RECIPES if name.endswith("7b")}
     from megatron.bridge.training.config import runtime_config_update
 
     results = {}
-    for name, recipe in PRODUCTION_RECIPES.items():
+    for name, build in PRODUCTION_RECIPES.items():
         for precision in PRECISIONS:
             kwargs = {} if name == "public-7b" else {"init_from": "/cluster/ckpt/not-mounted-here"}
-            container = recipe(precision=precision, cpu=False, **kwargs)
+            container = build(precision=precision, cpu=False, **kwargs)
             os.environ["WORLD_SIZE"] = str(WORLD[name])  # the recipe's default cluster
             try:
                 runtime_config_update(container)
@@ -99,8 +102,16 @@ SEQ, ITERS = 32, 2
 
 
 def _common(**extra):
-    args = {"cpu": True, "nodes": 1, "gpus_per_node": 1, "seq_length": SEQ, "global_batch_size": 2, "micro_batch_size": 1,
-            "log_interval": 1, **extra}
+    args = {
+        "cpu": True,
+        "nodes": 1,
+        "gpus_per_node": 1,
+        "seq_length": SEQ,
+        "global_batch_size": 2,
+        "micro_batch_size": 1,
+        "log_interval": 1,
+        **extra,
+    }
     return [f"recipe.{k}={v}" for k, v in args.items()]
 
 
@@ -108,8 +119,9 @@ def _train_scaled_down(rank, world_size, init):
     from flexolmo_plugin.compat import enable_bridge_compat
 
     enable_bridge_compat()
-    from flexolmo_plugin.recipes.train import run
     from megatron.bridge.training.callbacks import Callback
+
+    from flexolmo_plugin.recipes.train import run
 
     class EvalLoss(Callback):
         losses: list = []
@@ -122,16 +134,19 @@ def _train_scaled_down(rank, world_size, init):
     runs = {
         "public-7b": _common(train_iters=ITERS, lr=1e-3, lr_warmup_iters=0) + public_model,
         "expert-2x7b": _common(init_from=init, train_iters=ITERS, lr_warmup_iters=0, expert_parallel=1),
-        "router-tune-7x7b": _common(init_from=init, train_iters=ITERS, lr_warmup_iters=0, tensor_parallel=1,
-                                    **{"model.num_experts": 2}),
+        "router-tune-7x7b": _common(
+            init_from=init, train_iters=ITERS, lr_warmup_iters=0, tensor_parallel=1, **{"model.num_experts": 2}
+        ),
     }
     for name, overrides in runs.items():
         log = run(name, overrides)
-        out[name] = dict(losses=[h[1] for h in log.history], shares=log.history[-1][3],
-                         throughput=log.throughput)
+        out[name] = dict(losses=[h[1] for h in log.history], shares=log.history[-1][3], throughput=log.throughput)
     evaluation = EvalLoss()
-    log = run("inference-7x7b", _common(init_from=init, eval_iters=2, tensor_parallel=1, **{"model.num_experts": 2}),
-              callbacks=[evaluation])
+    log = run(
+        "inference-7x7b",
+        _common(init_from=init, eval_iters=2, tensor_parallel=1, **{"model.num_experts": 2}),
+        callbacks=[evaluation],
+    )
     out["inference-7x7b"] = dict(losses=list(evaluation.losses), steps=len(log.history))
     return out
 
@@ -145,8 +160,13 @@ def scaled_down(tmp_path_factory):
     generator = torch.Generator().manual_seed(1)
     for name in ("e0", "e1"):
         np.save(root / f"{name}.npy", torch.randn(TINY["hidden_size"], generator=generator).numpy())
-    upcycle(root / "public", root / "init", public_embedding=root / "e0.npy", domain_embedding=root / "e1.npy",
-            expert_names=("public", "code"))
+    upcycle(
+        root / "public",
+        root / "init",
+        public_embedding=root / "e0.npy",
+        domain_embedding=root / "e1.npy",
+        expert_names=("public", "code"),
+    )
     return run_distributed(_train_scaled_down, 1, str(root / "init"))[0]
 
 

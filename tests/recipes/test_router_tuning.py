@@ -14,10 +14,10 @@ def _tune(rank, world_size, merged, prefix):
     from flexolmo_plugin.compat import enable_bridge_compat
 
     enable_bridge_compat()
-    from flexolmo_plugin.recipes.train import run
     from megatron.bridge.training.callbacks import Callback
 
     from flexolmo_plugin.model.build import unwrap
+    from flexolmo_plugin.recipes.train import run
 
     snapshots = {}
 

@@ -73,7 +73,7 @@ def test_owners_train_only_on_their_own_data(demo):
     workdir, _ = demo
     log = (workdir / "logs" / "demo.log").read_text()
     for owner in OWNERS:
-        line = next(l for l in log.splitlines() if l.startswith("$ flexolmo train expert") and f"/{owner}/" in l)
+        line = next(x for x in log.splitlines() if x.startswith("$ flexolmo train expert") and f"/{owner}/" in x)
         others = [d for d in DOMAINS if d != owner]
         assert f"data/{owner}.train" in line and not any(f"data/{d}." in line for d in others), line
 

@@ -78,7 +78,9 @@ def test_merge_refuses_bad_packages_and_writes_nothing(world, tmp_path):
     upcycle(root / "dense", other_anchor, public_embedding=embedding(tmp_path / "x.npy", 99),
             domain_embedding=root / "e1.npy")
     stranger = package_expert(make_owner(other_anchor, tmp_path / "stranger", 5), tmp_path / "pkg_s", name="stranger")
-    with pytest.raises(PackageError, match=r"different anchor: first differing tensor decoder\.layers\.0\.mlp\.router\.weight\[0\]"):
+    with pytest.raises(
+        PackageError, match=r"different anchor: first differing tensor decoder\.layers\.0\.mlp\.router\.weight\[0\]"
+    ):
         merge_experts(anchor, [packages["code"], stranger], tmp_path / "out")
     # tampered package
     tampered = tmp_path / "pkg_t"
@@ -95,8 +97,12 @@ def test_merge_refuses_bad_packages_and_writes_nothing(world, tmp_path):
         merge_experts(anchor, [packages["code"], packages["code"]], tmp_path / "out")
     # a package from a model of another width
     wide = tmp_path / "wide_anchor"
-    upcycle(dense_model(tmp_path / "dense64", hidden=60), wide, public_embedding=embedding(tmp_path / "w0.npy", 0, 60),
-            domain_embedding=embedding(tmp_path / "w1.npy", 1, 60))
+    upcycle(
+        dense_model(tmp_path / "dense64", hidden=60),
+        wide,
+        public_embedding=embedding(tmp_path / "w0.npy", 0, 60),
+        domain_embedding=embedding(tmp_path / "w1.npy", 1, 60),
+    )
     wide_owner = package_expert(wide, tmp_path / "pkg_w", name="wide")
     with pytest.raises(PackageError, match="hidden_size 60"):
         merge_experts(anchor, [wide_owner], tmp_path / "out")
@@ -113,8 +119,9 @@ def test_opt_out_refuses_the_public_expert_and_unknown_names(world, tmp_path):
 
 
 def test_merged_model_exports_to_transformers_with_identical_logits(world, tmp_path):
-    from flexolmo_plugin.conversion.convert import mcore_to_hf
     from transformers import AutoModelForCausalLM
+
+    from flexolmo_plugin.conversion.convert import mcore_to_hf
 
     root, anchor, owners, packages, merged = world
     mcore_to_hf(merged, tmp_path / "hf")
@@ -129,27 +136,43 @@ def test_cli_package_merge_opt_out(world, tmp_path, capsys):
 
     root, anchor, owners, packages, merged = world
     assert main(["package-expert", str(owners["code"]), str(tmp_path / "pkg"), "--name", "code2"]) == EXIT_OK
-    assert main(["merge", str(anchor), str(tmp_path / "pkg"), str(packages["news"]), "--out", str(tmp_path / "m"),
-                 "--top-k", "2", "--quiet"]) == EXIT_OK
+    assert (
+        main(
+            [
+                "merge",
+                str(anchor),
+                str(tmp_path / "pkg"),
+                str(packages["news"]),
+                "--out",
+                str(tmp_path / "m"),
+                "--top-k",
+                "2",
+                "--quiet",
+            ]
+        )
+        == EXIT_OK
+    )
     assert fp.from_mcore(tmp_path / "m").flexolmo_config.expert_names == ("public", "code2", "news")
     assert main(["opt-out", str(tmp_path / "m"), "--drop", "news", "--out", str(tmp_path / "o"), "--quiet"]) == EXIT_OK
-    assert main(["merge", str(anchor), str(packages["code"]), str(packages["code"]), "--out",
-                 str(tmp_path / "bad")]) == EXIT_BAD_INPUT
+    assert (
+        main(["merge", str(anchor), str(packages["code"]), str(packages["code"]), "--out", str(tmp_path / "bad")])
+        == EXIT_BAD_INPUT
+    )
     assert "unique" in capsys.readouterr().err
 
 
 def test_export_with_a_router_bias_needs_the_flag_and_reports_the_change(world, tmp_path, capsys):
+    from flexolmo_plugin.cli import EXIT_BAD_INPUT, EXIT_OK, main
     from flexolmo_plugin.conversion.convert import mcore_to_hf
     from flexolmo_plugin.conversion.mcore_io import McoreCheckpointError
-
-    from flexolmo_plugin.cli import EXIT_BAD_INPUT, EXIT_OK, main
 
     root, anchor, owners, packages, merged = world
     model = fp.from_mcore(merged)
     config = model.flexolmo_config.replace(router_bias=True)
     biased = fp.build_model(config)
-    biased.load_state_dict({**model.state_dict(), **{k: v for k, v in biased.state_dict().items()
-                                                    if "domain_biases" in k}})
+    biased.load_state_dict(
+        {**model.state_dict(), **{k: v for k, v in biased.state_dict().items() if "domain_biases" in k}}
+    )
     with torch.no_grad():
         for layer in biased.decoder.layers:
             layer.mlp.router.domain_biases[1].fill_(-3.0)  # math's logit lowered by 3
@@ -157,9 +180,15 @@ def test_export_with_a_router_bias_needs_the_flag_and_reports_the_change(world, 
     with pytest.raises(McoreCheckpointError, match="--drop-router-bias"):
         mcore_to_hf(tmp_path / "biased", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
-    assert main(["convert", "mcore-to-hf", str(tmp_path / "biased"), str(tmp_path / "hf2"), "--quiet"]) == EXIT_BAD_INPUT
-    assert main(["convert", "mcore-to-hf", str(tmp_path / "biased"), str(tmp_path / "hf3"), "--quiet",
-                 "--drop-router-bias"]) == EXIT_OK
+    assert (
+        main(["convert", "mcore-to-hf", str(tmp_path / "biased"), str(tmp_path / "hf2"), "--quiet"]) == EXIT_BAD_INPUT
+    )
+    assert (
+        main(
+            ["convert", "mcore-to-hf", str(tmp_path / "biased"), str(tmp_path / "hf3"), "--quiet", "--drop-router-bias"]
+        )
+        == EXIT_OK
+    )
     out = capsys.readouterr().out
     change = float(out.split("max |Δlogit| vs the Megatron model on random tokens = ")[1].split()[0])
     assert change > 1e-3
