@@ -43,6 +43,8 @@ t0 = time.perf_counter()
 from flexolmo_plugin.conversion.convert import hf_to_mcore, mcore_to_hf
 import flexolmo_plugin.model.parallel as d
 import flexolmo_plugin.model, megatron.core.dist_checkpointing  # imported lazily by the converters
+from flexolmo_plugin import compat
+compat.enable_cpu_compat()  # a benchmark is an entry point: CPU shims where CUDA is absent
 d.ensure_model_parallel()
 imports = time.perf_counter() - t0
 base = rss("VmRSS:")

@@ -46,6 +46,8 @@ import flexolmo_plugin.model.parallel as d
 from flexolmo_plugin.lifecycle.package import package_expert
 from flexolmo_plugin.lifecycle.merge import merge_experts
 from flexolmo_plugin.lifecycle.opt_out import opt_out
+from flexolmo_plugin import compat
+compat.enable_cpu_compat()  # a benchmark is an entry point: CPU shims where CUDA is absent
 d.ensure_model_parallel()
 op, args = sys.argv[1], sys.argv[2:]
 base = rss("VmRSS:")

@@ -38,6 +38,7 @@ def measure(args) -> list[str]:
     from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
     from megatron.core.transformer.moe.router import TopKRouter
 
+    from flexolmo_plugin import compat
     from flexolmo_plugin.model.config import (
         FlexOlmoConfig,
         ParallelLayout,
@@ -47,6 +48,7 @@ def measure(args) -> list[str]:
     from flexolmo_plugin.model.parallel import ensure_model_parallel
     from flexolmo_plugin.model.router import DomainEmbeddingRouter
 
+    compat.enable_cpu_compat()  # a benchmark is an entry point: CPU shims where CUDA is absent
     ensure_model_parallel()
     config = FlexOlmoConfig(vocab_size=128, hidden_size=args.hidden, intermediate_size=args.ffn, num_layers=1,
                             num_attention_heads=32, num_key_value_heads=32, num_experts=args.experts, top_k=args.topk)

@@ -44,6 +44,7 @@ def main() -> None:
     from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
     from megatron.core.transformer.moe.router import TopKRouter
 
+    from flexolmo_plugin import compat
     from flexolmo_plugin.model.config import (
         FlexOlmoConfig,
         ParallelLayout,
@@ -53,6 +54,7 @@ def main() -> None:
     from flexolmo_plugin.model.parallel import ensure_model_parallel
     from flexolmo_plugin.model.router import DomainEmbeddingRouter
 
+    compat.enable_cpu_compat()  # a benchmark is an entry point: CPU shims where CUDA is absent
     ensure_model_parallel()
     config = FlexOlmoConfig(vocab_size=128, hidden_size=args.hidden, intermediate_size=args.ffn, num_layers=1,
                             num_attention_heads=8, num_key_value_heads=8, num_experts=args.experts, top_k=args.topk)

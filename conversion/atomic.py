@@ -12,6 +12,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from flexolmo_plugin.errors import FlexOlmoError
@@ -71,7 +72,6 @@ class BackgroundSync:
     ``wait()`` re-raises the first failure; the final :func:`_fsync_tree` still covers every file."""
 
     def __init__(self):
-        from concurrent.futures import ThreadPoolExecutor
 
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="fsync")
         self._pending: list = []

@@ -13,6 +13,7 @@ target written exactly once, and write into a temporary directory renamed into p
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -33,6 +34,7 @@ from flexolmo_plugin.conversion.mapping import (
     with_role,
 )
 from flexolmo_plugin.conversion.mcore_io import (
+    CanonicalReader,
     McoreCheckpointError,
     check_canonical_shapes,
     check_is_checkpoint,
@@ -126,7 +128,6 @@ def router_bias_magnitude(mcore_dir: str | os.PathLike) -> float:
     config, _, _ = load_config(mcore_dir)
     if not config.router_bias:
         return 0.0
-    from flexolmo_plugin.conversion.mcore_io import CanonicalReader
 
     reader = CanonicalReader(mcore_dir)
     return max(reader.read(entry.megatron).float().clamp(max=0).abs().max().item()
@@ -180,7 +181,6 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dty
             raise McoreCheckpointError(f"export audit failed: missing {sorted(set(by_name) - written)[:5]}")
         hf_config = config.to_hf_dict()
         hf_config["dtype"] = str(out_dtype).removeprefix("torch.")
-        import json
 
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         tokenizer = mcore_dir / "tokenizer"

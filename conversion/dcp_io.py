@@ -21,6 +21,7 @@ per chunk: ~390 of each), and CRC32s every byte; its reader copies each chunk th
 from __future__ import annotations
 
 import collections
+import ctypes
 import io
 import math
 import os
@@ -31,10 +32,12 @@ import threading
 import zipfile
 
 import torch
-from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import MetadataIndex
-from torch.distributed.checkpoint.planner import WriteItemType
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+from torch.distributed.checkpoint.planner import LoadPlan, WriteItemType
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.distributed.checkpoint.storage import WriteResult
 
 from flexolmo_plugin.conversion.atomic import BackgroundSync
@@ -69,7 +72,6 @@ def reuse_freed_memory() -> None:
     measured here, reading and re-writing 1 GB took 0.64 s instead of 1.1-1.7 s with this set.  The
     heap then stays at the conversion's (bounded) peak instead of shrinking.  No-op off glibc.
     """
-    import ctypes
 
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -355,12 +357,6 @@ def _pread_into(fd: int, tensor: torch.Tensor, position: int) -> None:
 # ---------------------------------------------------------------------- the dcp.load fallback
 def chunk_planner(requests):
     """A load planner that reads one rectangular region per key into the given buffers."""
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-    from torch.distributed.checkpoint.planner import LoadPlan
-    from torch.distributed.checkpoint.planner_helpers import (
-        create_read_items_for_chunk_list,
-    )
 
     class ChunkLoadPlanner(DefaultLoadPlanner):
         def create_local_plan(self):
@@ -381,7 +377,6 @@ def chunk_planner(requests):
 
 def cached_metadata_reader(directory):
     """A DCP reader that unpickles ``.metadata`` once instead of once per tensor read."""
-    from torch.distributed.checkpoint import FileSystemReader
 
     class CachedMetadataReader(FileSystemReader):
         _metadata = None

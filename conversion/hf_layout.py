@@ -16,7 +16,6 @@ from collections import Counter
 
 import torch
 
-from flexolmo_plugin.conversion.checks import audit_reads
 from flexolmo_plugin.conversion.mapping import (
     HF_IGNORED,
     Entry,
@@ -29,6 +28,7 @@ from flexolmo_plugin.conversion.mapping import (
 from flexolmo_plugin.conversion.safetensors_reader import (
     CheckpointFormatError,
     SafetensorsCheckpoint,
+    audit_reads,
 )
 from flexolmo_plugin.model.config import FlexOlmoConfig
 

@@ -26,7 +26,23 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner,
+    TorchDistSaveShardedStrategy,
+    _replace_state_dict_keys_with_sharded_keys,
+    mcore_to_pyt_state_dict,
+)
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint import save as dcp_save
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.planner import WriteItemType
 
+from flexolmo_plugin.conversion.dcp_io import ChunkReader, PipelinedWriter, cached_metadata_reader, chunk_planner
 from flexolmo_plugin.conversion.mapping import (
     canonical_chunk,
     canonical_parts,
@@ -34,7 +50,9 @@ from flexolmo_plugin.conversion.mapping import (
     split_keys,
 )
 from flexolmo_plugin.errors import FlexOlmoError
+from flexolmo_plugin.model.build import build_model
 from flexolmo_plugin.model.config import FlexOlmoConfig
+from flexolmo_plugin.model.parallel import ensure_model_parallel
 
 CONFIG_FILE = "flexolmo_config.json"
 FORMAT_VERSION = 1
@@ -119,8 +137,6 @@ def check_is_checkpoint(directory: Path) -> None:
 @contextlib.contextmanager
 def meta_model(config: FlexOlmoConfig, dtype: torch.dtype):
     """A FlexOlmo model with no storage, for its checkpoint layout (needs TP=EP=1 groups)."""
-    from flexolmo_plugin.model.build import build_model
-    from flexolmo_plugin.model.parallel import ensure_model_parallel
 
     ensure_model_parallel()
     with torch.device("meta"):
@@ -133,18 +149,7 @@ Source = Callable[[str], torch.Tensor]
 
 
 def _streaming_classes():
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    from megatron.core.dist_checkpointing.strategies.torch import (
-        MCoreSavePlanner,
-        TorchDistSaveShardedStrategy,
-        _replace_state_dict_keys_with_sharded_keys,
-        mcore_to_pyt_state_dict,
-    )
-    from torch.distributed.checkpoint import save as dcp_save
-    from torch.distributed.checkpoint.planner import WriteItemType
 
-    from flexolmo_plugin.conversion.dcp_io import PipelinedWriter
 
     class LazyChunkPlanner(MCoreSavePlanner):
         """Materialises each chunk from the source when the writer asks for it."""
@@ -238,7 +243,6 @@ def _streaming_classes():
 def _unwrapped_checkpoint_errors():
     """DCP wraps exceptions raised while writing; re-raise our own validation errors as they are,
     so that users see which tensor was bad rather than a writer traceback."""
-    from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         yield
@@ -264,7 +268,6 @@ def write_checkpoint(
     ``expected`` is the set of canonical names the source provides; the save must consume exactly
     that set (the audit that no tensor is dropped or invented).
     """
-    from megatron.core import dist_checkpointing
 
     strategy = _streaming_classes()(source, dtype, on_tensor)
     with meta_model(config, dtype) as model, _unwrapped_checkpoint_errors():
@@ -282,8 +285,6 @@ def write_checkpoint(
 
 # ---------------------------------------------------------------------- per-tensor reading
 def checkpoint_tensor_metadata(directory: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     metadata = FileSystemReader(str(resolve_checkpoint(directory))).read_metadata()
     return {
@@ -299,10 +300,6 @@ class CanonicalReader:
     one chunk of one key: memory holds one tensor."""
 
     def __init__(self, directory: str | os.PathLike):
-        from flexolmo_plugin.conversion.dcp_io import (
-            ChunkReader,
-            cached_metadata_reader,
-        )
 
         self.directory = resolve_checkpoint(directory)
         check_is_checkpoint(self.directory)
@@ -313,9 +310,7 @@ class CanonicalReader:
     def _read_key_into(self, key: str, prefix: tuple[int, ...], out: torch.Tensor) -> None:
         """Read layer ``prefix`` of ``key`` into ``out``: straight from the file when the chunk is
         a plain record (one copy), else through ``dcp.load``."""
-        from torch.distributed.checkpoint import load as dcp_load
 
-        from flexolmo_plugin.conversion.dcp_io import chunk_planner
 
         shape = self.present[key][0]
         view = out.view((1,) * len(prefix) + shape[len(prefix) :])
@@ -398,11 +393,6 @@ def check_canonical_shapes(directory: Path, expected: dict[str, tuple[int, ...]]
 
 def validate_model_layout(directory: Path, sharded) -> None:
     """Every tensor key the model expects is in the checkpoint with the same global shape."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import (
-        ShardedTensor,
-        ShardedTensorFactory,
-    )
 
     present = checkpoint_tensor_metadata(directory)
     problems = []
@@ -429,7 +419,6 @@ def load_model_weights(model, directory: str | os.PathLike) -> None:
     """Load a FlexOlmo checkpoint (converted, or a Bridge save dir / ``iter_*``) into ``model``.
     Megatron's load also returns the *common* state (Bridge keeps iteration, scheduler and optimizer
     settings there): only the model's own keys are kept, and all must be present (strict load)."""
-    from megatron.core import dist_checkpointing
 
     directory = Path(directory)
     check_is_checkpoint(directory)

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from flexolmo_plugin.conversion.checks import audit_reads
 from flexolmo_plugin.conversion.mapping import (
     HF_IGNORED,
     Entry,
@@ -26,6 +25,7 @@ from flexolmo_plugin.conversion.mapping import (
 from flexolmo_plugin.conversion.safetensors_reader import (
     CheckpointFormatError,
     SafetensorsCheckpoint,
+    audit_reads,
 )
 from flexolmo_plugin.model.config import FlexOlmoConfig
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 
 @dataclass(frozen=True)
 class ConversionReport:
@@ -27,7 +29,6 @@ class ProgressMeter:
     def __init__(self, total_bytes: int, enabled: bool, label: str):
         self.bar = None
         if enabled:
-            from tqdm import tqdm
 
             self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=label)
         self.tensors = 0

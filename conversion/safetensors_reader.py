@@ -341,3 +341,13 @@ class SafetensorsCheckpoint:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def audit_reads(directory, stored: list[str], reads) -> None:
+    """Conversion audit: every stored tensor was read exactly once (``reads`` counts per key)."""
+
+    unread = [k for k in stored if reads[k] == 0]
+    reread = [f"{k} ({n}x)" for k, n in reads.items() if n > 1]
+    if unread or reread:
+        raise CheckpointFormatError(f"{directory}: conversion audit failed: "
+                                    f"unused {unread[:5]}, read more than once {reread[:5]}")

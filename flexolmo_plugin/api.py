@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
 
 from flexolmo_plugin import compat
-from flexolmo_plugin.model.build import build_model
+from flexolmo_plugin.conversion.atomic import check_new_output
+from flexolmo_plugin.conversion.hf_import import load_hf_weights
+from flexolmo_plugin.conversion.mcore_io import load_config, load_model_weights, save_config
+from flexolmo_plugin.conversion.safetensors_reader import CheckpointFormatError, SafetensorsCheckpoint
+from flexolmo_plugin.model.build import build_model, unwrap
 from flexolmo_plugin.model.config import FlexOlmoConfig
 from flexolmo_plugin.model.layout import ParallelLayout
 from flexolmo_plugin.model.parallel import ensure_model_parallel
@@ -17,10 +25,6 @@ from flexolmo_plugin.model.spec import Backend
 
 def read_hf_config(hf_dir: str | os.PathLike, **overrides) -> FlexOlmoConfig:
     """The FlexOlmo configuration stored in ``hf_dir/config.json``."""
-    from flexolmo_plugin.conversion.safetensors_reader import (
-        CheckpointFormatError,
-        SafetensorsCheckpoint,
-    )
 
     with SafetensorsCheckpoint.open(hf_dir) as checkpoint:
         raw = checkpoint.config()
@@ -68,7 +72,6 @@ def from_hf(
     Returns:
         A Megatron-Core ``GPTModel`` with ``model.flexolmo_config`` attached.
     """
-    from flexolmo_plugin.conversion.hf_import import load_hf_weights
 
     config = read_hf_config(hf_dir, **config_overrides)
     layout = _ready(layout)
@@ -88,13 +91,23 @@ def from_mcore(
     backend: Backend = "local",
     dispatcher: str = "alltoall",
 ):
-    """A FlexOlmo ``GPTModel`` from a checkpoint written by ``flexolmo convert hf-to-mcore`` or
-    :func:`save_mcore`, at the current (or requested) TP/EP layout; no other input is needed.
+    """A FlexOlmo ``GPTModel`` from a checkpoint written by ``flexolmo convert hf-to-mcore``,
+    :func:`save_mcore`, ``flexolmo merge`` / ``opt-out`` / ``upcycle`` or ``flexolmo train`` (a Bridge
+    save directory means its latest complete ``iter_*``), at any TP/EP layout; no other input is needed.
 
-    Parameters take the checkpoint's dtype unless ``params_dtype`` is given.  Process groups are
-    handled as in :func:`from_hf`.  The model is returned in eval mode.
+    Args:
+        mcore_dir: the checkpoint directory (``flexolmo_config.json`` beside it or in the save dir).
+        layout: tensor / expert parallelism; process groups are handled as in :func:`from_hf`.
+        params_dtype: parameter dtype; ``None`` keeps the checkpoint's.
+        backend: ``"local"``, ``"te"`` or ``"auto"`` (as in :func:`from_hf`).
+        dispatcher: Megatron's token dispatcher (as in :func:`from_hf`).
+
+    Returns:
+        The model in eval mode, with ``model.flexolmo_config``.
+
+    Raises:
+        McoreCheckpointError: the directory is not a FlexOlmo checkpoint or does not match its config.
     """
-    from flexolmo_plugin.conversion.mcore_io import load_config, load_model_weights
 
     config, stored_dtype, _ = load_config(mcore_dir)
     layout = _ready(layout)
@@ -107,17 +120,18 @@ def from_mcore(
 
 
 def save_mcore(model, mcore_dir: str | os.PathLike) -> None:
-    """Save a FlexOlmo model (any TP/EP layout; collective over all ranks) as a torch_dist
-    checkpoint plus its configuration, atomically: the directory appears only when complete."""
-    import shutil
-    import uuid
+    """Save a FlexOlmo model as a torch_dist checkpoint plus its configuration, atomically.
 
-    import torch.distributed as dist
-    from megatron.core import dist_checkpointing
+    Args:
+        model: a FlexOlmo model at any TP/EP layout (wrappers such as DDP are unwrapped); every rank
+            must call this (it is collective).
+        mcore_dir: a path that does not exist yet; the directory appears only when complete.
 
-    from flexolmo_plugin.conversion.atomic import check_new_output
-    from flexolmo_plugin.conversion.mcore_io import save_config
-    from flexolmo_plugin.model.build import unwrap
+    Raises:
+        FileExistsError: ``mcore_dir`` exists (nothing is written).
+    """
+
+
 
     compat.enable_cpu_compat()
     inner = unwrap(model)

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from flexolmo_plugin.api import from_hf, read_hf_config
 from flexolmo_plugin.errors import ConfigError
@@ -74,7 +75,6 @@ def check_parity(hf_dir: str | os.PathLike, *, tokens: int = 32, batch: int = 2,
     ours = logits(model, ids).float().cpu()
     del model
 
-    from transformers import AutoModelForCausalLM
 
     reference_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, use_safetensors=True)
     reference_model.eval()

@@ -26,6 +26,7 @@ import torch
 from flexolmo_plugin.compat import CPU_MODEL_SETTINGS, cuda_available
 from flexolmo_plugin.conversion.mcore_io import load_config
 from flexolmo_plugin.errors import ConfigError
+from flexolmo_plugin.lifecycle.data import load_tokenizer
 from flexolmo_plugin.model.config import FlexOlmoConfig
 from flexolmo_plugin.model.layout import ParallelLayout
 from flexolmo_plugin.recipes.provider import FlexOlmoModelProvider
@@ -157,7 +158,6 @@ def _vocab_size(vocab_size: int | None, tokenizer_dir: str | None) -> int:
         return vocab_size
     if tokenizer_dir is None:
         raise ConfigError("flexolmo_public_config needs vocab_size or tokenizer_dir")
-    from flexolmo_plugin.lifecycle.data import load_tokenizer
 
     return len(load_tokenizer(tokenizer_dir))
 

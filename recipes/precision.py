@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from flexolmo_plugin.compat import device_capability
 from flexolmo_plugin.model.config import ConfigError, FlexOlmoConfig
 
 PRECISIONS = ("bf16", "fp8-tensorwise", "fp8-blockwise")  # valid on H100
@@ -71,7 +72,6 @@ def check_device_supports(precision: str, capability: tuple[int, int] | None) ->
 
 def current_capability() -> tuple[int, int] | None:
     """The local GPU's compute capability, or None without CUDA."""
-    from flexolmo_plugin.compat import device_capability
 
     return device_capability()
 

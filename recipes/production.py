@@ -36,8 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from flexolmo_plugin.compat import cuda_available
+from flexolmo_plugin.conversion.mcore_io import load_config
 from flexolmo_plugin.model.config import ConfigError, FlexOlmoConfig
 from flexolmo_plugin.model.layout import ParallelLayout
+from flexolmo_plugin.model.spec import transformer_engine_available
 from flexolmo_plugin.recipes.phases import training_layout
 from flexolmo_plugin.recipes.precision import (
     apply_precision,
@@ -70,7 +72,6 @@ def _shape(shape: dict, imposed: dict, model: dict | None, init_from: str | None
     wanted = FlexOlmoConfig(**_resolve({**OLMO2_7B, **shape, **imposed, **(model or {})}))
     if not (init_from and Path(init_from).exists()):
         return wanted
-    from flexolmo_plugin.conversion.mcore_io import load_config
 
     stored, _, _ = load_config(init_from)
     keys = {"num_experts", *(model or {})} & _SIZE_KEYS  # what this recipe or its caller asked for
@@ -105,7 +106,6 @@ def _resolve(fields: dict, drop: tuple[str, ...] = ()) -> dict:
 
 def _gpu_settings(container, layout: ParallelLayout) -> None:
     """What a GPU cluster run changes relative to the parity-tested CPU settings."""
-    from flexolmo_plugin.model.spec import transformer_engine_available
 
     model = container.model
     model.flexolmo_backend = "auto"  # TE linears and attention when transformer-engine is importable

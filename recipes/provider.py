@@ -13,11 +13,15 @@ Importing this module imports ``megatron.bridge``: call
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from megatron.bridge.models.gpt_provider import GPTModelProvider
 
+from flexolmo_plugin.conversion.mcore_io import load_model_weights
 from flexolmo_plugin.errors import ConfigError
+from flexolmo_plugin.lifecycle import freezing
+from flexolmo_plugin.model.build import unwrap
 from flexolmo_plugin.model.config import FlexOlmoConfig, from_megatron_fields, gpt_model_fields, megatron_fields
 from flexolmo_plugin.model.layout import ParallelLayout
 from flexolmo_plugin.model.spec import flexolmo_block_spec
@@ -188,17 +192,13 @@ TRAINABLE_POLICIES = ("all", "anchored", "router")
 
 def prepare_for_training(chunks, *, init_from: str | None, trainable: str, owner_expert: int = 1):
     """Load ``init_from`` into each model chunk and apply the freezing policy."""
-    from pathlib import Path
 
-    from flexolmo_plugin.lifecycle import freezing
-    from flexolmo_plugin.model.build import unwrap
 
     if trainable not in TRAINABLE_POLICIES:
         raise ConfigError(f"trainable={trainable!r}; expected one of {TRAINABLE_POLICIES}")
     for chunk in chunks:
         model = unwrap(chunk)
         if init_from:
-            from flexolmo_plugin.conversion.mcore_io import load_model_weights
 
             load_model_weights(model, Path(init_from))
         if trainable == "anchored":

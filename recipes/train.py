@@ -14,10 +14,18 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 import time
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from flexolmo_plugin.compat import default_device, device_name, enable_bridge_compat
+from flexolmo_plugin.conversion.mcore_io import CONFIG_FILE, save_config
 from flexolmo_plugin.errors import ConfigError
+from flexolmo_plugin.model.build import unwrap
 from flexolmo_plugin.recipes import registry
 
 RECIPE_PREFIX = "recipe."
@@ -35,11 +43,8 @@ def training_log_callback(*, print_fn=print):
     formula would credit anchored training with work it never does); ``callback.throughput`` keeps
     ``(iteration, tflops_per_gpu, mfu)``, MFU being None where the GPU's peak is not tabulated.
     """
-    import torch
-    import torch.distributed as dist
     from megatron.bridge.training.callbacks import Callback
 
-    from flexolmo_plugin.model.build import unwrap
 
     class FlexOlmoTrainingLog(Callback):
         def __init__(self):
@@ -94,9 +99,7 @@ def _flop_counter(cfg, config):
 
     Routed shares are this rank's; with data parallelism ranks see statistically identical batches.
     """
-    import torch.distributed as dist
 
-    from flexolmo_plugin.compat import device_name
     from flexolmo_plugin.recipes.flops import (
         Trainable,
         peak_flops,
@@ -123,11 +126,7 @@ def warm_up_process_groups(*, print_fn=print) -> list[str]:
     before step 1 (lazily created expert-parallel communicators otherwise appear inside the first
     all-to-all, where a slow or broken link looks like a training hang).  Returns the groups warmed.
     """
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
-    from flexolmo_plugin.compat import default_device
 
     getters = {"tensor": ps.get_tensor_model_parallel_group, "data": ps.get_data_parallel_group,
                "expert": ps.get_expert_model_parallel_group, "expert-tensor": ps.get_expert_tensor_parallel_group,
@@ -187,7 +186,6 @@ def build_config(recipe: str, overrides: list[str]):
 
 
 def _init_process_group(backend: str, timeout_minutes: int = 10) -> None:
-    import torch.distributed as dist
 
     if dist.is_initialized():
         return
@@ -205,7 +203,6 @@ def write_run_config(config, recipe: str) -> None:
     save directory itself and reads its latest complete ``iter_*`` checkpoint.  Written through a
     temporary file and a rename, so a crash never leaves a torn file.
     """
-    from flexolmo_plugin.conversion.mcore_io import CONFIG_FILE, save_config
 
     model = config.model
     flexolmo = model.to_flexolmo_config()
@@ -231,10 +228,8 @@ def write_run_config(config, recipe: str) -> None:
 
 def run(recipe: str, overrides: list[str], *, callbacks=()):
     """Train; returns the logging callback (its ``history`` holds the per-iteration records)."""
-    from flexolmo_plugin.compat import enable_bridge_compat
 
     enable_bridge_compat()
-    import torch.distributed as dist
     from megatron.bridge.training.gpt_step import forward_step
     from megatron.bridge.training.pretrain import pretrain
 
@@ -266,7 +261,6 @@ def main(argv: list[str] | None = None) -> int:
     code 0 on success.  Kept separate from ``flexolmo train`` so that the launchers do not depend on the
     CLI's recipe list.
     """
-    import sys
 
     argv = sys.argv[1:] if argv is None else argv
     if not argv or "=" in argv[0]:

@@ -17,6 +17,7 @@ the same data.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -24,6 +25,9 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from pydoc_data import topics
+
+from transformers import PreTrainedTokenizerFast
 
 from flexolmo_plugin.errors import FlexOlmoError
 
@@ -35,7 +39,6 @@ class CorpusError(FlexOlmoError):
 
 
 def _public_sources() -> Iterator[tuple[str, str]]:
-    from pydoc_data import topics
 
     for name in sorted(topics.topics):
         yield f"pydoc:{name}", topics.topics[name]
@@ -57,7 +60,6 @@ def _python_sources() -> Iterator[tuple[str, str]]:
 
 
 def _cpp_sources() -> Iterator[tuple[str, str]]:
-    import importlib.util
 
     spec = importlib.util.find_spec("torch")
     if spec is None or spec.origin is None:
@@ -140,7 +142,6 @@ def train_tokenizer(texts: list[str], out_dir: Path, *, vocab_size: int) -> Path
     """A byte-level BPE tokenizer trained here on the demo's own text (saved as an HF fast tokenizer),
     so that no tokenizer has to come from a hub."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

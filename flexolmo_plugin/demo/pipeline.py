@@ -17,11 +17,27 @@ import shlex
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
+
+from flexolmo_plugin.api import from_mcore
+from flexolmo_plugin.conversion.convert import copy_tokenizer_files, mcore_to_hf
 from flexolmo_plugin.demo.corpus import DOMAINS, build_domain, train_tokenizer
 from flexolmo_plugin.demo.sizes import OWNERS, SIZES, DemoSize
+from flexolmo_plugin.lifecycle.data import prepare_dataset
+from flexolmo_plugin.lifecycle.domain_embedding import embed_documents, sample_documents
+from flexolmo_plugin.lifecycle.evaluation import evaluate, plot_routing, read_windows
+from flexolmo_plugin.lifecycle.merge import merge_experts
+from flexolmo_plugin.lifecycle.opt_out import exclude_experts, opt_out
+from flexolmo_plugin.lifecycle.package import package_expert
+from flexolmo_plugin.lifecycle.upcycle import save_embedding, upcycle
+from flexolmo_plugin.model.build import logits
 
 
 class DemoError(RuntimeError):
@@ -54,7 +70,6 @@ class Demo:
         for sub in ("data", "coordinator", "owners", "packages", "eval", "logs"):
             (workdir / sub).mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / "logs" / "demo.log"
-        from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars would bury the demo's own
         self.result = DemoResult(workdir=workdir, size=size)
@@ -82,7 +97,6 @@ class Demo:
 
     # ------------------------------------------------------------------ data
     def prepare_data(self) -> None:
-        from flexolmo_plugin.lifecycle.data import prepare_dataset
 
         s, data = self.size, self.root / "data"
         files = {name: build_domain(name, data, train_chars=s.train_chars, eval_chars=s.eval_chars)
@@ -112,7 +126,6 @@ class Demo:
         pattern = re.compile(r"\[flexolmo\] iteration (\d+) \| lm loss ([0-9.]+)")
         bar = None
         if self.progress:
-            from tqdm import tqdm
 
             bar = tqdm(total=iterations, desc=f"   {label}", unit="it", leave=True, file=sys.stdout, mininterval=1.0)
         first = last = None
@@ -156,7 +169,6 @@ class Demo:
     def publish_public(self) -> None:
         """The coordinator exports the public model to HF (what owners embed their documents with)
         and computes the public domain embedding r_pub from public documents."""
-        from flexolmo_plugin.conversion.convert import copy_tokenizer_files, mcore_to_hf
 
         coordinator = self.root / "coordinator"
         self.command("convert", "mcore-to-hf", coordinator / "public", coordinator / "public-hf")
@@ -165,11 +177,6 @@ class Demo:
         self.embed("public")
 
     def embed(self, name: str) -> None:
-        from flexolmo_plugin.lifecycle.domain_embedding import (
-            embed_documents,
-            sample_documents,
-        )
-        from flexolmo_plugin.lifecycle.upcycle import save_embedding
 
         docs_path = self.root / "data" / f"{name}.train.jsonl"
         public_hf = self.root / "coordinator" / "public-hf"
@@ -183,7 +190,6 @@ class Demo:
         self.say(f"   {name:<9} domain embedding: mean of {len(docs)} documents -> {out.relative_to(self.root)}")
 
     def upcycle(self, names: tuple[str, str], domain_embedding: Path, out: Path) -> None:
-        from flexolmo_plugin.lifecycle.upcycle import upcycle
 
         public_embedding = self.root / "coordinator" / "public-embedding.safetensors"
         self.command("upcycle", self.root / "coordinator" / "public", out, "--public-embedding", public_embedding,
@@ -202,7 +208,6 @@ class Demo:
 
     def owner(self, name: str) -> None:
         """Everything one data owner does, on its own data only."""
-        from flexolmo_plugin.lifecycle.package import package_expert
 
         s, data, home = self.size, self.root / "data", self.root / "owners" / name
         self.embed(name)
@@ -221,8 +226,6 @@ class Demo:
 
     # ------------------------------------------------------------------ coordinator
     def merge(self) -> None:
-        from flexolmo_plugin.lifecycle.merge import merge_experts
-        from flexolmo_plugin.lifecycle.opt_out import opt_out
 
         coordinator = self.root / "coordinator"
         self.public_start()
@@ -233,7 +236,6 @@ class Demo:
         dropped = OWNERS[0]
         self.command("opt-out", coordinator / "merged", "--drop", dropped, "--out",
                      coordinator / f"merged-without-{dropped}")
-        import warnings
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # top-k shrinks from 4 to 3: expected here
@@ -241,9 +243,6 @@ class Demo:
         self.say(f"   opted out {dropped!r} physically -> coordinator/merged-without-{dropped}")
 
     def evaluate(self) -> None:
-        from flexolmo_plugin.api import from_mcore
-        from flexolmo_plugin.lifecycle.evaluation import evaluate, plot_routing
-        from flexolmo_plugin.lifecycle.opt_out import exclude_experts
 
         s, data, coordinator = self.size, self.root / "data", self.root / "coordinator"
         datasets = {name: data / f"{name}.eval" for name in DOMAINS}
@@ -282,13 +281,7 @@ class Demo:
         )
 
     def export(self) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM
 
-        from flexolmo_plugin.api import from_mcore
-        from flexolmo_plugin.conversion.convert import copy_tokenizer_files, mcore_to_hf
-        from flexolmo_plugin.lifecycle.evaluation import read_windows
-        from flexolmo_plugin.model.build import logits
 
         coordinator = self.root / "coordinator"
         self.command("convert", "mcore-to-hf", coordinator / "merged", coordinator / "merged-hf")

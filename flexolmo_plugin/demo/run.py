@@ -8,8 +8,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from flexolmo_plugin.compat import enable_cpu_compat
 from flexolmo_plugin.demo.corpus import DOMAINS
-from flexolmo_plugin.demo.pipeline import Demo, DemoError, DemoResult
+from flexolmo_plugin.demo.pipeline import Demo, DemoError, DemoResult, format_losses
 from flexolmo_plugin.demo.sizes import OWNERS
 
 
@@ -60,7 +61,6 @@ ARTIFACTS = {
 
 
 def write_summary(result: DemoResult, claims: list[tuple[str, bool]], total_s: float) -> str:
-    from flexolmo_plugin.demo.pipeline import format_losses
 
     lines = [f"# FlexOlmo demo ({result.size}) — {time.strftime('%Y-%m-%d %H:%M')}, {total_s:.0f} s", "",
              "```", format_losses(result.losses).strip("\n"), "```", "", "## Checks"]
@@ -81,7 +81,6 @@ def run_demo(workdir: str | os.PathLike | None = None, *, size: str = "full", pr
     if workdir.exists() and any(workdir.iterdir()):
         raise FileExistsError(f"{workdir} exists and is not empty; choose another --workdir (nothing was changed)")
     workdir = workdir.resolve()
-    from flexolmo_plugin.compat import enable_cpu_compat
 
     enable_cpu_compat()
     start = time.perf_counter()

@@ -15,6 +15,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
 from flexolmo_plugin.errors import FlexOlmoError
 
 
@@ -31,7 +37,6 @@ class DatasetReport:
 
 def load_tokenizer(tokenizer_dir: str | os.PathLike):
     """A local ``transformers`` fast tokenizer (never downloaded)."""
-    from transformers import AutoTokenizer
 
     path = Path(tokenizer_dir)
     if not path.is_dir():
@@ -64,9 +69,6 @@ def prepare_dataset(input_path: str | os.PathLike, output_prefix: str | os.PathL
                     text_key: str = "text", append_eod: bool = True, batch_size: int = 256,
                     progress: bool = False) -> DatasetReport:
     """Tokenize ``input_path`` into ``output_prefix.bin`` / ``.idx``."""
-    import numpy as np
-    import torch
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     tokenizer = load_tokenizer(tokenizer_dir)
     eod = tokenizer.eos_token_id
@@ -85,7 +87,6 @@ def prepare_dataset(input_path: str | os.PathLike, output_prefix: str | os.PathL
     size = Path(input_path).stat().st_size if Path(input_path).is_file() else 0
     bar = None
     if progress:
-        from tqdm import tqdm
 
         bar = tqdm(total=size, unit="B", unit_scale=True, desc="tokenizing")
     documents = tokens = 0

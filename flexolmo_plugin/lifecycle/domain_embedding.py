@@ -21,6 +21,8 @@ import random
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
+from transformers import AutoModel, AutoModelForCausalLM
 
 from flexolmo_plugin.lifecycle.data import DataError, iter_documents, load_tokenizer
 
@@ -82,7 +84,6 @@ def embed_documents(model_dir: str | os.PathLike, documents: list[str], *, metho
     tokenizer = load_tokenizer(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    from transformers import AutoModel, AutoModelForCausalLM
 
     if method == "public-model":
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32)
@@ -93,7 +94,6 @@ def embed_documents(model_dir: str | os.PathLike, documents: list[str], *, metho
     model.eval()
     steps = range(0, len(documents), batch_size)
     if progress:
-        from tqdm import tqdm
 
         steps = tqdm(steps, desc="embedding", unit="batch")
     vectors = []

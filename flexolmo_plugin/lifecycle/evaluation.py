@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 from torch import nn
 
 from flexolmo_plugin.lifecycle.data import DataError
@@ -38,7 +39,6 @@ class DomainResult:
 
 def read_windows(prefix: str | os.PathLike, *, seq_len: int, max_tokens: int) -> torch.Tensor:
     """Non-overlapping ``[n, seq_len]`` windows over the concatenated documents of an indexed dataset."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     prefix = str(prefix)
     if not (os.path.exists(prefix + ".idx") and os.path.exists(prefix + ".bin")):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from flexolmo_plugin.conversion.atomic import atomic_directory, check_new_output
 from flexolmo_plugin.conversion.checks import all_finite, file_sha256
@@ -64,7 +65,6 @@ def load_embedding(path: str | os.PathLike, hidden_size: int | None = None) -> t
             raise EmbeddingError(f"{path}: not a plain numeric .npy array ({error})") from error
         tensor = torch.from_numpy(np.asarray(array))
     elif path.suffix == ".safetensors":
-        from safetensors.torch import load_file
 
         try:
             tensors = load_file(str(path))
@@ -95,7 +95,6 @@ def load_embedding(path: str | os.PathLike, hidden_size: int | None = None) -> t
 
 
 def save_embedding(path: str | os.PathLike, embedding: torch.Tensor, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
 
     path = Path(check_new_output(path))
     tmp = path.with_name(f".{path.name}.partial")
@@ -184,7 +183,7 @@ def upcycle(
                     dtype=out_dtype,
                     extra={
                         "source": {"format": f"upcycled from {public.kind}", "path": str(public_dir.resolve())},
-                        "domain_embeddings": {
+                        "domain_embedding_files": {
                             "public": {"path": str(public_embedding), "sha256": file_sha256(Path(public_embedding))},
                             expert_names[1]: {
                                 "path": str(domain_embedding),

@@ -23,9 +23,8 @@ class FlexOlmoSelfAttention(SelfAttention):
         if config.qk_layernorm or config.qk_l2_norm:
             raise ConfigError("FlexOlmoSelfAttention installs its own full-width q/k norm; "
                              "leave TransformerConfig.qk_layernorm/qk_l2_norm off")
-        for slot in ("q_layernorm", "k_layernorm"):
-            if getattr(submodules, slot) not in (None, IdentityOp):
-                raise ConfigError(f"FlexOlmoSelfAttention builds {slot} itself; leave it empty in the spec")
+        if any(norm not in (None, IdentityOp) for norm in (submodules.q_layernorm, submodules.k_layernorm)):
+            raise ConfigError("FlexOlmoSelfAttention builds its q/k norms itself; leave those spec slots empty")
         super().__init__(config, submodules, layer_number, **kwargs)
         tp_size = self.pg_collection.tp.size()
         if self.config.num_query_groups % tp_size:

@@ -8,9 +8,12 @@ re-derive it from Megatron's ``TransformerConfig``.
 from __future__ import annotations
 
 import torch
+from megatron.core import parallel_state as ps
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from torch import nn
 
-from flexolmo_plugin.errors import ConfigError
+from flexolmo_plugin.errors import FlexOlmoError
 from flexolmo_plugin.model.config import FlexOlmoConfig, gpt_model_fields, to_transformer_config
 from flexolmo_plugin.model.layout import ParallelLayout
 from flexolmo_plugin.model.spec import Backend, flexolmo_block_spec
@@ -28,11 +31,20 @@ def build_model(
     """A FlexOlmo ``GPTModel`` for the current ``parallel_state`` layout (random init).
 
     Call :func:`flexolmo_plugin.model.parallel.ensure_model_parallel` (or run under a launcher that
-    initialises Megatron) first.  ``dispatcher`` is Megatron's token dispatcher: ``"alltoall"``
-    (production default) or ``"allgather"`` (lets a runtime expert mask shrink top-k).  Weights are
-    usually loaded afterwards (``from_hf`` / checkpoints).
+    initialises Megatron) first.  Weights are usually loaded afterwards (``from_hf`` / checkpoints).
+
+    Args:
+        config: the architecture.
+        params_dtype: parameter dtype.
+        sequence_parallel: Megatron sequence parallelism (needed to train MoE with TP > 1).
+        backend: ``"local"`` (Megatron-Core modules), ``"te"`` (Transformer Engine) or ``"auto"``.
+        dispatcher: Megatron's token dispatcher, ``"alltoall"`` (production default) or
+            ``"allgather"`` (lets a run-time expert mask shrink top-k).
+        **transformer_overrides: ``TransformerConfig`` fields that win over the translation.
+
+    Returns:
+        The model, with ``model.flexolmo_config`` attached.
     """
-    from megatron.core.models.gpt import GPTModel
 
     layout = ParallelLayout.current(sequence_parallel=sequence_parallel)
     transformer_config = to_transformer_config(
@@ -66,34 +78,42 @@ def _check_input_ids(input_ids, vocab_size: int) -> torch.Tensor:
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if input_ids.dim() != 2 or input_ids.shape[-1] == 0:
-        raise ConfigError(f"input_ids must be [batch, seq] with seq >= 1, got shape {tuple(input_ids.shape)}")
+        raise FlexOlmoError(f"input_ids must be [batch, seq] with seq >= 1, got shape {tuple(input_ids.shape)}")
     if input_ids.dtype not in (torch.int64, torch.int32):
-        raise ConfigError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        raise FlexOlmoError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= vocab_size:
-        raise ConfigError(f"token ids must lie in [0, {vocab_size}), got range [{low}, {high}]")
+        raise FlexOlmoError(f"token ids must lie in [0, {vocab_size}), got range [{low}, {high}]")
     return input_ids.long()
 
 
 def logits(model: nn.Module, input_ids, *, grad: bool = False) -> torch.Tensor:
-    """Full-vocabulary logits ``[batch, seq, vocab]`` for causal LM input, gathered over TP.
+    """Full-vocabulary logits for causal LM input, gathered over TP.
 
     Positions are ``0..seq-1`` and the mask is causal, as in ``FlexOlmoForCausalLM``.  Padding rows
-    of the vocabulary are cut off.  Runs without autograd unless ``grad=True``; the model's
-    train/eval mode is left as the caller set it.
+    of the vocabulary are cut off.  The model's train/eval mode is left as the caller set it.
+
+    Args:
+        model: a FlexOlmo model (possibly wrapped).
+        input_ids: ``[batch, seq]`` (or ``[seq]``) integer token ids below the vocabulary size.
+        grad: run with autograd (training); off by default.
+
+    Returns:
+        ``[batch, seq, vocab_size]`` logits.
+
+    Raises:
+        FlexOlmoError: ids out of range, wrong shape or dtype, or a sequence the model cannot take.
     """
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     config: FlexOlmoConfig = unwrap(model).flexolmo_config
     device = next(model.parameters()).device
     input_ids = _check_input_ids(input_ids, config.vocab_size).to(device)
     batch, seq = input_ids.shape
     if seq > config.max_position_embeddings:
-        raise ConfigError(f"sequence length {seq} exceeds max_position_embeddings {config.max_position_embeddings}")
+        raise FlexOlmoError(f"sequence length {seq} exceeds max_position_embeddings {config.max_position_embeddings}")
     tp = ps.get_tensor_model_parallel_world_size()
     if unwrap(model).config.sequence_parallel and seq % tp:
-        raise ConfigError(
+        raise FlexOlmoError(
             f"with sequence parallelism the sequence length ({seq}) must be a multiple "
             f"of the tensor-parallel size ({tp})"
         )

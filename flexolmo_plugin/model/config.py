@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from flexolmo_plugin.compat import cpu_model_settings
 from flexolmo_plugin.errors import ConfigError
@@ -257,7 +258,6 @@ def to_transformer_config(
     **overrides: Any,
 ):
     """The Megatron ``TransformerConfig`` for ``config`` at ``layout`` (``overrides`` win)."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
     fields = megatron_fields(config, layout, dispatcher=dispatcher)
     fields.update(params_dtype=params_dtype, pipeline_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from megatron.core import parallel_state as ps
+
 from flexolmo_plugin.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -63,7 +65,6 @@ class ParallelLayout:
     @classmethod
     def current(cls, *, sequence_parallel: bool = False) -> ParallelLayout:
         """The layout of the initialised ``parallel_state``."""
-        from megatron.core import parallel_state as ps
 
         return cls(
             tensor_parallel=ps.get_tensor_model_parallel_world_size(),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 from torch import nn
 
 
@@ -102,10 +103,6 @@ class FullWidthRMSNorm(nn.Module):
         return out.to(x.dtype).reshape(shape)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
-        from megatron.core.transformer.utils import (
-            ensure_metadata_has_dp_cp_group,
-            make_sharded_tensors_for_checkpoint,
-        )
 
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         state = self.state_dict(prefix="", keep_vars=True)

@@ -11,6 +11,8 @@ import datetime
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel as mtp
 
 from flexolmo_plugin import compat
 from flexolmo_plugin.model.layout import ParallelLayout
@@ -30,8 +32,6 @@ def ensure_model_parallel(
     Existing initialisation is respected; requesting a layout that conflicts with an already
     initialised ``parallel_state`` is an error rather than a silent mismatch.
     """
-    from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel as mtp
 
     layout = layout or ParallelLayout()
     if not compat.cuda_available() and not compat.cpu_compat_enabled():
@@ -65,7 +65,6 @@ def ensure_model_parallel(
 
 def teardown_model_parallel() -> None:
     """Undo :func:`ensure_model_parallel` (tests and tools that switch layouts)."""
-    from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()

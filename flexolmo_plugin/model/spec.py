@@ -17,6 +17,7 @@ from functools import partial
 from typing import Literal
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -53,16 +54,12 @@ def _backend_modules(backend: Backend):
     if backend == "auto":
         backend = "te" if transformer_engine_available() else "local"
     if backend == "local":
-        from megatron.core.models.backends import LocalSpecProvider
-
         return LocalSpecProvider()
     if backend == "te":
         if not transformer_engine_available():
             raise RuntimeError("backend='te' needs transformer-engine, which is not importable here; "
                                "use backend='local' or run inside an NGC container")
-        from megatron.core.extensions.transformer_engine_spec_provider import (
-            TESpecProvider,
-        )
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider  # needs TE
 
         return TESpecProvider()
     raise ConfigError(f"unknown backend {backend!r}; expected 'local', 'te' or 'auto'")
