@@ -120,6 +120,9 @@ def section(rows: list[dict], conditions: dict) -> list[str]:
 
 
 def main() -> None:
+    from flexolmo_plugin import compat
+
+    compat.enable_cpu_compat()  # a benchmark is an entry point: CPU shims where CUDA is absent
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--layers", type=int, nargs="+", default=None)

@@ -31,6 +31,26 @@ def check_new_output(path: str | os.PathLike) -> Path:
     return path
 
 
+def write_file_atomically(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to the new file ``path`` all-or-nothing: a uniquely named temporary file beside
+    it, synced, then linked into place, which fails (and leaves nothing) if ``path`` appeared meanwhile."""
+    final = check_new_output(path)
+    tmp = final.parent / f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, final)  # unlike rename, never replaces an existing file
+        except FileExistsError:
+            raise OutputExistsError(f"output {final} appeared while writing; nothing was replaced") from None
+        fsync_path(final.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``path`` only if the block completes."""

@@ -141,6 +141,33 @@ def cmd_embed_domain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_select_proxy(args: argparse.Namespace) -> int:
+    """Owner side: identifiers of the public documents most like the owner's (no owner text leaves)."""
+    _megatron()
+    from flexolmo_plugin.lifecycle.proxy import select_proxy
+
+    selection = select_proxy(args.owner_docs, args.public_docs, args.out, embedder=args.embedder, owner=args.name,
+                             fraction=args.fraction, num_docs=args.num_docs, max_owner_docs=args.max_owner_docs,
+                             min_probability=args.min_probability, method=args.method, text_key=args.text_key,
+                             id_key=args.id_key, seed=args.seed, progress=not args.quiet)
+    print(f"selected {len(selection.selected)} of {selection.public_documents} public documents as proxies for "
+          f"{args.name!r} (classifier cross-validated accuracy {100 * selection.cross_validated_accuracy:.1f}%) "
+          f"-> {args.out}")
+    return EXIT_OK
+
+
+def cmd_router_mix(args: argparse.Namespace) -> int:
+    """Coordinator side: the router-tuning data from the public set and the owners' proxy selections."""
+    _quiet_imports()
+    from flexolmo_plugin.lifecycle.proxy import router_mix
+
+    report = router_mix(args.public_docs, args.selections, args.out, per_source=args.per_source, seed=args.seed,
+                        text_key=args.text_key)
+    parts = ", ".join(f"{source} {count}" for source, count in report.per_source.items())
+    print(f"wrote {report.documents} documents ({parts}) -> {report.path}")
+    return EXIT_OK
+
+
 def cmd_package_expert(args: argparse.Namespace) -> int:
     _megatron()
     from flexolmo_plugin.lifecycle.package import package_expert
@@ -307,6 +334,42 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--text-key", default="text")
     emb.add_argument("--quiet", action="store_true")
     emb.set_defaults(func=cmd_embed_domain)
+
+    sel = sub.add_parser(
+        "select-proxy", help="owner: pick public documents like the owner's data (proxy data for router tuning)",
+        description="Trains a logistic-regression classifier (owner documents vs public documents) on document "
+                    "embeddings, here on the owner's machine, scores every public document (cross-fitted) and "
+                    "writes only the identifiers of the most owner-like public documents (paper §3.6). No owner "
+                    "text is written.")
+    sel.add_argument("owner_docs", metavar="OWNER.jsonl")
+    sel.add_argument("public_docs", metavar="PUBLIC.jsonl")
+    sel.add_argument("--out", required=True, metavar="PROXY.json", help="must not exist yet")
+    sel.add_argument("--name", required=True, help="the owner's expert name")
+    sel.add_argument("--embedder", required=True, metavar="DIR", help="local text encoder or the public model (HF)")
+    amount = sel.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--fraction", type=float, help="fraction of the public documents to select")
+    amount.add_argument("--num-docs", type=int, help="number of public documents to select")
+    sel.add_argument("--max-owner-docs", type=int, default=1000)
+    sel.add_argument("--min-probability", type=float, default=0.5,
+                     help="select only documents the classifier gives at least this probability (default 0.5)")
+    sel.add_argument("--method", choices=["auto", "encoder", "public-model"], default="auto")
+    sel.add_argument("--text-key", default="text")
+    sel.add_argument("--id-key", default="id", help="identifier field of public documents (default: line number)")
+    sel.add_argument("--seed", type=int, default=0)
+    sel.add_argument("--quiet", action="store_true")
+    sel.set_defaults(func=cmd_select_proxy)
+
+    mix = sub.add_parser("router-mix", help="coordinator: router-tuning data from public text and proxy selections",
+                         description="Every source (the public set, each owner's proxy set) contributes the same "
+                                     "number of documents (default: the largest proxy set), shuffled, as JSON Lines "
+                                     "(then 'flexolmo prepare-data' and 'flexolmo train router-tune').")
+    mix.add_argument("public_docs", metavar="PUBLIC.jsonl")
+    mix.add_argument("selections", nargs="+", metavar="PROXY.json")
+    mix.add_argument("--out", required=True, metavar="MIX.jsonl")
+    mix.add_argument("--per-source", type=int)
+    mix.add_argument("--text-key", default="text")
+    mix.add_argument("--seed", type=int, default=0)
+    mix.set_defaults(func=cmd_router_mix)
 
     pkg = sub.add_parser("package-expert", help="extract an owner's expert into a shareable, verifiable package",
                          description="Writes the owner's per-layer FFN, router row and bias (safetensors) and "

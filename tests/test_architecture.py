@@ -309,7 +309,10 @@ def test_no_bare_top_level_conversion_or_recipes_imports():
     violations = [v for path in _py_files(*ALL_CODE_FOLDERS) for v in _bare_folder_imports(path)]
     assert not violations, ("import these as flexolmo_plugin.conversion / flexolmo_plugin.recipes:\n"
                             + "\n".join(violations))
-    assert "conversion" not in sys.modules and "recipes" not in sys.modules
+    for folder in ("conversion", "recipes"):  # pytest may name a test package so; never the product folder
+        module = sys.modules.get(folder)
+        origin = Path(getattr(module, "__file__", None) or "/").resolve()
+        assert module is None or REPO / folder not in origin.parents, f"{folder} imported from {origin}"
     # `python -m pytest` itself puts its working directory (the repository root) first on sys.path
     # (`python -P -m pytest` does not); beyond that entry, nothing -- not pytest (import-mode
     # importlib), not a .pth of the install -- may make the repository folders importable.

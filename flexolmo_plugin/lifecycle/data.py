@@ -47,8 +47,8 @@ def load_tokenizer(tokenizer_dir: str | os.PathLike):
         raise DataError(f"{path}: cannot load a tokenizer ({error})") from error
 
 
-def iter_documents(path: str | os.PathLike, *, text_key: str = "text") -> Iterator[tuple[int, str]]:
-    """``(line number, text)`` for each non-blank line of a JSON Lines file."""
+def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for each non-blank line of a JSON Lines file."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -60,9 +60,17 @@ def iter_documents(path: str | os.PathLike, *, text_key: str = "text") -> Iterat
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise DataError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-                raise DataError(f"{path}:{number}: expected an object with a string field {text_key!r}")
-            yield number, record[text_key]
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object")
+            yield number, record
+
+
+def iter_documents(path: str | os.PathLike, *, text_key: str = "text") -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` for each non-blank line of a JSON Lines file."""
+    for number, record in iter_records(path):
+        if not isinstance(record.get(text_key), str):
+            raise DataError(f"{path}:{number}: expected an object with a string field {text_key!r}")
+        yield number, record[text_key]
 
 
 def prepare_dataset(input_path: str | os.PathLike, output_prefix: str | os.PathLike, *, tokenizer_dir,

@@ -62,10 +62,10 @@ def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embed_documents(model_dir: str | os.PathLike, documents: list[str], *, method: str = "auto",
-                    max_tokens: int = 512, batch_size: int = 8, expected_width: int | None = None,
-                    progress: bool = False) -> torch.Tensor:
-    """Mean embedding ``[width]`` (float32) of ``documents``."""
+def document_embeddings(model_dir: str | os.PathLike, documents: list[str], *, method: str = "auto",
+                        max_tokens: int = 512, batch_size: int = 8, progress: bool = False) -> torch.Tensor:
+    """One embedding per document, ``[len(documents), width]`` float32 (rows may be NaN for a
+    document the embedder fails on; callers drop them)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise DataError(f"embedding model directory {model_dir} does not exist")
@@ -79,12 +79,10 @@ def embed_documents(model_dir: str | os.PathLike, documents: list[str], *, metho
             SentenceTransformer = None
         if SentenceTransformer is not None:
             encoder = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
-            vectors = encoder.encode(documents, batch_size=batch_size, convert_to_tensor=True)
-            return _finish(vectors.float(), expected_width, model_dir)
+            return encoder.encode(documents, batch_size=batch_size, convert_to_tensor=True).float().cpu()
     tokenizer = load_tokenizer(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-
     if method == "public-model":
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32)
     elif method == "encoder":
@@ -94,7 +92,6 @@ def embed_documents(model_dir: str | os.PathLike, documents: list[str], *, metho
     model.eval()
     steps = range(0, len(documents), batch_size)
     if progress:
-
         steps = tqdm(steps, desc="embedding", unit="batch")
     vectors = []
     for start in steps:
@@ -103,7 +100,16 @@ def embed_documents(model_dir: str | os.PathLike, documents: list[str], *, metho
         out = model(**batch, output_hidden_states=True)
         hidden = out.hidden_states[-1] if method == "public-model" else out.last_hidden_state
         vectors.append(_mean_pool(hidden.float(), batch["attention_mask"]))
-    return _finish(torch.cat(vectors), expected_width, model_dir)
+    return torch.cat(vectors)
+
+
+def embed_documents(model_dir: str | os.PathLike, documents: list[str], *, method: str = "auto",
+                    max_tokens: int = 512, batch_size: int = 8, expected_width: int | None = None,
+                    progress: bool = False) -> torch.Tensor:
+    """Mean embedding ``[width]`` (float32) of ``documents``: the domain embedding r_i."""
+    vectors = document_embeddings(model_dir, documents, method=method, max_tokens=max_tokens,
+                                  batch_size=batch_size, progress=progress)
+    return _finish(vectors, expected_width, Path(model_dir))
 
 
 def _finish(vectors: torch.Tensor, expected_width: int | None, model_dir: Path) -> torch.Tensor:

@@ -13,6 +13,7 @@ Domain embeddings are files holding one float vector of the model's hidden size:
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -44,6 +45,9 @@ from flexolmo_plugin.errors import FlexOlmoError
 from flexolmo_plugin.model.config import FlexOlmoConfig
 
 EMBEDDING_KEY = "embedding"
+# Initial learned router bias of an owner's expert (logit offset min(b, 0)); the paper leaves it
+# unspecified.  Chosen by measurement: docs/composition.md.
+DEFAULT_ROUTER_BIAS_INIT = -1.0
 
 
 class EmbeddingError(FlexOlmoError):
@@ -148,15 +152,24 @@ def upcycle(
     domain_embedding: str | os.PathLike,
     expert_names: tuple[str, str] = ("public", "domain"),
     dtype: torch.dtype | None = None,
+    router_bias_init: float | None = DEFAULT_ROUTER_BIAS_INIT,
     progress: bool = False,
 ) -> ConversionReport:
-    """Write the 2-expert ``[public, domain]`` Megatron checkpoint a data owner starts training from."""
+    """Write the 2-expert ``[public, domain]`` Megatron checkpoint a data owner starts training from.
+
+    ``router_bias_init``: initial value of the owner's learned router bias b (logit offset
+    ``min(b, 0)`` of the owner's expert, paper §3.3.2); ``None`` builds a model without the bias.
+    """
     start = time.perf_counter()
     public_dir = Path(public_dir)
     check_new_output(out_dir)
     public = _PublicModel(public_dir)
     try:
-        config = public.config.replace(num_experts=2, top_k=2, expert_names=tuple(expert_names), router_bias=False)
+        if router_bias_init is not None and not (math.isfinite(router_bias_init) and router_bias_init <= 0):
+            raise EmbeddingError(f"router_bias_init must be a finite value <= 0 (the bias is min(b, 0)), "
+                                 f"got {router_bias_init}")
+        config = public.config.replace(num_experts=2, top_k=2, expert_names=tuple(expert_names),
+                                       router_bias=router_bias_init is not None)
         rows = torch.stack(
             [load_embedding(public_embedding, config.hidden_size), load_embedding(domain_embedding, config.hidden_size)]
         )
@@ -167,6 +180,8 @@ def upcycle(
             entry = by_name[name]
             if entry.rule.role is Role.ROUTER_ROW:
                 return rows  # the same [r_pub; r_i] seeds every layer
+            if entry.rule.role is Role.ROUTER_BIAS:
+                return torch.full(entry.shape(config), float(router_bias_init), dtype=torch.float32)
             if entry.rule.role is Role.EXPERT:  # both experts start as the public FFN
                 return public.read(expert_entry(entry, 0))
             return public.read(name)

@@ -43,8 +43,9 @@ def world(tmp_path_factory, megatron_single_process):
     root = tmp_path_factory.mktemp("merge")
     dense = dense_model(root / "dense")
     anchor = root / "anchor"
+    # Without the learned router bias: this world checks the HF-exportable path (test_bias.py the bias).
     upcycle(dense, anchor, public_embedding=embedding(root / "e0.npy", 0),
-            domain_embedding=embedding(root / "e1.npy", 1))
+            domain_embedding=embedding(root / "e1.npy", 1), router_bias_init=None)
     owners, packages = {}, {}
     for i, name in enumerate(OWNERS):
         owners[name] = make_owner(anchor, root / f"owner_{name}", seed=10 + i)

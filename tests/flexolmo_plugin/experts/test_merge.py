@@ -76,7 +76,7 @@ def test_merge_refuses_bad_packages_and_writes_nothing(world, tmp_path):
     # an expert trained against another public model (a different public router row r_pub)
     other_anchor = tmp_path / "other_anchor"
     upcycle(root / "dense", other_anchor, public_embedding=embedding(tmp_path / "x.npy", 99),
-            domain_embedding=root / "e1.npy")
+            domain_embedding=root / "e1.npy", router_bias_init=None)
     stranger = package_expert(make_owner(other_anchor, tmp_path / "stranger", 5), tmp_path / "pkg_s", name="stranger")
     with pytest.raises(
         PackageError, match=r"different anchor: first differing tensor decoder\.layers\.0\.mlp\.router\.weight\[0\]"
@@ -102,6 +102,7 @@ def test_merge_refuses_bad_packages_and_writes_nothing(world, tmp_path):
         wide,
         public_embedding=embedding(tmp_path / "w0.npy", 0, 60),
         domain_embedding=embedding(tmp_path / "w1.npy", 1, 60),
+        router_bias_init=None,
     )
     wide_owner = package_expert(wide, tmp_path / "pkg_w", name="wide")
     with pytest.raises(PackageError, match="hidden_size 60"):
