@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from flexolmo_plugin.errors import ConfigError, FlexOlmoError
 from flexolmo_plugin.recipes.registry import RECIPES
@@ -161,8 +162,8 @@ def cmd_router_mix(args: argparse.Namespace) -> int:
     _quiet_imports()
     from flexolmo_plugin.lifecycle.proxy import router_mix
 
-    report = router_mix(args.public_docs, args.selections, args.out, per_source=args.per_source, seed=args.seed,
-                        text_key=args.text_key)
+    report = router_mix(args.public_docs, args.selections, args.out, public_sample=args.public_sample,
+                        per_source=args.per_source, seed=args.seed, text_key=args.text_key)
     parts = ", ".join(f"{source} {count}" for source, count in report.per_source.items())
     print(f"wrote {report.documents} documents ({parts}) -> {report.path}")
     return EXIT_OK
@@ -197,15 +198,11 @@ def cmd_opt_out(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Per-domain loss / perplexity and routing shares, optionally with experts excluded."""
+    """Per-domain loss / perplexity and where the router sends each domain, for one or more models;
+    with several models also the oracle (best model per domain) and the composition efficiency."""
     _megatron()
     import flexolmo_plugin as fp
-    from flexolmo_plugin.lifecycle.evaluation import (
-        evaluate,
-        format_routing,
-        format_table,
-        plot_routing,
-    )
+    from flexolmo_plugin.lifecycle import evaluation as ev
     from flexolmo_plugin.lifecycle.opt_out import exclude_experts
 
     datasets = {}
@@ -214,18 +211,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if not sep or not name or not prefix:
             raise ConfigError(f"--data expects NAME=PREFIX, got {item!r}")
         datasets[name] = prefix
-    model = fp.from_mcore(args.mcore_dir, dispatcher="allgather" if args.exclude else "alltoall")
-    names = model.flexolmo_config.expert_names or tuple(f"expert{i}" for i in range(model.flexolmo_config.num_experts))
-    if args.exclude:
-        exclude_experts(model, args.exclude)
-    results = evaluate(model, datasets, seq_len=args.seq_len, max_tokens=args.max_tokens)
-    title = f"{args.mcore_dir}" + (f" (excluding {', '.join(args.exclude)})" if args.exclude else "")
-    print(format_table(results, title))
-    print("\nshare of tokens per expert (mean over layers):")
-    print(format_routing(results, names))
-    if args.plot:
-        plot_routing(results, names, args.plot)
-        print(f"\nrouting heatmap: {args.plot}")
+    for flag, value in (("--seq-len", args.seq_len), ("--max-tokens", args.max_tokens)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    table: dict[str, dict[str, float]] = {}
+    for directory in args.mcore_dirs:
+        model = fp.from_mcore(directory, dispatcher="allgather" if args.exclude else "alltoall")
+        config = model.flexolmo_config
+        names = config.expert_names or tuple(f"expert{i}" for i in range(config.num_experts))
+        if args.exclude:
+            exclude_experts(model, args.exclude)
+        seq_len = args.seq_len or config.max_position_embeddings  # the model's own context by default
+        results = ev.evaluate(model, datasets, seq_len=seq_len, max_tokens=args.max_tokens)
+        table[directory] = {r.name: r.loss for r in results}
+        title = f"{directory}" + (f" (excluding {', '.join(args.exclude)})" if args.exclude else "")
+        print(ev.format_table(results, title))
+        print("\nmean gate weight per expert (mean over layers and tokens):")
+        print(ev.format_gate_weights(results, names))
+        if config.top_k < config.num_experts:
+            print(f"\nshare of tokens routed to each expert (top-{config.top_k} of {config.num_experts}):")
+            print(ev.format_routing(results, names))
+        if args.plot:
+            path = args.plot if len(args.mcore_dirs) == 1 else f"{Path(args.plot).stem}-{len(table)}.png"
+            ev.plot_routing(results, names, path, show="weights")
+            print(f"\nrouting heatmap: {path}")
+        print()
+    if len(table) > 1:
+        best = ev.oracle({k: v for k, v in table.items() if k != args.composed})
+        print("oracle (best of the models per domain): " + ", ".join(f"{d} {v:.4f}" for d, v in best.items()))
+        if args.public and args.composed:
+            missing = [d for d in (args.public, args.composed) if d not in table]
+            if missing:
+                raise ConfigError(f"--public / --composed must be among the evaluated models, not {missing}")
+            efficiency = ev.composition_efficiency(table[args.public], table[args.composed], best)
+            print(f"composition efficiency of {args.composed}: {100 * efficiency:.1f}% "
+                  "((public - composed) / (public - oracle), mean over domains)")
     return EXIT_OK
 
 
@@ -248,7 +268,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from flexolmo_plugin.demo.run import run_demo
 
     try:
-        _, claims = run_demo(args.workdir, size=args.size, progress=not args.quiet)
+        _, claims = run_demo(args.workdir, size=args.size, seed=args.seed, progress=not args.quiet)
     except DemoError as error:
         print(f"demo failed: {error}", file=sys.stderr)
         return EXIT_CHECK_FAILED
@@ -366,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     mix.add_argument("public_docs", metavar="PUBLIC.jsonl")
     mix.add_argument("selections", nargs="+", metavar="PROXY.json")
     mix.add_argument("--out", required=True, metavar="MIX.jsonl")
+    mix.add_argument("--public-sample", metavar="PUBLIC2.jsonl",
+                     help="draw the public sample from this file (default: PUBLIC.jsonl, which the proxies refer to)")
     mix.add_argument("--per-source", type=int)
     mix.add_argument("--text-key", default="text")
     mix.add_argument("--seed", type=int, default=0)
@@ -403,15 +425,20 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--quiet", action="store_true")
     opt.set_defaults(func=cmd_opt_out)
 
-    ev = sub.add_parser("eval", help="per-domain loss / perplexity and routing shares of a checkpoint",
-                        description="Evaluates MCORE_DIR on Megatron indexed datasets (from prepare-data), prints a "
-                                    "loss/perplexity table and each expert's share of each domain's tokens; "
-                                    "--exclude masks experts by name at run time (no new checkpoint).")
-    ev.add_argument("mcore_dir", metavar="MCORE_DIR")
+    ev = sub.add_parser("eval", help="per-domain loss / perplexity and gate weights of one or more checkpoints",
+                        description="Evaluates each MCORE_DIR on Megatron indexed datasets (from prepare-data), "
+                                    "prints a "
+                                    "loss/perplexity table and each expert's mean gate weight on each domain; "
+                                    "--exclude masks experts by name at run time (no new checkpoint). With several "
+                                    "models: the oracle (best model per domain) and, given --public and --composed, "
+                                    "the composition efficiency.")
+    ev.add_argument("mcore_dirs", nargs="+", metavar="MCORE_DIR")
     ev.add_argument("--data", required=True, nargs="+", metavar="NAME=PREFIX")
     ev.add_argument("--exclude", nargs="*", default=[], metavar="NAME")
     ev.add_argument("--plot", metavar="routing.png", help="write a routing heatmap (needs matplotlib)")
-    ev.add_argument("--seq-len", type=int, default=256)
+    ev.add_argument("--public", metavar="MCORE_DIR", help="the public model among MCORE_DIRs (efficiency)")
+    ev.add_argument("--composed", metavar="MCORE_DIR", help="the merged model among MCORE_DIRs (efficiency)")
+    ev.add_argument("--seq-len", type=int, help="window length (default: the model's max_position_embeddings)")
     ev.add_argument("--max-tokens", type=int, default=16384, help="per domain")
     ev.set_defaults(func=cmd_eval)
 
@@ -444,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", metavar="DIR", help="new or empty directory (default: ./flexolmo-demo[-N])")
     demo.add_argument("--size", choices=["full", "tiny"], default="full",
                       help="'tiny' is the test suite's reduced run (default: full)")
+    demo.add_argument("--seed", type=int, default=0,
+                      help="seed of the data split, training, proxy selection and router mix (default 0)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo)
     return parser

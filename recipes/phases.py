@@ -143,12 +143,16 @@ def flexolmo_router_tuning_config(*, init_from: str, save_dir: str | None, data_
                                   min_lr: float = 2e-4, lr_warmup_iters: int = 100, weight_decay: float = 0.0,
                                   save_interval: int = 200, log_interval: int = 1, seed: int = 1234,
                                   tensor_parallel: int = 1, expert_parallel: int = 1, load_dir: str | None = None,
-                                  cpu: bool | None = None):
-    """Router tuning of a merged model: only router rows and biases train, all experts active."""
+                                  keep_router_bias: bool = False, cpu: bool | None = None):
+    """Router tuning of a merged model (paper §3.3.3): only router rows (r_pub included) train, every
+    expert active.  The owners' learned biases are dropped (``keep_router_bias=False``, the default):
+    the rows are re-tuned without them, so the result exports to HF ``flex_olmo`` exactly.  With
+    ``keep_router_bias=True`` the biases are kept and tuned too."""
     arguments = dict(locals())
     stored, _, _ = load_config(init_from)
     provider = _provider(init_from, trainable="router", owner_expert=1,
-                         overrides=dict(top_k=stored.num_experts, router_z_loss_coeff=1e-3, load_balancing_coeff=0.0),
+                         overrides=dict(top_k=stored.num_experts, router_z_loss_coeff=1e-3, load_balancing_coeff=0.0,
+                                        router_bias=stored.router_bias and keep_router_bias),
                          layout=training_layout(tensor_parallel, expert_parallel))
     return _container(provider, **_run_arguments(arguments))
 

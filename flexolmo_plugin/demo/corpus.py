@@ -3,8 +3,11 @@
 FlexOlmo's setting needs a *public* text mix and data owners whose domains the public data does not
 cover.  Every Python installation that can run this package carries such text:
 
-* ``public`` -- English technical prose: the Python language reference and library documentation
-  topics that CPython ships in ``pydoc_data`` (what ``help()`` prints);
+* ``public`` -- English technical prose (the Python language reference and library documentation
+  topics that CPython ships in ``pydoc_data``, what ``help()`` prints) and installed packages'
+  metadata pages; plus a public *pool* the public model is not trained on (more metadata pages,
+  numpy's C headers and Python sources) -- documents that *resemble* the owners' domains, where
+  owners find proxy data for router tuning (paper §3.6); no document of an owner's domain is in it;
 * ``python`` -- source code: the modules of the Python standard library;
 * ``cpp`` -- C++: the headers torch installs under ``torch/include``;
 * ``licenses`` -- legal English: the licence files of the installed packages (``*.dist-info``) and the
@@ -78,7 +81,25 @@ def _license_sources() -> Iterator[tuple[str, str]]:
     return _files(paths)
 
 
+def _numpy_files(pattern: str) -> Iterator[tuple[str, str]]:
+    import numpy
+
+    root = Path(numpy.__file__).parent
+    return _files([p for p in root.rglob(pattern) if p.is_file() and "tests" not in p.parts])
+
+
+def _metadata_sources() -> Iterator[tuple[str, str]]:
+    roots = {Path(sysconfig.get_paths()[key]) for key in ("purelib", "platlib")}
+    return _files([p for root in roots for p in root.glob("*.dist-info/METADATA")])
+
+
 SOURCES = {"public": _public_sources, "python": _python_sources, "cpp": _cpp_sources, "licenses": _license_sources}
+# The public mix: (source, share of the public model's text, share of the public pool).  The public
+# model sees prose and package pages; the rest of the public text -- the *pool*, more than the public
+# model was trained on, as in the paper -- also holds source code and C headers, and is where owners
+# find their proxy documents.  The prose is not in the pool: CPython ships only ~0.5 MB of it.
+PUBLIC_MIX = ((_public_sources, 0.7, 0.0), (_metadata_sources, 0.3, 1 / 3),
+              (lambda: _numpy_files("*.h"), 0.0, 1 / 3), (lambda: _numpy_files("*.py"), 0.0, 1 / 3))
 
 
 def chunks(text: str, chunk_chars: int) -> Iterator[str]:
@@ -105,37 +126,55 @@ class DomainFiles:
     documents: int
 
 
-def build_domain(name: str, out_dir: Path, *, train_chars: int, eval_chars: int, chunk_chars: int = 2000,
-                 seed: int = 0) -> DomainFiles:
-    """Write ``<name>.train.jsonl`` and ``<name>.eval.jsonl`` (``{"text": ...}`` per line)."""
+def _split(pieces: list[str], budget: dict[str, int], what: str) -> dict[str, list[str]]:
+    """Consecutive disjoint parts in the order of ``budget`` (held-out text first, so that it never
+    overlaps training text)."""
+    available, needed = sum(len(p) for p in pieces), sum(budget.values())
+    if available < needed:
+        raise CorpusError(f"{what}: only {available} characters of text found on this machine, {needed} needed")
+    split: dict[str, list[str]] = {part: [] for part in budget}
+    parts, taken, index = list(budget), 0, 0
+    for piece in pieces:
+        while index < len(parts) and taken >= budget[parts[index]]:
+            index, taken = index + 1, 0
+        if index == len(parts):
+            break
+        split[parts[index]].append(piece)
+        taken += len(piece)
+    return split
+
+
+def build_domain(name: str, out_dir: Path, *, train_chars: int, eval_chars: int, pool_chars: int = 0,
+                 chunk_chars: int = 2000, seed: int = 0) -> DomainFiles:
+    """Write ``<name>.train.jsonl`` and ``<name>.eval.jsonl`` (``{"id": ..., "text": ...}`` per line),
+    and with ``pool_chars`` a third, disjoint part ``<name>.pool.jsonl``: for the public domain, the
+    public text the public model was *not* trained on (the paper's public mix is larger than what
+    the public model saw), from which owners select their proxy data."""
     if name not in SOURCES:
         raise CorpusError(f"unknown demo domain {name!r}; available: {DOMAINS}")
-    pieces = [piece for _, text in SOURCES[name]() for piece in chunks(text, chunk_chars)]
-    random.Random(f"{seed}:{name}").shuffle(pieces)
-    needed = train_chars + eval_chars
-    available = sum(len(p) for p in pieces)
-    if available < needed:
-        raise CorpusError(f"domain {name!r}: only {available} characters of text found on this machine, "
-                          f"{needed} needed (sources: {SOURCES[name].__doc__ or name})")
-    split = {"eval": [], "train": []}
-    taken = {"eval": 0, "train": 0}
-    for piece in pieces:  # evaluation text first, so that it never overlaps training text
-        part = "eval" if taken["eval"] < eval_chars else "train"
-        if part == "train" and taken["train"] >= train_chars:
-            break
-        split[part].append(piece)
-        taken[part] += len(piece)
+    mix = PUBLIC_MIX if name == "public" else ((SOURCES[name], 1.0, 1.0),)
+    split: dict[str, list[str]] = {"eval": [], "train": [], **({"pool": []} if pool_chars else {})}
+    for index, (source, share, pool_share) in enumerate(mix):
+        pieces = [piece for _, text in source() for piece in chunks(text, chunk_chars)]
+        random.Random(f"{seed}:{name}:{index}").shuffle(pieces)
+        budget = {"eval": round(share * eval_chars), "train": round(share * train_chars),
+                  **({"pool": round(pool_share * pool_chars)} if pool_chars else {})}
+        part = _split(pieces, budget, f"domain {name!r}")
+        for key in split:
+            split[key] += part[key]
     paths = {}
     for part, docs in split.items():
+        random.Random(f"{seed}:{name}:{part}").shuffle(docs)
         path = out_dir / f"{name}.{part}.jsonl"
         temporary = path.with_name(f".{path.name}.partial")
         with open(temporary, "w", encoding="utf-8") as f:
-            for doc in docs:
-                f.write(json.dumps({"text": doc}) + "\n")
+            for i, doc in enumerate(docs):
+                f.write(json.dumps({"id": f"{name}-{part}-{i}", "text": doc}) + "\n")
         os.replace(temporary, path)
         paths[part] = path
-    return DomainFiles(name=name, train=paths["train"], eval=paths["eval"], train_chars=taken["train"],
-                       eval_chars=taken["eval"], documents=len(split["train"]) + len(split["eval"]))
+    return DomainFiles(name=name, train=paths["train"], eval=paths["eval"],
+                       train_chars=sum(map(len, split["train"])), eval_chars=sum(map(len, split["eval"])),
+                       documents=len(split["train"]) + len(split["eval"]))
 
 
 def train_tokenizer(texts: list[str], out_dir: Path, *, vocab_size: int) -> Path:

@@ -21,23 +21,19 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
-from flexolmo_plugin.api import from_mcore
 from flexolmo_plugin.conversion.convert import copy_tokenizer_files, mcore_to_hf
 from flexolmo_plugin.demo.corpus import DOMAINS, build_domain, train_tokenizer
 from flexolmo_plugin.demo.sizes import OWNERS, SIZES, DemoSize
 from flexolmo_plugin.lifecycle.data import prepare_dataset
 from flexolmo_plugin.lifecycle.domain_embedding import embed_documents, sample_documents
-from flexolmo_plugin.lifecycle.evaluation import evaluate, plot_routing, read_windows
 from flexolmo_plugin.lifecycle.merge import merge_experts
-from flexolmo_plugin.lifecycle.opt_out import exclude_experts, opt_out
+from flexolmo_plugin.lifecycle.opt_out import opt_out
 from flexolmo_plugin.lifecycle.package import package_expert
+from flexolmo_plugin.lifecycle.proxy import router_mix, select_proxy
 from flexolmo_plugin.lifecycle.upcycle import save_embedding, upcycle
-from flexolmo_plugin.model.build import logits
 
 
 class DemoError(RuntimeError):
@@ -48,10 +44,16 @@ class DemoError(RuntimeError):
 class DemoResult:
     workdir: Path
     size: str
+    seed: int = 0
     losses: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> domain -> loss
-    routing: dict[str, list[float]] = field(default_factory=dict)  # merged model: domain -> expert shares
+    # mean gate weight per expert on each domain (mean over layers and tokens), before / after router tuning
+    routing: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     expert_names: tuple[str, ...] = ()
+    oracle: dict[str, float] = field(default_factory=dict)  # best single model (public or one owner) per domain
+    efficiency: float = float("nan")  # (public - final) / (public - oracle), mean over domains
+    proxies: dict[str, int] = field(default_factory=dict)  # owner -> public documents selected as proxies
     hf_max_abs_logit_diff: float = float("nan")
+    hf_max_abs_logit: float = float("nan")
     physical_vs_runtime_opt_out: float = float("nan")
     step_seconds: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
@@ -60,10 +62,11 @@ class DemoResult:
 class Demo:
     """Runs the steps in order, timing each and logging to ``<workdir>/logs/demo.log``."""
 
-    def __init__(self, workdir: Path, size: str, *, progress: bool, echo=print):
+    def __init__(self, workdir: Path, size: str, *, seed: int = 0, progress: bool, echo=print):
         if size not in SIZES:
             raise ValueError(f"unknown demo size {size!r}; choose from {sorted(SIZES)}")
         self.size: DemoSize = SIZES[size]
+        self.seed = seed
         self.root = workdir
         self.progress = progress
         self.echo = echo
@@ -72,7 +75,7 @@ class Demo:
         self.log_path = workdir / "logs" / "demo.log"
 
         hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars would bury the demo's own
-        self.result = DemoResult(workdir=workdir, size=size)
+        self.result = DemoResult(workdir=workdir, size=size, seed=seed)
 
     # ------------------------------------------------------------------ logging helpers
     def log(self, text: str) -> None:
@@ -99,8 +102,9 @@ class Demo:
     def prepare_data(self) -> None:
 
         s, data = self.size, self.root / "data"
-        files = {name: build_domain(name, data, train_chars=s.train_chars, eval_chars=s.eval_chars)
-                 for name in DOMAINS}
+        files = {name: build_domain(name, data, train_chars=s.public_chars if name == "public" else s.train_chars,
+                                    eval_chars=s.eval_chars, pool_chars=s.pool_chars if name == "public" else 0,
+                                    seed=self.seed) for name in DOMAINS}
         for f in files.values():
             self.say(f"   {f.name:<9} {f.documents:>5} documents, {f.train_chars:>8,} train / {f.eval_chars:,} "
                      f"held-out characters  ({f.train.name}, {f.eval.name})")
@@ -122,7 +126,8 @@ class Demo:
                 *[f"recipe.{k}={v}" for k, v in overrides.items()]]
         log_path = self.root / "logs" / f"train-{label}.log"
         self.log(f"$ flexolmo train {recipe} " + " ".join(shlex.quote(a) for a in argv[5:]) + f"   (log: {log_path})")
-        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore",
+                   OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
         pattern = re.compile(r"\[flexolmo\] iteration (\d+) \| lm loss ([0-9.]+)")
         bar = None
         if self.progress:
@@ -154,7 +159,7 @@ class Demo:
     def model_overrides(self) -> dict[str, object]:
         s = self.size
         return dict(seq_length=s.seq_length, global_batch_size=s.global_batch_size,
-                    micro_batch_size=s.global_batch_size, log_interval=10, seed=1234)
+                    micro_batch_size=s.global_batch_size, log_interval=10, seed=1234 + self.seed)
 
     def train_public(self) -> None:
         s, data = self.size, self.root / "data"
@@ -169,7 +174,6 @@ class Demo:
     def publish_public(self) -> None:
         """The coordinator exports the public model to HF (what owners embed their documents with)
         and computes the public domain embedding r_pub from public documents."""
-
         coordinator = self.root / "coordinator"
         self.command("convert", "mcore-to-hf", coordinator / "public", coordinator / "public-hf")
         mcore_to_hf(coordinator / "public", coordinator / "public-hf")
@@ -177,43 +181,37 @@ class Demo:
         self.embed("public")
 
     def embed(self, name: str) -> None:
-
         docs_path = self.root / "data" / f"{name}.train.jsonl"
         public_hf = self.root / "coordinator" / "public-hf"
         out = self.root / ("coordinator" if name == "public" else f"owners/{name}") / f"{name}-embedding.safetensors"
         out.parent.mkdir(parents=True, exist_ok=True)
-        self.command("embed-domain", docs_path, out, "--model", public_hf, "--num-docs", self.size.embed_docs)
-        docs = sample_documents(docs_path, num_docs=self.size.embed_docs)
+        self.command("embed-domain", docs_path, out, "--model", public_hf, "--num-docs", self.size.embed_docs,
+                     "--seed", self.seed)
+        docs = sample_documents(docs_path, num_docs=self.size.embed_docs, seed=self.seed)
         vector = embed_documents(public_hf, docs, method="public-model", max_tokens=self.size.seq_length)
         save_embedding(out, vector, {"documents": str(len(docs)), "embedder": str(public_hf), "method": "public-model",
-                                     "seed": "0"})
+                                     "seed": str(self.seed)})
         self.say(f"   {name:<9} domain embedding: mean of {len(docs)} documents -> {out.relative_to(self.root)}")
 
     def upcycle(self, names: tuple[str, str], domain_embedding: Path, out: Path) -> None:
-
         public_embedding = self.root / "coordinator" / "public-embedding.safetensors"
         self.command("upcycle", self.root / "coordinator" / "public", out, "--public-embedding", public_embedding,
                      "--domain-embedding", domain_embedding, "--name", names[1])
         upcycle(self.root / "coordinator" / "public", out, public_embedding=public_embedding,
                 domain_embedding=domain_embedding, expert_names=names)
 
-    def public_start(self) -> Path:
-        """The coordinator's merge base: the public model upcycled exactly as every owner's start
-        (shared weights, public FFN, r_pub), so that the packages' anchors can be checked against it;
-        its second expert is a copy that the merge does not use."""
-        coordinator = self.root / "coordinator"
-        self.upcycle(("public", "public-copy"), coordinator / "public-embedding.safetensors",
-                     coordinator / "public-start")
-        return coordinator / "public-start"
-
+    # ------------------------------------------------------------------ a data owner (own data only)
     def owner(self, name: str) -> None:
-        """Everything one data owner does, on its own data only."""
-
+        """Everything one data owner does: embedding, upcycle, anchored training (learned bias on),
+        package, and proxy selection from the public text (only public identifiers leave)."""
         s, data, home = self.size, self.root / "data", self.root / "owners" / name
         self.embed(name)
         self.upcycle(("public", name), home / f"{name}-embedding.safetensors", home / "start")
+        share = s.owner_public_share  # public replay: public text is public, the owner may train on it too
+        stream = (f"[{1 - share},{data / f'{name}.train'},{share},{data / 'public.train'}]" if share
+                  else f"[{data / f'{name}.train'}]")
         self.train(name, "expert", dict(
-            init_from=home / "start", save_dir=home / "trained", data_paths=f"[{data / f'{name}.train'}]",
+            init_from=home / "start", save_dir=home / "trained", data_paths=stream,
             train_iters=s.owner_iters, lr=s.owner_lr, min_lr=s.owner_lr / 10,
             lr_warmup_iters=max(1, s.owner_iters // 10), save_interval=s.owner_iters, **self.model_overrides()),
             s.owner_iters)
@@ -222,100 +220,51 @@ class Demo:
         self.command("package-expert", home / "trained", package, "--name", name, "--tokens-trained", tokens)
         package_expert(home / "trained", package, name=name, description=f"demo expert trained on {name} text",
                        tokens_trained=tokens)
-        self.say(f"   packaged -> {package.relative_to(self.root)}")
+        proxy = self.root / "packages" / f"{name}-proxy.json"
+        public_hf = self.root / "coordinator" / "public-hf"
+        self.command("select-proxy", data / f"{name}.train.jsonl", data / "public.pool.jsonl", "--out", proxy,
+                     "--name", name, "--embedder", public_hf, "--fraction", s.proxy_fraction, "--seed", self.seed)
+        selection = select_proxy(data / f"{name}.train.jsonl", data / "public.pool.jsonl", proxy, embedder=public_hf,
+                                 owner=name, fraction=s.proxy_fraction, max_owner_docs=s.embed_docs,
+                                 max_tokens=s.seq_length, seed=self.seed)
+        self.result.proxies[name] = len(selection.selected)
+        self.say(f"   packaged -> {package.relative_to(self.root)}; proxy data: {len(selection.selected)} public "
+                 f"documents (classifier accuracy {100 * selection.cross_validated_accuracy:.0f}%) -> "
+                 f"{proxy.relative_to(self.root)}")
 
     # ------------------------------------------------------------------ coordinator
     def merge(self) -> None:
-
+        """Verify and merge the packages onto the public start (the public model upcycled exactly as every
+        owner's start, so that each package's anchor can be checked against it)."""
         coordinator = self.root / "coordinator"
-        self.public_start()
+        self.upcycle(("public", "public-copy"), coordinator / "public-embedding.safetensors",
+                     coordinator / "public-start")
         packages = [self.root / "packages" / name for name in OWNERS]
         self.command("merge", coordinator / "public-start", *packages, "--out", coordinator / "merged")
         report = merge_experts(coordinator / "public-start", packages, coordinator / "merged")
         self.say(f"   merged {len(packages)} verified packages onto the public model: {report.summary()}")
-        dropped = OWNERS[0]
-        self.command("opt-out", coordinator / "merged", "--drop", dropped, "--out",
-                     coordinator / f"merged-without-{dropped}")
 
+    def router_tune(self) -> None:
+        """Router tuning on public text plus the owners' proxy selections -- never owner text.  The
+        learned biases are dropped here and the rows re-tuned, so the final model exports to HF exactly."""
+        s, data, coordinator = self.size, self.root / "data", self.root / "coordinator"
+        proxies = [self.root / "packages" / f"{name}-proxy.json" for name in OWNERS]
+        self.command("router-mix", data / "public.pool.jsonl", *proxies, "--public-sample", data / "public.train.jsonl",
+                     "--out", data / "router-mix.jsonl", "--seed", self.seed)
+        mix = router_mix(data / "public.pool.jsonl", proxies, data / "router-mix.jsonl",
+                         public_sample=data / "public.train.jsonl", seed=self.seed)
+        self.say("   router-tuning data: " + ", ".join(f"{k} {v}" for k, v in mix.per_source.items()) + " documents")
+        self.command("prepare-data", data / "router-mix.jsonl", data / "router-mix", "--tokenizer", data / "tokenizer")
+        prepare_dataset(data / "router-mix.jsonl", data / "router-mix", tokenizer_dir=data / "tokenizer")
+        self.train("router-tune", "router-tune", dict(
+            init_from=coordinator / "merged", save_dir=coordinator / "final", data_paths=f"[{data / 'router-mix'}]",
+            train_iters=s.router_iters, lr=s.router_lr, min_lr=s.router_lr / 10,
+            lr_warmup_iters=max(1, s.router_iters // 10), save_interval=s.router_iters, **self.model_overrides()),
+            s.router_iters)
+        dropped = OWNERS[0]
+        self.command("opt-out", coordinator / "final", "--drop", dropped, "--out",
+                     coordinator / f"final-without-{dropped}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # top-k shrinks from 4 to 3: expected here
-            opt_out(coordinator / "merged", coordinator / f"merged-without-{dropped}", drop=[dropped])
-        self.say(f"   opted out {dropped!r} physically -> coordinator/merged-without-{dropped}")
-
-    def evaluate(self) -> None:
-
-        s, data, coordinator = self.size, self.root / "data", self.root / "coordinator"
-        datasets = {name: data / f"{name}.eval" for name in DOMAINS}
-        kwargs = dict(seq_len=s.seq_length, max_tokens=s.eval_tokens, batch_size=32)
-
-        def losses(model) -> dict[str, float]:
-            return {r.name: r.loss for r in evaluate(model, datasets, **kwargs)}
-
-        table = self.result.losses
-        table["public model"] = losses(from_mcore(coordinator / "public"))
-        for name in OWNERS:
-            table[f"owner {name} [public,{name}]"] = losses(from_mcore(self.root / "owners" / name / "trained"))
-        merged = from_mcore(coordinator / "merged")
-        results = evaluate(merged, datasets, **kwargs)
-        table["merged (all experts)"] = {r.name: r.loss for r in results}
-        names = merged.flexolmo_config.expert_names
-        self.result.expert_names = names
-        self.result.routing = {r.name: [round(v, 4) for v in r.weights.mean(0).tolist()] for r in results}
-        plot_routing(results, names, self.root / "eval" / "routing.png", show="weights")
-        for name in OWNERS:
-            model = from_mcore(coordinator / "merged", dispatcher="allgather")
-            exclude_experts(model, [name])
-            table[f"merged, {name} opted out"] = losses(model)
-        physical = losses(from_mcore(coordinator / f"merged-without-{OWNERS[0]}"))
-        runtime = table[f"merged, {OWNERS[0]} opted out"]
-        self.result.physical_vs_runtime_opt_out = max(abs(physical[d] - runtime[d]) for d in DOMAINS)
-        self.say(format_losses(table))
-        self.say("\n   mean gate weight per expert on each domain "
-                 "(merged model, all experts active, mean over layers):")
-        self.say("   " + f"{'domain':<9}" + "".join(f"{n:>10}" for n in names))
-        for domain, shares in self.result.routing.items():
-            self.say("   " + f"{domain:<9}" + "".join(f"{100 * v:>9.1f}%" for v in shares))
-        self.say(
-            f"   physically opted-out checkpoint vs run-time exclusion: max |Δloss| = "
-            f"{self.result.physical_vs_runtime_opt_out:.2e}"
-        )
-
-    def export(self) -> None:
-
-
-        coordinator = self.root / "coordinator"
-        self.command("convert", "mcore-to-hf", coordinator / "merged", coordinator / "merged-hf")
-        mcore_to_hf(coordinator / "merged", coordinator / "merged-hf")
-        copy_tokenizer_files(self.root / "data" / "tokenizer", coordinator / "merged-hf")
-        ids = torch.cat(
-            [
-                read_windows(
-                    self.root / "data" / f"{d}.eval", seq_len=self.size.seq_length, max_tokens=2 * self.size.seq_length
-                )
-                for d in DOMAINS
-            ]
-        )
-        ours = logits(from_mcore(coordinator / "merged"), ids).float()
-        hf = AutoModelForCausalLM.from_pretrained(
-            str(coordinator / "merged-hf"), dtype=torch.float32, local_files_only=True
-        ).eval()
-        with torch.no_grad():
-            reference = hf(ids).logits.float()
-        self.result.hf_max_abs_logit_diff = (ours - reference).abs().max().item()
-        self.say(
-            f"   transformers FlexOlmoForCausalLM loaded coordinator/merged-hf; max |Δlogit| vs Megatron on "
-            f"{ids.shape[0]}x{ids.shape[1]} held-out tokens = {self.result.hf_max_abs_logit_diff:.2e}"
-        )
-        if not self.result.hf_max_abs_logit_diff <= 1e-4:
-            raise DemoError(f"the HF export computes different logits (max |Δ| {self.result.hf_max_abs_logit_diff})")
-
-
-def format_losses(table: dict[str, dict[str, float]]) -> str:
-    width = max(len(k) for k in table)
-    lines = [
-        "\n   held-out loss per domain (nats/token; lower is better)",
-        "   " + f"{'model':<{width}}" + "".join(f"{d:>10}" for d in DOMAINS),
-    ]
-    for model, row in table.items():
-        lines.append("   " + f"{model:<{width}}" + "".join(f"{row[d]:>10.3f}" for d in DOMAINS))
-    return "\n".join(lines)
+            opt_out(coordinator / "final", coordinator / f"final-without-{dropped}", drop=[dropped])
+        self.say(f"   opted out {dropped!r} physically -> coordinator/final-without-{dropped}")

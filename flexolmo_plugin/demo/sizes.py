@@ -10,7 +10,9 @@ OWNERS = ("python", "cpp", "licenses")
 
 @dataclass(frozen=True, kw_only=True)
 class DemoSize:
-    train_chars: int  # per domain
+    public_chars: int  # public training text (the public mix)
+    pool_chars: int  # public text the public model does not see (where proxies are found)
+    train_chars: int  # per owner domain
     eval_chars: int  # per domain, held out
     vocab_size: int
     num_layers: int
@@ -23,6 +25,10 @@ class DemoSize:
     public_lr: float
     owner_iters: int
     owner_lr: float
+    owner_public_share: float  # share of public text in an owner's training stream (public replay)
+    router_iters: int  # router tuning on public + proxy data
+    router_lr: float
+    proxy_fraction: float  # share of the public documents each owner selects as proxies
     embed_docs: int  # documents averaged into each domain embedding (paper: 1000)
     eval_tokens: int  # per domain
 
@@ -32,14 +38,15 @@ class DemoSize:
 
 
 SIZES = {
-    # 7 min 8 s measured on 2 shared CPU cores (README, 2026-11-23).
-    "full": DemoSize(train_chars=420_000, eval_chars=60_000, vocab_size=2048, num_layers=4, hidden_size=128,
-                     ffn_hidden_size=384, num_attention_heads=4, seq_length=128, global_batch_size=16,
-                     public_iters=150, public_lr=3e-3, owner_iters=80, owner_lr=3e-3, embed_docs=200,
-                     eval_tokens=8192),
+    "full": DemoSize(
+        public_chars=600_000, pool_chars=600_000, train_chars=420_000, eval_chars=60_000, vocab_size=2048,
+        num_layers=4, hidden_size=128, ffn_hidden_size=384, num_attention_heads=4, seq_length=128,
+        global_batch_size=16, public_iters=150, public_lr=3e-3, owner_iters=80, owner_lr=3e-3, owner_public_share=0.25,
+        router_iters=60, router_lr=1e-2, proxy_fraction=0.1, embed_docs=200, eval_tokens=8192),
     # The test suite's size: same pipeline, a smaller model trained for fewer steps.
-    "tiny": DemoSize(train_chars=120_000, eval_chars=24_000, vocab_size=512, num_layers=2, hidden_size=64,
-                     ffn_hidden_size=128, num_attention_heads=4, seq_length=64, global_batch_size=16,
-                     public_iters=60, public_lr=5e-3, owner_iters=40, owner_lr=5e-3, embed_docs=64,
-                     eval_tokens=6144),
+    "tiny": DemoSize(
+        public_chars=240_000, pool_chars=240_000, train_chars=120_000, eval_chars=24_000, vocab_size=512,
+        num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, seq_length=64,
+        global_batch_size=16, public_iters=60, public_lr=5e-3, owner_iters=40, owner_lr=5e-3, owner_public_share=0.25,
+        router_iters=40, router_lr=1e-2, proxy_fraction=0.1, embed_docs=64, eval_tokens=6144),
 }

@@ -170,3 +170,32 @@ def router_bias_logit_change(model: nn.Module, *, tokens: int = 64, seed: int = 
     finally:
         for bias, value in saved:
             bias.copy_(value)
+
+
+def mean_loss(losses: dict[str, float]) -> float:
+    return sum(losses.values()) / len(losses)
+
+
+def oracle(losses: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Per domain, the lowest loss any of the given models reaches (model -> domain -> loss): what a
+    router that always picked the best single model for the domain would get."""
+    domains = next(iter(losses.values())).keys()
+    return {d: min(row[d] for row in losses.values()) for d in domains}
+
+
+def composition_efficiency(public: dict[str, float], composed: dict[str, float], best: dict[str, float]) -> float:
+    """How much of the oracle's gain over the public model the composed model captures, on the mean
+    over domains: ``(public - composed) / (public - oracle)`` (1 = as good as the oracle, 0 = no
+    better than the public model, negative = worse)."""
+    gain = mean_loss(public) - mean_loss(best)
+    return (mean_loss(public) - mean_loss(composed)) / gain if gain > 0 else float("nan")
+
+
+def format_gate_weights(results: list[DomainResult], expert_names: tuple[str, ...]) -> str:
+    """Mean gate weight p_i each expert received on each domain (mean over layers and tokens): where
+    the router sends a domain even when every expert is active (top-k = number of experts)."""
+    width = max(len(r.name) for r in results)
+    lines = [f"{'domain':<{width}}  " + "  ".join(f"{n:>8}" for n in expert_names)]
+    for r in results:
+        lines.append(f"{r.name:<{width}}  " + "  ".join(f"{100 * w:>7.1f}%" for w in r.weights.mean(0).tolist()))
+    return "\n".join(lines)

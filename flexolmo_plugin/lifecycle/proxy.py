@@ -148,10 +148,12 @@ class MixReport:
 
 
 def router_mix(public_path: str | os.PathLike, selections: list[str | os.PathLike], out_path: str | os.PathLike, *,
-               per_source: int | None = None, text_key: str = "text", seed: int = 0) -> MixReport:
-    """The router-tuning data: the public set and every owner's proxy set, each source contributing
+               public_sample: str | os.PathLike | None = None, per_source: int | None = None,
+               text_key: str = "text", seed: int = 0) -> MixReport:
+    """The router-tuning data: a public sample and every owner's proxy set, each source contributing
     ``per_source`` documents (default: the largest proxy set; smaller sets are repeated), shuffled,
-    written as JSON Lines with a ``source`` field.  Every selection must refer to this public file."""
+    written as JSON Lines with a ``source`` field.  Every selection must refer to ``public_path``;
+    the public sample comes from ``public_sample`` (default: ``public_path`` too)."""
     if not selections:
         raise DataError("router_mix needs at least one proxy selection")
     digest = file_sha256(public_path)
@@ -174,13 +176,15 @@ def router_mix(public_path: str | os.PathLike, selections: list[str | os.PathLik
     if per_source < 1:
         raise DataError(f"per_source must be >= 1, got {per_source}")
     rng = random.Random(seed)
-    rows = [(doc_id, "public") for doc_id, _ in rng.sample(public, min(per_source, len(public)))]
+    sample = public if public_sample is None else public_documents(public_sample, text_key=text_key, id_key=id_key)
+    texts.update((f"public-sample:{doc_id}", text) for doc_id, text in sample)
+    rows = [(f"public-sample:{doc_id}", "public") for doc_id, _ in rng.sample(sample, min(per_source, len(sample)))]
     for owner, ids in proxies.items():
         picked = (ids * (per_source // len(ids) + 1))[:per_source]
         rows += [(doc_id, f"proxy:{owner}") for doc_id in picked]
     rng.shuffle(rows)
-    lines = "".join(json.dumps({text_key: texts[doc_id], "source": source, "id": doc_id}) + "\n"
-                    for doc_id, source in rows)
+    lines = "".join(json.dumps({text_key: texts[doc_id], "source": source,
+                                "id": doc_id.removeprefix("public-sample:")}) + "\n" for doc_id, source in rows)
     write_file_atomically(Path(out_path), lines.encode())
     counts = {source: sum(1 for _, s in rows if s == source) for source in ["public", *(f"proxy:{o}" for o in proxies)]}
     return MixReport(len(rows), counts, Path(out_path))

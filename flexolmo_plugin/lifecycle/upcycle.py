@@ -46,7 +46,7 @@ from flexolmo_plugin.model.config import FlexOlmoConfig
 
 EMBEDDING_KEY = "embedding"
 # Initial learned router bias of an owner's expert (logit offset min(b, 0)); the paper leaves it
-# unspecified.  Chosen by measurement: docs/composition.md.
+# unspecified.  Not yet chosen by measurement: docs/composition.md records what has been measured.
 DEFAULT_ROUTER_BIAS_INIT = -1.0
 
 

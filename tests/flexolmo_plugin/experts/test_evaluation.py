@@ -77,3 +77,27 @@ def test_routing_heatmap_is_written_as_png(world, datasets, tmp_path):
                  "16", "--plot", str(png)]) == EXIT_OK
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+
+
+def test_oracle_and_composition_efficiency_follow_their_definitions():
+    from flexolmo_plugin.lifecycle.evaluation import composition_efficiency, oracle
+
+    losses = {"public": {"a": 2.0, "b": 2.0}, "owner a": {"a": 1.0, "b": 2.5}, "owner b": {"a": 2.2, "b": 1.5}}
+    best = oracle(losses)
+    assert best == {"a": 1.0, "b": 1.5}
+    # public mean 2.0, oracle mean 1.25: a composed model at mean 1.75 captures a third of the gain
+    assert composition_efficiency(losses["public"], {"a": 1.5, "b": 2.0}, best) == pytest.approx(1 / 3)
+    assert composition_efficiency(losses["public"], best, best) == pytest.approx(1.0)
+    assert composition_efficiency(losses["public"], {"a": 2.5, "b": 2.0}, best) < 0
+
+
+def test_eval_cli_compares_models_with_the_models_own_context_length(world, datasets, capsys):
+    from flexolmo_plugin.cli import EXIT_BAD_INPUT, EXIT_OK, main
+
+    root, anchor, owners, packages, merged = world
+    data = ["--data", f"low={datasets['low']}", f"high={datasets['high']}", "--max-tokens", "256"]
+    assert main(["eval", str(anchor), str(owners["code"]), str(merged), *data, "--public", str(anchor),
+                 "--composed", str(merged)]) == EXIT_OK  # no --seq-len: the models' 64 positions
+    out = capsys.readouterr().out
+    assert "mean gate weight" in out and "oracle" in out and "composition efficiency" in out
+    assert main(["eval", str(merged), *data, "--seq-len", "0"]) == EXIT_BAD_INPUT
