@@ -206,10 +206,15 @@ def _patch_training_paths() -> None:
 
 
 def enable_cpu_compat(*, training: bool = False) -> bool:
-    """Make megatron-core runnable on a CPU-only machine; returns True if shims were applied.
+    """Make megatron-core runnable on a CPU-only machine (a no-op when CUDA is available).
 
-    ``training=True`` additionally covers the optimizer / gradient-buffer paths.  Idempotent and
-    per-process (spawned workers must call it again).  A no-op when CUDA is available.
+    Idempotent and per-process (spawned workers must call it again); logged once.
+
+    Args:
+        training: also cover the optimizer / gradient-buffer / gradient-clipping paths.
+
+    Returns:
+        True if the shims are active in this process (no CUDA), False otherwise.
     """
     if cuda_available():
         return False

@@ -298,6 +298,11 @@ def _bare_folder_imports(path: Path) -> list[str]:
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names = [node.module]
+        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str)
+              and ((isinstance(node.func, ast.Name) and node.func.id == "__import__")
+                   or (isinstance(node.func, ast.Attribute) and node.func.attr == "import_module"))):
+            names = [node.args[0].value]  # __import__("x") / importlib.import_module("x")
         else:
             continue
         found += [f"{_rel(path)}:{node.lineno}: {name}" for name in names

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from pydoc_data import topics
 
+import numpy
 from transformers import PreTrainedTokenizerFast
 
 from flexolmo_plugin.errors import FlexOlmoError
@@ -82,8 +83,6 @@ def _license_sources() -> Iterator[tuple[str, str]]:
 
 
 def _numpy_files(pattern: str) -> Iterator[tuple[str, str]]:
-    import numpy
-
     root = Path(numpy.__file__).parent
     return _files([p for p in root.rglob(pattern) if p.is_file() and "tests" not in p.parts])
 

@@ -32,7 +32,22 @@ HF_MODEL_TYPE = "flex_olmo"
 
 @dataclass(kw_only=True, frozen=True)
 class FlexOlmoConfig:
-    """Architecture and routing hyper-parameters of a FlexOlmo model (expert 0 is the public one)."""
+    """Architecture and routing hyper-parameters of a FlexOlmo model (expert 0 is the public one).
+
+    Attributes:
+        vocab_size: tokenizer vocabulary (embedding rows are padded to ``make_vocab_size_divisible_by``).
+        hidden_size / intermediate_size / num_layers: model width, each expert's SwiGLU width, depth.
+        num_attention_heads / num_key_value_heads / head_dim: attention shape (GQA when fewer KV heads).
+        num_experts / top_k: experts (public + owners) and how many each token is routed to.
+        rope_theta / rms_norm_eps / max_position_embeddings: as in HF ``flex_olmo``.
+        router_bias: the learned bias ``min(b_i, 0)`` of non-public experts (not an HF tensor).
+        router_z_loss_coeff / load_balancing_coeff: router losses used in training.
+        expert_names: one name per expert, ``expert_names[0]`` the public expert (merge / opt-out).
+        pad_token_id / bos_token_id / eos_token_id: kept for HF export.
+
+    Raises:
+        ConfigError: a value FlexOlmo (or this implementation) cannot represent.
+    """
 
     vocab_size: int
     hidden_size: int

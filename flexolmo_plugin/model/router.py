@@ -58,7 +58,18 @@ def _check_router_config(config) -> None:
 
 
 class DomainEmbeddingRouter(TopKRouter):
-    """Top-k softmax router whose rows are the experts' domain embeddings (expert 0 = public)."""
+    """Top-k softmax router whose rows are the experts' domain embeddings (expert 0 = public).
+
+    Plugged into Megatron's ``MoELayer`` through ``MoESubmodules(router=...)``.
+
+    Args:
+        config: the Megatron ``TransformerConfig`` (softmax pre-top-k routing, fp32, no scaling).
+        pg_collection / is_mtp_layer: as for Megatron's ``TopKRouter``.
+        domain_bias: add the learned bias ``min(b_i, 0)`` of each non-public expert.
+
+    Raises:
+        ConfigError: router settings that would not compute FlexOlmo's routing.
+    """
 
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *, domain_bias: bool = False):
         _check_router_config(config)

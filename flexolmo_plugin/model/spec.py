@@ -66,7 +66,15 @@ def _backend_modules(backend: Backend):
 
 
 def flexolmo_layer_spec(*, backend: Backend = "local", domain_bias: bool = False) -> ModuleSpec:
-    """Spec of one FlexOlmo transformer layer."""
+    """Spec of one FlexOlmo transformer layer.
+
+    Args:
+        backend: ``"local"`` (Megatron-Core modules), ``"te"`` (Transformer Engine) or ``"auto"``.
+        domain_bias: give the router the learned bias of the non-public experts.
+
+    Returns:
+        A ``ModuleSpec`` for Megatron's ``TransformerBlock``.
+    """
     provider = _backend_modules(backend)
     experts = partial(
         PerExpertSequentialMLP,
@@ -116,6 +124,14 @@ def flexolmo_block_spec(transformer_config, *, backend: Backend = "local", domai
 
     Passed as ``transformer_layer_spec`` to ``GPTModel`` (a bare layer spec would make Megatron
     pick its own final norm, which computes in the input dtype).
+
+    Args:
+        transformer_config: the Megatron config (its layer count and pipeline split).
+        backend / domain_bias: as in :func:`flexolmo_layer_spec`.
+        vp_stage: virtual pipeline stage (pipeline parallelism is not supported yet).
+
+    Returns:
+        ``TransformerBlockSubmodules`` with one layer spec per local layer.
     """
     layer = flexolmo_layer_spec(backend=backend, domain_bias=domain_bias)
     num_layers = get_num_layers_to_build(transformer_config, vp_stage=vp_stage)

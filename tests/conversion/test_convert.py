@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 import flexolmo_plugin as fp
 from flexolmo_plugin.conversion.atomic import OutputExistsError
 from flexolmo_plugin.conversion.convert import hf_to_mcore, mcore_to_hf
+from flexolmo_plugin.conversion.mapping import entries
 from flexolmo_plugin.conversion.mcore_io import McoreCheckpointError
 from flexolmo_plugin.conversion.safetensors_reader import (
     CheckpointFormatError,
@@ -44,8 +45,7 @@ def test_hf_to_mcore_to_hf_is_bitwise_identical(overrides, dtype, tmp_path):
     hf = make_hf_model(seed=1, **overrides).to(dtype)
     src = save_hf_model(hf, tmp_path / "src")
     report = hf_to_mcore(src, tmp_path / "mcore")
-    assert report.tensors == len(list(__import__("conversion.mapping", fromlist=["entries"]).entries(
-        fp.read_hf_config(src))))
+    assert report.tensors == len(list(entries(fp.read_hf_config(src))))
     mcore_to_hf(tmp_path / "mcore", tmp_path / "back")
     before, after = all_tensors(src), all_tensors(tmp_path / "back")
     assert sorted(before) == sorted(after)
