@@ -206,168 +206,67 @@ def _run(
     )
 
 
-def flexolmo_public_7b_config(
-    *,
-    precision: str = "bf16",
-    nodes: int = 4,
-    gpus_per_node: int = 8,
-    tensor_parallel: int = 1,
-    save_dir: str | None = None,
-    data_paths: list[str] | None = None,
-    tokenizer_dir: str | None = None,
-    init_from: str | None = None,
-    model: dict | None = None,
-    seq_length: int = 4096,
-    train_iters: int = 250000,
-    global_batch_size: int = 1024,
-    micro_batch_size: int = 1,
-    lr: float = 3e-4,
-    min_lr: float = 3e-5,
-    lr_warmup_iters: int = 2000,
-    weight_decay: float = 0.1,
-    save_interval: int = 1000,
-    log_interval: int = 10,
-    seed: int = 1234,
-    load_dir: str | None = None,
-    bf16_edge_layers: int | None = None,
-    fp8_param_gather: bool = False,
-    cpu: bool | None = None,
-):
+def flexolmo_public_7b_config(*, precision: str = "bf16", nodes: int = 4, gpus_per_node: int = 8,
+                              tensor_parallel: int = 1, save_dir: str | None = None,
+                              data_paths: list[str] | None = None, tokenizer_dir: str | None = None,
+                              init_from: str | None = None, model: dict | None = None, seq_length: int = 4096,
+                              train_iters: int = 250000, global_batch_size: int = 1024, micro_batch_size: int = 1,
+                              lr: float = 3e-4, min_lr: float = 3e-5, lr_warmup_iters: int = 2000,
+                              weight_decay: float = 0.1, save_interval: int = 1000, log_interval: int = 10,
+                              seed: int = 1234, load_dir: str | None = None, bf16_edge_layers: int | None = None,
+                              fp8_param_gather: bool = False, cpu: bool | None = None):
     """The public dense model (OLMo-2 7B shape and optimiser) from scratch: a 1-expert FlexOlmo."""
     run = _run(**{k: v for k, v in locals().items() if k in _RUN_ARGS})
     layout = training_layout(tensor_parallel, nodes=nodes, gpus_per_node=gpus_per_node)
-    return _production(
-        shape=dict(num_experts=1, expert_names=("public",)),
-        imposed=dict(top_k=1),
-        model=model,
-        init_from=init_from,
-        trainable="all",
-        owner_expert=1,
-        layout=layout,
-        precision=precision,
-        bf16_edge_layers=bf16_edge_layers,
-        fp8_param_gather=fp8_param_gather,
-        run=run,
-        cpu=cpu,
-    )
+    return _production(shape=dict(num_experts=1, expert_names=("public",)), imposed=dict(top_k=1), model=model,
+                       init_from=init_from, trainable="all", owner_expert=1, layout=layout, precision=precision,
+                       bf16_edge_layers=bf16_edge_layers, fp8_param_gather=fp8_param_gather, run=run, cpu=cpu)
 
 
-def flexolmo_expert_2x7b_config(
-    *,
-    init_from: str,
-    precision: str = "bf16",
-    nodes: int = 1,
-    gpus_per_node: int = 8,
-    expert_parallel: int = 2,
-    owner_expert: int = 1,
-    save_dir: str | None = None,
-    data_paths: list[str] | None = None,
-    tokenizer_dir: str | None = None,
-    model: dict | None = None,
-    seq_length: int = 4096,
-    train_iters: int = 12000,
-    global_batch_size: int = 1024,
-    micro_batch_size: int = 1,
-    lr: float = 9e-4,
-    min_lr: float = 9e-5,
-    lr_warmup_iters: int = 2000,
-    weight_decay: float = 0.0,
-    save_interval: int = 1000,
-    log_interval: int = 10,
-    seed: int = 1234,
-    load_dir: str | None = None,
-    bf16_edge_layers: int | None = None,
-    fp8_param_gather: bool = False,
-    cpu: bool | None = None,
-):
+def flexolmo_expert_2x7b_config(*, init_from: str, precision: str = "bf16", nodes: int = 1, gpus_per_node: int = 8,
+                                expert_parallel: int = 2, owner_expert: int = 1, save_dir: str | None = None,
+                                data_paths: list[str] | None = None, tokenizer_dir: str | None = None,
+                                model: dict | None = None, seq_length: int = 4096, train_iters: int = 12000,
+                                global_batch_size: int = 1024, micro_batch_size: int = 1, lr: float = 9e-4,
+                                min_lr: float = 9e-5, lr_warmup_iters: int = 2000, weight_decay: float = 0.0,
+                                save_interval: int = 1000, log_interval: int = 10, seed: int = 1234,
+                                load_dir: str | None = None, bf16_edge_layers: int | None = None,
+                                fp8_param_gather: bool = False, cpu: bool | None = None):
     """Anchored training of one data owner's expert against the frozen public 7B (paper §3.3.1, §4.4)."""
     from flexolmo_plugin.recipes.phases import EXPERT_DEFAULTS
 
     run = _run(**{k: v for k, v in locals().items() if k in _RUN_ARGS})
     layout = training_layout(1, expert_parallel, nodes=nodes, gpus_per_node=gpus_per_node)
-    return _production(
-        shape=dict(num_experts=2),
-        imposed=EXPERT_DEFAULTS,
-        model=model,
-        init_from=init_from,
-        trainable="anchored",
-        owner_expert=owner_expert,
-        layout=layout,
-        precision=precision,
-        bf16_edge_layers=bf16_edge_layers,
-        fp8_param_gather=fp8_param_gather,
-        run=run,
-        cpu=cpu,
-    )
+    return _production(shape=dict(num_experts=2), imposed=EXPERT_DEFAULTS, model=model, init_from=init_from,
+                       trainable="anchored", owner_expert=owner_expert, layout=layout, precision=precision,
+                       bf16_edge_layers=bf16_edge_layers, fp8_param_gather=fp8_param_gather, run=run, cpu=cpu)
 
 
-def flexolmo_router_tuning_7x7b_config(
-    *,
-    init_from: str,
-    precision: str = "bf16",
-    nodes: int = 1,
-    gpus_per_node: int = 8,
-    tensor_parallel: int = 2,
-    expert_parallel: int = 1,
-    save_dir: str | None = None,
-    data_paths: list[str] | None = None,
-    tokenizer_dir: str | None = None,
-    model: dict | None = None,
-    seq_length: int = 4096,
-    train_iters: int = 1200,
-    global_batch_size: int = 1024,
-    micro_batch_size: int = 1,
-    lr: float = 2e-3,
-    min_lr: float = 2e-4,
-    lr_warmup_iters: int = 100,
-    weight_decay: float = 0.0,
-    save_interval: int = 200,
-    log_interval: int = 10,
-    seed: int = 1234,
-    load_dir: str | None = None,
-    bf16_edge_layers: int | None = None,
-    fp8_param_gather: bool = False,
-    cpu: bool | None = None,
-):
+def flexolmo_router_tuning_7x7b_config(*, init_from: str, precision: str = "bf16", nodes: int = 1,
+                                       gpus_per_node: int = 8, tensor_parallel: int = 2, expert_parallel: int = 1,
+                                       save_dir: str | None = None, data_paths: list[str] | None = None,
+                                       tokenizer_dir: str | None = None, model: dict | None = None,
+                                       seq_length: int = 4096, train_iters: int = 1200,
+                                       global_batch_size: int = 1024, micro_batch_size: int = 1, lr: float = 2e-3,
+                                       min_lr: float = 2e-4, lr_warmup_iters: int = 100, weight_decay: float = 0.0,
+                                       save_interval: int = 200, log_interval: int = 10, seed: int = 1234,
+                                       load_dir: str | None = None, bf16_edge_layers: int | None = None,
+                                       fp8_param_gather: bool = False, cpu: bool | None = None):
     """Router tuning of the merged 7x7B (§3.3.3): router rows and biases train, all experts active."""
     run = _run(**{k: v for k, v in locals().items() if k in _RUN_ARGS})
     layout = training_layout(tensor_parallel, expert_parallel, nodes=nodes, gpus_per_node=gpus_per_node)
-    return _production(
-        shape=dict(num_experts=7),
-        imposed=dict(top_k="all", router_z_loss_coeff=1e-3, load_balancing_coeff=0.0),
-        model=model,
-        init_from=init_from,
-        trainable="router",
-        owner_expert=1,
-        layout=layout,
-        precision=precision,
-        bf16_edge_layers=bf16_edge_layers,
-        fp8_param_gather=fp8_param_gather,
-        run=run,
-        cpu=cpu,
-    )
+    return _production(shape=dict(num_experts=7),
+                       imposed=dict(top_k="all", router_z_loss_coeff=1e-3, load_balancing_coeff=0.0), model=model,
+                       init_from=init_from, trainable="router", owner_expert=1, layout=layout, precision=precision,
+                       bf16_edge_layers=bf16_edge_layers, fp8_param_gather=fp8_param_gather, run=run, cpu=cpu)
 
 
-def flexolmo_inference_7x7b_config(
-    *,
-    init_from: str,
-    precision: str = "bf16",
-    nodes: int = 1,
-    gpus_per_node: int = 8,
-    tensor_parallel: int = 2,
-    expert_parallel: int = 1,
-    data_paths: list[str] | None = None,
-    tokenizer_dir: str | None = None,
-    model: dict | None = None,
-    seq_length: int = 4096,
-    eval_iters: int = 100,
-    global_batch_size: int = 256,
-    micro_batch_size: int = 1,
-    log_interval: int = 10,
-    seed: int = 1234,
-    bf16_edge_layers: int | None = None,
-    cpu: bool | None = None,
-):
+def flexolmo_inference_7x7b_config(*, init_from: str, precision: str = "bf16", nodes: int = 1,
+                                   gpus_per_node: int = 8, tensor_parallel: int = 2, expert_parallel: int = 1,
+                                   data_paths: list[str] | None = None, tokenizer_dir: str | None = None,
+                                   model: dict | None = None, seq_length: int = 4096, eval_iters: int = 100,
+                                   global_batch_size: int = 256, micro_batch_size: int = 1, log_interval: int = 10,
+                                   seed: int = 1234, bf16_edge_layers: int | None = None, cpu: bool | None = None):
     """Forward-only evaluation of a merged 7x7B checkpoint on ``data_paths`` (loss / perplexity).
 
     Runs Bridge's ``skip_train`` path over ``eval_iters`` batches.  Bridge builds an optimizer even
@@ -393,21 +292,9 @@ def flexolmo_inference_7x7b_config(
     )
     layout = training_layout(tensor_parallel, expert_parallel, nodes=nodes, gpus_per_node=gpus_per_node)
     experts = (model or {}).get("num_experts", 7)  # the released FlexOlmo-7x7B routes to 5 of 7
-    return _production(
-        shape=dict(num_experts=7, top_k=min(5, experts)),
-        imposed={},
-        model=model,
-        init_from=init_from,
-        trainable="router",
-        owner_expert=1,
-        layout=layout,
-        precision=precision,
-        bf16_edge_layers=bf16_edge_layers,
-        fp8_param_gather=False,
-        run=run,
-        cpu=cpu,
-        eval_only=True,
-    )
+    return _production(shape=dict(num_experts=7, top_k=min(5, experts)), imposed={}, model=model,
+                       init_from=init_from, trainable="router", owner_expert=1, layout=layout, precision=precision,
+                       bf16_edge_layers=bf16_edge_layers, fp8_param_gather=False, run=run, cpu=cpu, eval_only=True)
 
 
 _RUN_ARGS = (
