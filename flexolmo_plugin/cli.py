@@ -268,7 +268,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from flexolmo_plugin.demo.run import run_demo
 
     try:
-        _, claims = run_demo(args.workdir, size=args.size, seed=args.seed, progress=not args.quiet)
+        overrides = {}
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}")
+            overrides[key] = value
+        _, claims = run_demo(args.workdir, size=args.size, seed=args.seed, overrides=overrides,
+                             progress=not args.quiet)
     except DemoError as error:
         print(f"demo failed: {error}", file=sys.stderr)
         return EXIT_CHECK_FAILED
@@ -473,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="'tiny' is the test suite's reduced run (default: full)")
     demo.add_argument("--seed", type=int, default=0,
                       help="seed of the data split, training, proxy selection and router mix (default 0)")
+    demo.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="change one size field (e.g. router_bias_init=none, owner_public_share=0); for ablations")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -26,7 +26,7 @@ from transformers.utils import logging as hf_logging
 
 from flexolmo_plugin.conversion.convert import copy_tokenizer_files, mcore_to_hf
 from flexolmo_plugin.demo.corpus import DOMAINS, build_domain, train_tokenizer
-from flexolmo_plugin.demo.sizes import OWNERS, SIZES, DemoSize
+from flexolmo_plugin.demo.sizes import OWNERS, SIZES, DemoSize, sized
 from flexolmo_plugin.lifecycle.data import prepare_dataset
 from flexolmo_plugin.lifecycle.domain_embedding import embed_documents, sample_documents
 from flexolmo_plugin.lifecycle.merge import merge_experts
@@ -62,10 +62,11 @@ class DemoResult:
 class Demo:
     """Runs the steps in order, timing each and logging to ``<workdir>/logs/demo.log``."""
 
-    def __init__(self, workdir: Path, size: str, *, seed: int = 0, progress: bool, echo=print):
+    def __init__(self, workdir: Path, size: str, *, seed: int = 0, overrides: dict[str, str] | None = None,
+                 progress: bool, echo=print):
         if size not in SIZES:
             raise ValueError(f"unknown demo size {size!r}; choose from {sorted(SIZES)}")
-        self.size: DemoSize = SIZES[size]
+        self.size: DemoSize = sized(size, overrides)
         self.seed = seed
         self.root = workdir
         self.progress = progress
@@ -198,7 +199,7 @@ class Demo:
         self.command("upcycle", self.root / "coordinator" / "public", out, "--public-embedding", public_embedding,
                      "--domain-embedding", domain_embedding, "--name", names[1])
         upcycle(self.root / "coordinator" / "public", out, public_embedding=public_embedding,
-                domain_embedding=domain_embedding, expert_names=names)
+                domain_embedding=domain_embedding, expert_names=names, router_bias_init=self.size.router_bias_init)
 
     # ------------------------------------------------------------------ a data owner (own data only)
     def owner(self, name: str) -> None:

@@ -60,7 +60,8 @@ def write_summary(result: DemoResult, claims: list[tuple[str, bool]], total_s: f
     return text
 
 
-def run_demo(workdir: str | os.PathLike | None = None, *, size: str = "full", seed: int = 0, progress: bool = True,
+def run_demo(workdir: str | os.PathLike | None = None, *, size: str = "full", seed: int = 0,
+             overrides: dict[str, str] | None = None, progress: bool = True,
              echo=print) -> tuple[DemoResult, list[tuple[str, bool]]]:
     workdir = Path(workdir) if workdir else default_workdir()
     if workdir.exists() and any(workdir.iterdir()):
@@ -68,7 +69,7 @@ def run_demo(workdir: str | os.PathLike | None = None, *, size: str = "full", se
     workdir = workdir.resolve()
     enable_cpu_compat()
     start = time.perf_counter()
-    demo = Demo(workdir, size, seed=seed, progress=progress, echo=echo)
+    demo = Demo(workdir, size, seed=seed, overrides=overrides, progress=progress, echo=echo)
     demo.say(f"FlexOlmo demo ({size}, seed {seed}) in {workdir}")
     demo.step("1. data: real text found on this machine, split per domain; tokenizer trained here", demo.prepare_data)
     demo.step("2. coordinator: train the public model on public text (Megatron-Bridge, own process)", demo.train_public)

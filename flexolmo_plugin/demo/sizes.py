@@ -26,6 +26,7 @@ class DemoSize:
     owner_iters: int
     owner_lr: float
     owner_public_share: float  # share of public text in an owner's training stream (public replay)
+    router_bias_init: float | None = -1.0  # the owners' learned router bias at upcycling (None: no bias)
     router_iters: int  # router tuning on public + proxy data
     router_lr: float
     proxy_fraction: float  # share of the public documents each owner selects as proxies
@@ -50,3 +51,28 @@ SIZES = {
         global_batch_size=16, public_iters=60, public_lr=5e-3, owner_iters=40, owner_lr=5e-3, owner_public_share=0.25,
         router_iters=40, router_lr=1e-2, proxy_fraction=0.1, embed_docs=64, eval_tokens=6144),
 }
+
+
+def sized(name: str, overrides: dict[str, str] | None = None) -> DemoSize:
+    """``SIZES[name]`` with fields replaced from ``NAME=VALUE`` strings (``--set`` of ``flexolmo demo``,
+    used by the composition ablation); ``none`` means None."""
+    import dataclasses
+
+    from flexolmo_plugin.errors import ConfigError
+
+    base = SIZES[name]
+    fields = {f.name: f for f in dataclasses.fields(DemoSize)}
+    changes = {}
+    for key, text in (overrides or {}).items():
+        if key not in fields:
+            raise ConfigError(f"--set {key}: not a demo size field ({', '.join(sorted(fields))})")
+        current = getattr(base, key)
+        if text.lower() == "none":
+            changes[key] = None
+            continue
+        kind = float if isinstance(current, float) or key == "router_bias_init" else type(current)
+        try:
+            changes[key] = kind(text)
+        except ValueError as error:
+            raise ConfigError(f"--set {key}={text}: {error}") from None
+    return dataclasses.replace(base, **changes)

@@ -1,0 +1,22 @@
+"""``flexolmo demo --set FIELD=VALUE``: typed overrides of a demo size (used by the composition ablation)."""
+
+import pytest
+
+from flexolmo_plugin.demo.sizes import SIZES, sized
+from flexolmo_plugin.errors import ConfigError
+
+
+def test_overrides_keep_the_field_types_and_none_switches_the_bias_off():
+    size = sized("tiny", {"router_bias_init": "none", "owner_public_share": "0", "owner_iters": "7",
+                          "router_lr": "0.5"})
+    assert size.router_bias_init is None and size.owner_public_share == 0.0
+    assert size.owner_iters == 7 and isinstance(size.owner_iters, int) and size.router_lr == 0.5
+    assert sized("tiny", {"router_bias_init": "-2"}).router_bias_init == -2.0
+    assert sized("tiny") == SIZES["tiny"]
+
+
+def test_unknown_fields_and_bad_values_are_refused():
+    with pytest.raises(ConfigError, match="not a demo size field"):
+        sized("tiny", {"no_such_field": "1"})
+    with pytest.raises(ConfigError, match="owner_iters=many"):
+        sized("tiny", {"owner_iters": "many"})
