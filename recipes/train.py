@@ -51,16 +51,22 @@ def training_log_callback(*, print_fn=print):
             self.history: list[tuple[int, float, float, list[float]]] = []
             self.throughput: list[tuple[int, float, float | None]] = []
             self._flops = None
-            self._handles, self._counts, self._names, self._last = [], None, (), None
+            self.gate_weights: list[tuple[int, list[float]]] = []  # (iteration, mean gate weight per expert)
+            self._handles, self._counts, self._weights, self._names, self._last = [], None, None, (), None
+            self._all_active = False
 
         def on_train_start(self, context):
             models = [unwrap(chunk) for chunk in context.model]
             config = models[0].flexolmo_config
             self._names = config.expert_names or tuple(f"expert{i}" for i in range(config.num_experts))
             self._counts = torch.zeros(config.num_experts, dtype=torch.float64)
+            self._weights = torch.zeros(config.num_experts, dtype=torch.float64)
+            self._all_active = config.top_k == config.num_experts
+            self._top_k = config.top_k
 
             def hook(module, args, output):
                 self._counts += output[1].sum(0).to(torch.float64).cpu()
+                self._weights += output[0].detach().sum(0).to(torch.float64).cpu()
 
             self._handles = [layer.mlp.router.register_forward_hook(hook)
                              for model in models for layer in model.decoder.layers]
@@ -76,14 +82,22 @@ def training_log_callback(*, print_fn=print):
             total = self._counts.sum().item()
             shares = (self._counts / total).tolist() if total else [0.0] * len(self._counts)
             self.history.append((iteration, loss, tokens_per_s, shares))
+            evaluations = total / self._top_k  # token x layer router evaluations this step
+            weights = (self._weights / evaluations).tolist() if evaluations else [0.0] * len(shares)
+            self.gate_weights.append((iteration, weights))
             tflops, mfu = self._flops(shares if total else None, max(now - self._last, 1e-9))
             self.throughput.append((iteration, tflops, mfu))
             if not dist.is_initialized() or dist.get_rank() == 0:
-                routed = ", ".join(f"{n} {100 * s:.1f}%" for n, s in zip(self._names, shares))
+                gates = ", ".join(f"{n} {100 * w:.1f}%" for n, w in zip(self._names, weights))
+                # with every expert active (top-k = E) every token reaches every expert: the shares say
+                # nothing, the mean gate weights say where the router sends the tokens
+                routed = "" if self._all_active else " | routed tokens: " + ", ".join(
+                    f"{n} {100 * s:.1f}%" for n, s in zip(self._names, shares))
                 utilisation = f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""
                 print_fn(f"[flexolmo] iteration {iteration} | lm loss {loss:.6f} | {tokens_per_s:,.0f} tokens/s | "
-                         f"{tflops:.2f} TFLOPS/GPU{utilisation} | routed tokens: {routed}")
+                         f"{tflops:.2f} TFLOPS/GPU{utilisation} | mean gate weight: {gates}{routed}")
             self._counts.zero_()
+            self._weights.zero_()
             self._last = time.perf_counter()
 
         def on_train_end(self, context):

@@ -38,7 +38,8 @@ def _tune(rank, world_size, merged, prefix):
     args = {"init_from": merged, "save_dir": "null", "data_paths": f"[{prefix}]", "seq_length": SEQ,
             "train_iters": 4, "global_batch_size": 4, "micro_batch_size": 2, "lr": 0.05, "lr_warmup_iters": 1}
     log = run("router-tune", [f"recipe.{k}={v}" for k, v in args.items()], callbacks=[Inspect()])
-    return {**snapshots, "shares": log.history[-1][3], "losses": [h[1] for h in log.history]}
+    return {**snapshots, "shares": log.history[-1][3], "losses": [h[1] for h in log.history],
+            "gates": log.gate_weights[-1][1]}
 
 
 @pytest.mark.multiprocess
@@ -60,3 +61,5 @@ def test_router_tuning_trains_only_router_rows_with_every_expert_active(world, t
     assert result["moved"] and set(result["moved"]) <= set(trainable)
     assert any(n.endswith("domain_embeddings.0") for n in result["moved"]), "r_pub is tuned too (paper §3.3.3)"
     assert len(result["shares"]) == 4
+    # every expert active: each token's softmax over all experts sums to 1, so the mean gate weights do too
+    assert len(result["gates"]) == 4 and abs(sum(result["gates"]) - 1.0) < 1e-6
