@@ -3,7 +3,10 @@ the same code on the same kind of data and differ only in these numbers."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+
+from flexolmo_plugin.errors import ConfigError
 
 OWNERS = ("python", "cpp", "licenses")
 
@@ -56,10 +59,6 @@ SIZES = {
 def sized(name: str, overrides: dict[str, str] | None = None) -> DemoSize:
     """``SIZES[name]`` with fields replaced from ``NAME=VALUE`` strings (``--set`` of ``flexolmo demo``,
     used by the composition ablation); ``none`` means None."""
-    import dataclasses
-
-    from flexolmo_plugin.errors import ConfigError
-
     base = SIZES[name]
     fields = {f.name: f for f in dataclasses.fields(DemoSize)}
     changes = {}
