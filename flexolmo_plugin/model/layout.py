@@ -120,7 +120,3 @@ class ParallelLayout:
                             f"{micro_batch_size} x {self.data_parallel}")
         if problems:
             raise ConfigError("parallel layout: " + "; ".join(problems))
-
-
-def check_layout(config: FlexOlmoConfig, layout: ParallelLayout) -> None:
-    layout.check(config)
