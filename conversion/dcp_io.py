@@ -32,7 +32,7 @@ import threading
 import zipfile
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
@@ -373,17 +373,3 @@ def chunk_planner(requests):
             return view
 
     return ChunkLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
-
-
-def cached_metadata_reader(directory):
-    """A DCP reader that unpickles ``.metadata`` once instead of once per tensor read."""
-
-    class CachedMetadataReader(FileSystemReader):
-        _metadata = None
-
-        def read_metadata(self, *args, **kwargs):
-            if self._metadata is None:
-                self._metadata = super().read_metadata(*args, **kwargs)
-            return self._metadata
-
-    return CachedMetadataReader(str(directory))

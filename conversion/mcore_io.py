@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,102 +34,34 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     _replace_state_dict_keys_with_sharded_keys,
     mcore_to_pyt_state_dict,
 )
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItemType
 
-from flexolmo_plugin.conversion.dcp_io import ChunkReader, PipelinedWriter, cached_metadata_reader, chunk_planner
+from flexolmo_plugin.conversion.checkpoint_dir import (  # noqa: F401  (re-exported: the checkpoint API)
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    PARAMETER_DTYPES,
+    TRACKER_FILE,
+    McoreCheckpointError,
+    check_is_checkpoint,
+    checkpoint_tensor_metadata,
+    load_config,
+    resolve_checkpoint,
+    save_config,
+)
+from flexolmo_plugin.conversion.dcp_io import ChunkReader, PipelinedWriter, chunk_planner
 from flexolmo_plugin.conversion.mapping import (
     canonical_chunk,
     canonical_parts,
     layer_of,
     split_keys,
 )
-from flexolmo_plugin.errors import FlexOlmoError
+from flexolmo_plugin.conversion.safe_metadata import SafeFileSystemReader
 from flexolmo_plugin.model.build import build_model
 from flexolmo_plugin.model.config import FlexOlmoConfig
 from flexolmo_plugin.model.parallel import ensure_model_parallel
-
-CONFIG_FILE = "flexolmo_config.json"
-FORMAT_VERSION = 1
-
-
-class McoreCheckpointError(FlexOlmoError):
-    """A Megatron checkpoint that is missing, malformed, or does not match its configuration."""
-
-
-# ---------------------------------------------------------------------- configuration beside the checkpoint
-def save_config(directory: Path, config: FlexOlmoConfig, *, dtype: torch.dtype, extra: dict | None = None) -> None:
-    fields = dataclasses.asdict(config)
-    fields["expert_names"] = list(config.expert_names) if config.expert_names else None
-    payload = {"format_version": FORMAT_VERSION, "dtype": str(dtype).removeprefix("torch."),
-               "config": fields, **(extra or {})}
-    (Path(directory) / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
-
-
-TRACKER_FILE = "latest_checkpointed_iteration.txt"  # Megatron / Bridge save directories
-
-
-def resolve_checkpoint(directory: str | os.PathLike) -> Path:
-    """The torch_dist checkpoint a path names.  A Bridge save directory holds one ``iter_NNNNNNN``
-    per save and a tracker naming the last *complete* one, so the save directory itself means "the
-    latest trained weights"; any other directory is returned unchanged."""
-    directory = Path(directory)
-    tracker = directory / TRACKER_FILE
-    if not tracker.is_file():
-        return directory
-    text = tracker.read_text().strip()
-    if not text.isdigit():
-        raise McoreCheckpointError(f"{tracker}: expected an iteration number, found {text[:40]!r}")
-    resolved = directory / f"iter_{int(text):07d}"
-    if not resolved.is_dir():
-        raise McoreCheckpointError(f"{tracker} names iteration {int(text)} but {resolved} does not exist")
-    return resolved
-
-
-def _config_path(directory: Path) -> Path | None:
-    """``flexolmo_config.json`` of a checkpoint: beside it, or in the Bridge save directory above it
-    (training writes it once per run there, not into every ``iter_*``)."""
-    candidates = [directory / CONFIG_FILE, resolve_checkpoint(directory) / CONFIG_FILE]
-    if directory.name.startswith("iter_"):
-        candidates.append(directory.parent / CONFIG_FILE)
-    return next((c for c in candidates if c.is_file()), None)
-
-
-def load_config(directory: str | os.PathLike) -> tuple[FlexOlmoConfig, torch.dtype, dict]:
-    """The FlexOlmo configuration and parameter dtype stored beside a converted checkpoint."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise McoreCheckpointError(f"{directory} is not a directory")
-    path = _config_path(directory)
-    if path is None:
-        raise McoreCheckpointError(f"{directory}: no {CONFIG_FILE} (not a checkpoint written by flexolmo convert, "
-                                   "save_mcore, upcycle, merge or a flexolmo training run)")
-    try:
-        payload = json.loads(path.read_text())
-        if payload.get("format_version") != FORMAT_VERSION:
-            raise McoreCheckpointError(f"{path}: unsupported format_version {payload.get('format_version')!r}")
-        fields = dict(payload["config"])
-        if fields.get("expert_names") is not None:
-            fields["expert_names"] = tuple(fields["expert_names"])
-        config = FlexOlmoConfig(**fields)
-        dtype = getattr(torch, payload["dtype"])
-    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as error:
-        raise McoreCheckpointError(f"{path}: malformed ({error})") from error
-    if not isinstance(dtype, torch.dtype):
-        raise McoreCheckpointError(f"{path}: unknown dtype {payload['dtype']!r}")
-    return config, dtype, payload
-
-
-def check_is_checkpoint(directory: Path) -> None:
-    directory = resolve_checkpoint(directory)
-    if not (directory / ".metadata").exists() or not (directory / "metadata.json").exists():
-        raise McoreCheckpointError(
-            f"{directory}: not a Megatron torch_dist checkpoint (.metadata / metadata.json missing)"
-        )
 
 
 # ---------------------------------------------------------------------- meta model = the layout
@@ -284,16 +215,6 @@ def write_checkpoint(
 
 
 # ---------------------------------------------------------------------- per-tensor reading
-def checkpoint_tensor_metadata(directory: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-
-    metadata = FileSystemReader(str(resolve_checkpoint(directory))).read_metadata()
-    return {
-        k: (tuple(v.size), v.properties.dtype)
-        for k, v in metadata.state_dict_metadata.items()
-        if isinstance(v, TensorStorageMetadata)
-    }
-
-
 class CanonicalReader:
     """Random access to whole canonical tensors of a torch_dist checkpoint saved at any TP/EP
     layout (global tensors do not depend on the layout they were saved from).  Each read loads
@@ -304,7 +225,7 @@ class CanonicalReader:
         self.directory = resolve_checkpoint(directory)
         check_is_checkpoint(self.directory)
         self.present = checkpoint_tensor_metadata(self.directory)
-        self._reader = cached_metadata_reader(self.directory)
+        self._reader = SafeFileSystemReader(self.directory)
         self._chunks = ChunkReader(self.directory, self._reader.read_metadata())
 
     def _read_key_into(self, key: str, prefix: tuple[int, ...], out: torch.Tensor) -> None:

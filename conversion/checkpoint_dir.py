@@ -1,0 +1,136 @@
+"""A Megatron checkpoint directory as our tools find it: which ``iter_*`` a Bridge save directory
+means, the ``flexolmo_config.json`` that describes it, and the checks made before any tensor is read
+(checksums, the pickle allow-list, the stored dtype agreeing with the tensors' own metadata).
+
+Kept apart from :mod:`conversion.mcore_io` (which reads and writes the tensors) so that a tool can
+validate and describe a checkpoint without building a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from flexolmo_plugin.conversion.checksums import CHECKSUMS_FILE, verify_checksums
+from flexolmo_plugin.conversion.safe_metadata import read_metadata, verify_metadata
+from flexolmo_plugin.errors import FlexOlmoError
+from flexolmo_plugin.model.config import FlexOlmoConfig
+
+CONFIG_FILE = "flexolmo_config.json"
+FORMAT_VERSION = 1
+
+
+class McoreCheckpointError(FlexOlmoError):
+    """A Megatron checkpoint that is missing, malformed, or does not match its configuration."""
+
+
+# ---------------------------------------------------------------------- configuration beside the checkpoint
+def save_config(directory: Path, config: FlexOlmoConfig, *, dtype: torch.dtype, extra: dict | None = None) -> None:
+    fields = dataclasses.asdict(config)
+    fields["expert_names"] = list(config.expert_names) if config.expert_names else None
+    payload = {"format_version": FORMAT_VERSION, "dtype": str(dtype).removeprefix("torch."),
+               "config": fields, **(extra or {})}
+    (Path(directory) / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"  # Megatron / Bridge save directories
+# The files of a torch_dist checkpoint that readers use (besides the *.distcp data files).
+CHECKPOINT_FILES = (".metadata", "metadata.json", "common.pt", CONFIG_FILE)
+
+
+def resolve_checkpoint(directory: str | os.PathLike) -> Path:
+    """The torch_dist checkpoint a path names.  A Bridge save directory holds one ``iter_NNNNNNN``
+    per save and a tracker naming the last *complete* one, so the save directory itself means "the
+    latest trained weights"; any other directory is returned unchanged."""
+    directory = Path(directory)
+    tracker = directory / TRACKER_FILE
+    if not tracker.is_file():
+        return directory
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise McoreCheckpointError(f"{tracker}: expected an iteration number, found {text[:40]!r}")
+    resolved = directory / f"iter_{int(text):07d}"
+    if not resolved.is_dir():
+        raise McoreCheckpointError(f"{tracker} names iteration {int(text)} but {resolved} does not exist")
+    return resolved
+
+
+def _config_path(directory: Path) -> Path | None:
+    """``flexolmo_config.json`` of a checkpoint: beside it, or in the Bridge save directory above it
+    (training writes it once per run there, not into every ``iter_*``)."""
+    candidates = [directory / CONFIG_FILE, resolve_checkpoint(directory) / CONFIG_FILE]
+    if directory.name.startswith("iter_"):
+        candidates.append(directory.parent / CONFIG_FILE)
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def load_config(directory: str | os.PathLike) -> tuple[FlexOlmoConfig, torch.dtype, dict]:
+    """The FlexOlmo configuration and parameter dtype stored beside a converted checkpoint."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise McoreCheckpointError(f"{directory} is not a directory")
+    path = _config_path(directory)
+    if path is None:
+        raise McoreCheckpointError(f"{directory}: no {CONFIG_FILE} (not a checkpoint written by flexolmo convert, "
+                                   "save_mcore, upcycle, merge or a flexolmo training run)")
+    try:
+        payload = json.loads(path.read_text())
+        if payload.get("format_version") != FORMAT_VERSION:
+            raise McoreCheckpointError(f"{path}: unsupported format_version {payload.get('format_version')!r}")
+        fields = dict(payload["config"])
+        if fields.get("expert_names") is not None:
+            fields["expert_names"] = tuple(fields["expert_names"])
+        config = FlexOlmoConfig(**fields)
+        dtype = getattr(torch, str(payload["dtype"]), None)
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as error:
+        raise McoreCheckpointError(f"{path}: malformed ({error})") from error
+    if dtype not in PARAMETER_DTYPES:
+        raise McoreCheckpointError(f"{path}: dtype {payload['dtype']!r} is not a parameter dtype "
+                                   f"({', '.join(str(d).removeprefix('torch.') for d in PARAMETER_DTYPES)})")
+    stored = _stored_dtype(directory)
+    if stored is not None and stored != dtype:
+        raise McoreCheckpointError(f"{path} says dtype {payload['dtype']} but the checkpoint's tensors are "
+                                   f"{str(stored).removeprefix('torch.')}; refusing to reinterpret them")
+    return config, dtype, payload
+
+
+PARAMETER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _stored_dtype(directory: Path) -> torch.dtype | None:
+    """The dtype most of the checkpoint's tensors have, from its own metadata (None if there is no
+    checkpoint yet).  The configuration file is only a description: a dtype there that disagrees
+    with the tensors would make readers cast or reinterpret every weight silently."""
+    checkpoint = resolve_checkpoint(directory)
+    if not (checkpoint / ".metadata").is_file():
+        return None
+    counts: dict[torch.dtype, int] = {}
+    for _, dtype in checkpoint_tensor_metadata(checkpoint).values():
+        counts[dtype] = counts.get(dtype, 0) + 1
+    return max(counts, key=counts.get) if counts else None
+
+
+def check_is_checkpoint(directory: Path) -> None:
+    directory = resolve_checkpoint(directory)
+    if not (directory / ".metadata").exists() or not (directory / "metadata.json").exists():
+        raise McoreCheckpointError(
+            f"{directory}: not a Megatron torch_dist checkpoint (.metadata / metadata.json missing)"
+        )
+    used = [p.name for p in directory.iterdir() if p.name in CHECKPOINT_FILES or p.suffix == ".distcp"]
+    verify_checksums(directory / CHECKSUMS_FILE, what=f"checkpoint {directory}", required=used)
+    verify_metadata(directory)  # before anything else (Megatron's loader) unpickles it
+
+
+def checkpoint_tensor_metadata(directory: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+
+    metadata = read_metadata(resolve_checkpoint(directory))
+    return {
+        k: (tuple(v.size), v.properties.dtype)
+        for k, v in metadata.state_dict_metadata.items()
+        if isinstance(v, TensorStorageMetadata)
+    }

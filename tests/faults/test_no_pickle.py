@@ -1,0 +1,84 @@
+"""No pickle from a checkpoint is ever executed: a crafted ``.metadata`` (or ``common.pt``) that would
+create a file when unpickled is refused by every command that reads a Megatron checkpoint."""
+
+import pickle
+
+import pytest
+
+from flexolmo_plugin.conversion.safe_metadata import UnsafeCheckpointError, read_metadata
+from tests.faults.harness import assert_refused
+
+
+class _Payload:
+    """Unpickling this calls ``exec``: what an attacker puts into a checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+def _crafted(lab, tmp_path, item, filename=".metadata"):
+    """A copy of a lab checkpoint whose ``filename`` runs code when unpickled; and the file it would create.
+    Without checksums (as a checkpoint from another tool): the allow-list must hold on its own."""
+    copy = lab.copy(item, tmp_path)
+    (copy / "checksums.json").unlink()
+    marker = tmp_path / "code_ran"
+    (copy / filename).write_bytes(pickle.dumps(_Payload(marker)))
+    return copy, marker
+
+
+def test_the_payload_runs_under_plain_pickle(tmp_path):
+    """The control: without the allow-list the crafted file does execute code."""
+    marker = tmp_path / "code_ran"
+    pickle.loads(pickle.dumps(_Payload(marker)))
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("command", ["mcore-to-hf", "opt-out", "eval", "package-expert", "merge", "upcycle"])
+def test_crafted_metadata_is_refused_by_every_reader(command, lab, tmp_path, capsys):
+    item = {"package-expert": "owner", "merge": "anchor", "upcycle": "anchor"}.get(command, "merged")
+    crafted, marker = _crafted(lab, tmp_path, item)
+    out = tmp_path / "out"
+    argv = {
+        "mcore-to-hf": ["convert", "mcore-to-hf", crafted, out],
+        "opt-out": ["opt-out", crafted, "--drop", "code", "--out", out],
+        "eval": ["eval", crafted, "--data", f"code={lab.dataset}", "--seq-len", 8],
+        "package-expert": ["package-expert", crafted, out, "--name", "code"],
+        "merge": ["merge", crafted, lab.package, "--out", out],
+        "upcycle": ["upcycle", crafted, out, "--public-embedding", lab.embeddings[0],
+                    "--domain-embedding", lab.embeddings[1]],
+    }[command]
+    assert_refused(argv, capsys, match=r"\.metadata: refers to builtins\.exec.*refusing to unpickle",
+                   workdir=tmp_path, inputs=(crafted,))
+    assert not marker.exists()
+
+
+def test_crafted_common_pt_is_refused(lab, tmp_path, capsys):
+    """Megatron reads ``common.pt`` with ``torch.load``, whose default (weights_only) refuses it."""
+    crafted, marker = _crafted(lab, tmp_path, "merged", filename="common.pt")
+    assert_refused(["eval", crafted, "--data", f"code={lab.dataset}", "--seq-len", 8], capsys,
+                   match=r"common\.pt: holds objects a checkpoint never contains; refusing to unpickle",
+                   workdir=tmp_path,
+                   inputs=(crafted,))
+    assert not marker.exists()
+
+
+def test_real_checkpoints_pass_the_allow_list(lab):
+    for directory in (lab.anchor, lab.owner, lab.merged):
+        assert read_metadata(directory).state_dict_metadata
+
+
+def test_truncated_metadata_is_reported_as_corrupt(lab, tmp_path, capsys):
+    copy = lab.copy("merged", tmp_path)
+    data = (copy / ".metadata").read_bytes()
+    (copy / ".metadata").write_bytes(data[: len(data) // 2])
+    assert_refused(["convert", "mcore-to-hf", copy, tmp_path / "out"], capsys,
+                   match=r"\.metadata: not a readable torch_dist metadata file", workdir=tmp_path, inputs=(copy,))
+
+
+def test_the_allow_list_names_what_it_refused(tmp_path):
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(_Payload(tmp_path / "x")))
+    with pytest.raises(UnsafeCheckpointError, match="builtins.exec"):
+        read_metadata(tmp_path)
