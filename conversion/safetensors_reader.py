@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from flexolmo_plugin.conversion.checks import all_finite
+from flexolmo_plugin.conversion.checksums import CHECKSUMS_FILE, verify_checksums
 from flexolmo_plugin.errors import FlexOlmoError
 
 __all__ = ["CheckpointFormatError", "PICKLE_SUFFIXES", "SafetensorsCheckpoint"]
@@ -212,6 +213,9 @@ class SafetensorsCheckpoint:
                     ".save_pretrained(out, safe_serialization=True) and point at the output.")
             raise CheckpointFormatError(f"no safetensors weights in {root}")
 
+        if (root / CHECKSUMS_FILE).is_file():  # written by our export; HF directories from elsewhere have none
+            verify_checksums(root / CHECKSUMS_FILE, what=f"Hugging Face checkpoint {root}",
+                             required=[p.relative_to(root).as_posix() for p in files])
         entries: dict[str, _Entry] = {}
         metadata: dict[str, str] = {}
         for i, path in enumerate(files):

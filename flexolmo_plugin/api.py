@@ -13,6 +13,7 @@ from megatron.core import dist_checkpointing
 
 from flexolmo_plugin import compat
 from flexolmo_plugin.conversion.atomic import check_new_output
+from flexolmo_plugin.conversion.checksums import write_directory_checksums
 from flexolmo_plugin.conversion.hf_import import load_hf_weights
 from flexolmo_plugin.conversion.mcore_io import load_config, load_model_weights, save_config
 from flexolmo_plugin.conversion.safetensors_reader import CheckpointFormatError, SafetensorsCheckpoint
@@ -156,6 +157,7 @@ def save_mcore(model, mcore_dir: str | os.PathLike) -> None:
         if rank0:
             save_config(tmp, inner.flexolmo_config, dtype=inner.config.params_dtype,
                         extra={"source": {"format": "megatron"}})
+            write_directory_checksums(tmp)
             os.rename(tmp, final)
         dist.barrier()
     except BaseException:
