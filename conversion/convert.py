@@ -50,6 +50,7 @@ from flexolmo_plugin.conversion.safetensors_reader import (
     SafetensorsCheckpoint,
 )
 from flexolmo_plugin.conversion.safetensors_writer import ShardedSafetensorsWriter
+from flexolmo_plugin.errors import ConfigError
 from flexolmo_plugin.model.config import FlexOlmoConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -71,6 +72,15 @@ def _single_dtype(checkpoint: SafetensorsCheckpoint) -> torch.dtype:
     return dtypes.pop()
 
 
+def _check_count(name: str, value: int | None) -> None:
+    """``None`` means "the default"; anything else must be a real count.  (``top_k or default``
+    used to turn an explicit 0 into the default without a word.)"""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1 (or None for the default), got {value!r}")
+
+
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     copied = []
     for name in TOKENIZER_FILES:
@@ -86,6 +96,8 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype:
     """Convert an HF FlexOlmo (or OLMo-2 dense, with ``num_experts`` copies) checkpoint to Megatron."""
     start = time.perf_counter()
     hf_dir = Path(hf_dir)
+    _check_count("top_k", top_k)
+    _check_count("num_experts", num_experts)
     check_new_output(out_dir)
     reuse_freed_memory()
     with SafetensorsCheckpoint.open(hf_dir) as checkpoint:
@@ -98,7 +110,7 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype:
         else:
             if num_experts is not None:
                 raise CheckpointFormatError("--num-experts only applies to OLMo-2 dense sources")
-            config = FlexOlmoConfig.from_hf(raw_config, **({"top_k": top_k} if top_k else {}))
+            config = FlexOlmoConfig.from_hf(raw_config, **({"top_k": top_k} if top_k is not None else {}))
             weights = HFWeights(checkpoint, config)
         dtype = dtype or _single_dtype(checkpoint)
         by_name = {e.megatron: e for e in entries(config)}
@@ -145,6 +157,7 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dty
     """
     start = time.perf_counter()
     mcore_dir = Path(mcore_dir)
+    _check_count("max_shard_bytes", max_shard_bytes)
     check_new_output(out_dir)
     reuse_freed_memory()
     config, stored_dtype, _ = load_config(mcore_dir)

@@ -42,7 +42,7 @@ class Olmo2AsFlexOlmo:
         if not num_experts:
             raise CheckpointFormatError("upcycling an OLMo-2 dense model needs --num-experts (e.g. 2)")
         flex_like = dict(raw, model_type="flex_olmo", num_experts=num_experts,
-                         num_experts_per_tok=top_k or num_experts, norm_topk_prob=False)
+                         num_experts_per_tok=num_experts if top_k is None else top_k, norm_topk_prob=False)
         self.config = FlexOlmoConfig.from_hf(flex_like)
         self.checkpoint = checkpoint
         self.reads: Counter[str] = Counter()

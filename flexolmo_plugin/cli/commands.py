@@ -1,0 +1,274 @@
+"""What each ``flexolmo`` command does: one ``cmd_*`` function per command, given parsed arguments.
+
+Each command imports its implementation when it runs (``--help`` must not import torch, Megatron or
+transformers, which take seconds); these deferred imports are the CLI's, and only the CLI's.  The
+option values arrive already checked (:mod:`flexolmo_plugin.cli.options`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from flexolmo_plugin.errors import ConfigError
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def _quiet_imports() -> None:
+    """Megatron and transformers print advisory warnings at import that say nothing to a CLI user."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import logging
+
+    for name in ("megatron", "megatron.core", "transformers", "torch.utils.cpp_extension"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _megatron() -> None:
+    """Setup of every command that runs megatron-core: quiet imports, then the CPU compatibility
+    shims where CUDA is absent (the CLI is an entry point: it applies them, logged once)."""
+    _quiet_imports()
+    from flexolmo_plugin import compat
+
+    compat.enable_cpu_compat()
+
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    """Compare our Megatron model's logits with transformers' FlexOlmoForCausalLM on random tokens."""
+    _megatron()
+    import torch
+
+    from flexolmo_plugin.parity import check_parity
+
+    report = check_parity(args.hf_dir, tokens=args.tokens, batch=args.batch, seed=args.seed,
+                          params_dtype=getattr(torch, DTYPES[args.dtype]), tolerance=args.tolerance)
+    print(report.describe())
+    return EXIT_OK if report.passed else EXIT_CHECK_FAILED
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """HF <-> Megatron conversion with a progress bar and a final summary."""
+    _megatron()
+    import torch
+
+    from flexolmo_plugin.conversion.convert import hf_to_mcore, mcore_to_hf
+
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    if args.direction == "hf-to-mcore":
+        report = hf_to_mcore(args.source, args.target, dtype=dtype, num_experts=args.num_experts,
+                             top_k=args.top_k, progress=not args.quiet)
+    else:
+        if args.num_experts is not None or args.top_k is not None:
+            raise ConfigError("--num-experts/--top-k only apply to hf-to-mcore")
+        report = mcore_to_hf(args.source, args.target, dtype=dtype, max_shard_bytes=args.max_shard_size,
+                             drop_router_bias=args.drop_router_bias, progress=not args.quiet)
+    print(f"converted {args.direction}: {report.summary()}")
+    if args.direction == "mcore-to-hf" and args.drop_router_bias:
+        from flexolmo_plugin.api import from_mcore
+        from flexolmo_plugin.conversion.convert import router_bias_magnitude
+        from flexolmo_plugin.lifecycle.evaluation import router_bias_logit_change
+
+        if router_bias_magnitude(args.source) > 0:
+            change = router_bias_logit_change(from_mcore(args.source, dispatcher="allgather"))
+            print(f"router bias dropped: max |Δlogit| vs the Megatron model on random tokens = {change:.4g}")
+    return EXIT_OK
+
+
+def cmd_upcycle(args: argparse.Namespace) -> int:
+    """Public model -> the [public, domain] 2-expert Megatron checkpoint an owner trains."""
+    _megatron()
+    import torch
+
+    from flexolmo_plugin.lifecycle.upcycle import upcycle
+
+    report = upcycle(args.public_dir, args.out_dir, public_embedding=args.public_embedding,
+                     domain_embedding=args.domain_embedding, expert_names=("public", args.name),
+                     dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None, progress=not args.quiet)
+    print(f"upcycled: {report.summary()}")
+    return EXIT_OK
+
+
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    """JSON Lines -> Megatron indexed dataset."""
+    _megatron()
+    from flexolmo_plugin.lifecycle.data import prepare_dataset
+
+    report = prepare_dataset(args.input, args.output_prefix, tokenizer_dir=args.tokenizer, text_key=args.text_key,
+                             append_eod=not args.no_eod, progress=not args.quiet)
+    print(f"wrote {report.prefix}.bin/.idx: {report.documents} documents, {report.tokens} tokens")
+    return EXIT_OK
+
+
+def cmd_embed_domain(args: argparse.Namespace) -> int:
+    """Mean embedding of a sample of the owner's documents -> a router row."""
+    _megatron()
+    from flexolmo_plugin.lifecycle.domain_embedding import (
+        embed_documents,
+        sample_documents,
+    )
+    from flexolmo_plugin.lifecycle.upcycle import save_embedding
+
+    width = None
+    if args.for_model:
+        import json
+
+        config_path = Path(args.for_model) / "config.json"
+        try:
+            width = json.loads(config_path.read_text(encoding="utf-8"))["hidden_size"]
+        except (ValueError, KeyError, TypeError) as error:  # not JSON, not an object, or no hidden_size
+            raise ConfigError(f"--for-model: {config_path} has no integer 'hidden_size' ({error!r})") from None
+        if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+            raise ConfigError(f"--for-model: {config_path} has no integer 'hidden_size' (got {width!r})")
+    docs = sample_documents(args.docs, num_docs=args.num_docs, seed=args.seed, text_key=args.text_key)
+    vector = embed_documents(args.model, docs, method=args.method, max_tokens=args.max_tokens,
+                             expected_width=width, progress=not args.quiet)
+    save_embedding(args.output, vector, {"documents": str(len(docs)), "embedder": str(args.model),
+                                         "method": args.method, "seed": str(args.seed)})
+    print(f"wrote {args.output}: mean of {len(docs)} documents, width {vector.numel()}, "
+          f"L2 norm {vector.norm().item():.4f}")
+    return EXIT_OK
+
+
+def cmd_select_proxy(args: argparse.Namespace) -> int:
+    """Owner side: identifiers of the public documents most like the owner's (no owner text leaves)."""
+    _megatron()
+    from flexolmo_plugin.lifecycle.proxy import select_proxy
+
+    selection = select_proxy(args.owner_docs, args.public_docs, args.out, embedder=args.embedder, owner=args.name,
+                             fraction=args.fraction, num_docs=args.num_docs, max_owner_docs=args.max_owner_docs,
+                             min_probability=args.min_probability, method=args.method, text_key=args.text_key,
+                             id_key=args.id_key, seed=args.seed, progress=not args.quiet)
+    print(f"selected {len(selection.selected)} of {selection.public_documents} public documents as proxies for "
+          f"{args.name!r} (classifier cross-validated accuracy {100 * selection.cross_validated_accuracy:.1f}%) "
+          f"-> {args.out}")
+    return EXIT_OK
+
+
+def cmd_router_mix(args: argparse.Namespace) -> int:
+    """Coordinator side: the router-tuning data from the public set and the owners' proxy selections."""
+    _quiet_imports()
+    from flexolmo_plugin.lifecycle.proxy import router_mix
+
+    report = router_mix(args.public_docs, args.selections, args.out, public_sample=args.public_sample,
+                        per_source=args.per_source, seed=args.seed, text_key=args.text_key)
+    parts = ", ".join(f"{source} {count}" for source, count in report.per_source.items())
+    print(f"wrote {report.documents} documents ({parts}) -> {report.path}")
+    return EXIT_OK
+
+
+def cmd_package_expert(args: argparse.Namespace) -> int:
+    _megatron()
+    from flexolmo_plugin.lifecycle.package import package_expert
+
+    path = package_expert(args.owner_dir, args.package_dir, name=args.name, description=args.description,
+                          tokens_trained=args.tokens_trained, expert=args.expert)
+    print(f"packaged expert {args.name!r} -> {path}")
+    return EXIT_OK
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    _megatron()
+    from flexolmo_plugin.lifecycle.merge import merge_experts
+
+    report = merge_experts(args.public_dir, args.packages, args.out, top_k=args.top_k, progress=not args.quiet)
+    print(f"merged {len(args.packages)} expert(s) onto the public model: {report.summary()}")
+    return EXIT_OK
+
+
+def cmd_opt_out(args: argparse.Namespace) -> int:
+    _megatron()
+    from flexolmo_plugin.lifecycle.opt_out import opt_out
+
+    report = opt_out(args.mcore_dir, args.out, drop=args.drop, progress=not args.quiet)
+    print(f"opted out {args.drop}: {report.summary()}")
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Per-domain loss / perplexity and where the router sends each domain, for one or more models;
+    with several models also the oracle (best model per domain) and the composition efficiency."""
+    _megatron()
+    import flexolmo_plugin as fp
+    from flexolmo_plugin.lifecycle import evaluation as ev
+    from flexolmo_plugin.lifecycle.opt_out import exclude_experts
+
+    datasets = {}
+    for item in args.data:
+        name, sep, prefix = item.partition("=")
+        if not sep or not name or not prefix:
+            raise ConfigError(f"--data expects NAME=PREFIX, got {item!r}")
+        datasets[name] = prefix
+    table: dict[str, dict[str, float]] = {}
+    for directory in args.mcore_dirs:
+        model = fp.from_mcore(directory, dispatcher="allgather" if args.exclude else "alltoall")
+        config = model.flexolmo_config
+        names = config.expert_names or tuple(f"expert{i}" for i in range(config.num_experts))
+        if args.exclude:
+            exclude_experts(model, args.exclude)
+        # the model's own context by default
+        seq_len = config.max_position_embeddings if args.seq_len is None else args.seq_len
+        results = ev.evaluate(model, datasets, seq_len=seq_len, max_tokens=args.max_tokens)
+        table[directory] = {r.name: r.loss for r in results}
+        title = f"{directory}" + (f" (excluding {', '.join(args.exclude)})" if args.exclude else "")
+        print(ev.format_table(results, title))
+        print("\nmean gate weight per expert (mean over layers and tokens):")
+        print(ev.format_gate_weights(results, names))
+        if config.top_k < config.num_experts:
+            print(f"\nshare of tokens routed to each expert (top-{config.top_k} of {config.num_experts}):")
+            print(ev.format_routing(results, names))
+        if args.plot:
+            path = args.plot if len(args.mcore_dirs) == 1 else f"{Path(args.plot).stem}-{len(table)}.png"
+            ev.plot_routing(results, names, path, show="weights")
+            print(f"\nrouting heatmap: {path}")
+        print()
+    if len(table) > 1:
+        best = ev.oracle({k: v for k, v in table.items() if k != args.composed})
+        print("oracle (best of the models per domain): " + ", ".join(f"{d} {v:.4f}" for d, v in best.items()))
+        if args.public and args.composed:
+            missing = [d for d in (args.public, args.composed) if d not in table]
+            if missing:
+                raise ConfigError(f"--public / --composed must be among the evaluated models, not {missing}")
+            efficiency = ev.composition_efficiency(table[args.public], table[args.composed], best)
+            print(f"composition efficiency of {args.composed}: {100 * efficiency:.1f}% "
+                  "((public - composed) / (public - oracle), mean over domains)")
+    return EXIT_OK
+
+
+def cmd_train_expert(args: argparse.Namespace) -> int:
+    """Anchored expert training / router tuning on Megatron-Bridge (torchrun-compatible)."""
+    _quiet_imports()
+    from flexolmo_plugin.recipes.train import run
+
+    log = run(args.recipe, args.overrides)
+    if log.history:
+        first, last = log.history[0], log.history[-1]
+        print(f"trained iterations {first[0]}-{last[0]}: lm loss {first[1]:.4f} -> {last[1]:.4f}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The whole lifecycle on this machine: public model, three owners, merge, eval, opt-out, HF export."""
+    _quiet_imports()
+    from flexolmo_plugin.demo.pipeline import DemoError
+    from flexolmo_plugin.demo.run import run_demo
+
+    try:
+        overrides = {}
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}")
+            overrides[key] = value
+        _, claims = run_demo(args.workdir, size=args.size, seed=args.seed, overrides=overrides,
+                             progress=not args.quiet)
+    except DemoError as error:
+        print(f"demo failed: {error}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    return EXIT_OK if all(ok for _, ok in claims) else EXIT_CHECK_FAILED

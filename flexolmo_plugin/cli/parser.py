@@ -1,0 +1,233 @@
+"""The ``flexolmo`` argument parser: commands, options, and the help a user reads.
+
+Importing this imports nothing heavy (``flexolmo --help`` answers at once): the commands' modules
+import their implementations only when they run.
+"""
+
+from __future__ import annotations
+
+from flexolmo_plugin.cli import commands
+from flexolmo_plugin.cli import options as opt
+from flexolmo_plugin.cli.commands import DTYPES
+from flexolmo_plugin.recipes.registry import RECIPES
+
+TRAIN_RECIPES = tuple(RECIPES)  # listing them needs no Megatron-Bridge import
+
+
+def build_parser() -> opt.Parser:
+    """The ``flexolmo`` parser; every option value is checked here, at parse time (see :mod:`.options`)."""
+    parser = opt.Parser(
+        prog="flexolmo",
+        description="FlexOlmo on Megatron-Core: check, convert, train, merge and opt out experts.",
+        epilog="Exit codes: 0 success, 1 a check failed, 2 bad input.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    parity = sub.add_parser(
+        "parity", help="compare logits with transformers' FlexOlmoForCausalLM",
+        description="Load HF_DIR into the Megatron FlexOlmo model and into transformers, run both on the "
+                    "same random tokens, print max |Δlogit| and exit 1 if it exceeds the tolerance.")
+    parity.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face FlexOlmo directory (safetensors + config.json)")
+    parity.add_argument("--tokens", type=opt.positive_int, default=32, help="sequence length (default 32)")
+    parity.add_argument("--batch", type=opt.positive_int, default=2, help="number of sequences (default 2)")
+    parity.add_argument("--seed", type=opt.seed, default=0, help="seed of the random token ids (default 0)")
+    parity.add_argument("--tolerance", type=opt.tolerance, default=1e-4, help="max allowed |Δlogit| (default 1e-4)")
+    parity.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="parameter dtype of the Megatron model (reference is always float32)")
+    parity.set_defaults(func=commands.cmd_parity)
+
+    convert = sub.add_parser(
+        "convert", help="convert checkpoints between Hugging Face and Megatron torch_dist",
+        description="hf-to-mcore: HF FlexOlmo (or OLMo-2 dense with --num-experts) -> a Megatron torch_dist "
+                    "checkpoint plus flexolmo_config.json (load with flexolmo_plugin.from_mcore at any TP/EP). "
+                    "mcore-to-hf: back to sharded safetensors + config.json for transformers. Streams one tensor "
+                    "at a time, validates everything, and writes the output atomically (refuses an existing path).")
+    convert.add_argument("direction", choices=["hf-to-mcore", "mcore-to-hf"])
+    convert.add_argument("source", metavar="SOURCE_DIR")
+    convert.add_argument("target", metavar="TARGET_DIR", help="must not exist yet")
+    convert.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: the source's)")
+    convert.add_argument("--num-experts", type=opt.positive_int,
+                         help="hf-to-mcore from OLMo-2 dense: number of expert copies")
+    convert.add_argument("--top-k", type=opt.positive_int,
+                         help="hf-to-mcore: experts per token (default: config / all)")
+    convert.add_argument("--max-shard-size", type=opt.size, default="5GB",
+                         help="mcore-to-hf: safetensors shard size (default 5GB)")
+    convert.add_argument("--drop-router-bias", action="store_true",
+                         help="mcore-to-hf: export a model with a non-zero learned router bias without it "
+                              "(HF flex_olmo has none) and report the logit change")
+    convert.add_argument("--quiet", action="store_true", help="no progress bar")
+    convert.set_defaults(func=commands.cmd_convert)
+
+    up = sub.add_parser(
+        "upcycle", help="public model -> [public, domain] 2-expert checkpoint for a data owner",
+        description="Both experts start as the public FFN (expert 0 of a FlexOlmo public model); every layer's "
+                    "router rows become [PUBLIC_EMBEDDING; DOMAIN_EMBEDDING]. PUBLIC_DIR: HF OLMo-2 dense, HF "
+                    "FlexOlmo, or a Megatron checkpoint from 'flexolmo convert'. Embeddings: .safetensors or .npy.")
+    up.add_argument("public_dir", metavar="PUBLIC_DIR")
+    up.add_argument("out_dir", metavar="OUT_MCORE_DIR", help="must not exist yet")
+    up.add_argument("--public-embedding", required=True, metavar="E0")
+    up.add_argument("--domain-embedding", required=True, metavar="E1")
+    up.add_argument("--name", type=opt.safe_name, default="domain",
+                    help="name of the owner's expert (default 'domain')")
+    up.add_argument("--dtype", choices=sorted(DTYPES), help="parameter dtype (default: the public model's)")
+    up.add_argument("--quiet", action="store_true")
+    up.set_defaults(func=commands.cmd_upcycle)
+
+    prep = sub.add_parser("prepare-data", help="JSON Lines -> Megatron indexed dataset (.bin/.idx)",
+                          description="Tokenizes one document per line (streaming) and appends the end-of-document "
+                                      "token; a bad line stops with its line number and writes nothing.")
+    prep.add_argument("input", metavar="INPUT.jsonl")
+    prep.add_argument("output_prefix", metavar="OUT_PREFIX")
+    prep.add_argument("--tokenizer", required=True, metavar="TOKENIZER_DIR", help="local HF tokenizer directory")
+    prep.add_argument("--text-key", default="text")
+    prep.add_argument("--no-eod", action="store_true", help="do not append the end-of-document token")
+    prep.add_argument("--quiet", action="store_true")
+    prep.set_defaults(func=commands.cmd_prepare_data)
+
+    emb = sub.add_parser("embed-domain", help="domain embedding (router row) from a sample of documents",
+                         description="Mean embedding of up to --num-docs documents (paper: 1000) with a local "
+                                     "encoder (sentence-transformers/HF, mean-pooled) or the public model's own "
+                                     "final hidden states. The width must equal the FlexOlmo model's hidden size.")
+    emb.add_argument("docs", metavar="DOCS.jsonl")
+    emb.add_argument("output", metavar="OUT.safetensors")
+    emb.add_argument("--model", required=True, metavar="DIR", help="local embedder or public model directory")
+    emb.add_argument("--method", choices=["auto", "encoder", "public-model"], default="auto")
+    emb.add_argument("--for-model", metavar="DIR", help="check the width against this model's hidden size")
+    emb.add_argument("--num-docs", type=opt.positive_int, default=1000)
+    emb.add_argument("--max-tokens", type=opt.positive_int, default=512)
+    emb.add_argument("--seed", type=opt.seed, default=0)
+    emb.add_argument("--text-key", default="text")
+    emb.add_argument("--quiet", action="store_true")
+    emb.set_defaults(func=commands.cmd_embed_domain)
+
+    sel = sub.add_parser(
+        "select-proxy", help="owner: pick public documents like the owner's data (proxy data for router tuning)",
+        description="Trains a logistic-regression classifier (owner documents vs public documents) on document "
+                    "embeddings, here on the owner's machine, scores every public document (cross-fitted) and "
+                    "writes only the identifiers of the most owner-like public documents (paper §3.6). No owner "
+                    "text is written.")
+    sel.add_argument("owner_docs", metavar="OWNER.jsonl")
+    sel.add_argument("public_docs", metavar="PUBLIC.jsonl")
+    sel.add_argument("--out", required=True, metavar="PROXY.json", help="must not exist yet")
+    sel.add_argument("--name", type=opt.safe_name, required=True, help="the owner's expert name")
+    sel.add_argument("--embedder", required=True, metavar="DIR", help="local text encoder or the public model (HF)")
+    amount = sel.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--fraction", type=opt.fraction, help="fraction of the public documents to select")
+    amount.add_argument("--num-docs", type=opt.positive_int, help="number of public documents to select")
+    sel.add_argument("--max-owner-docs", type=opt.positive_int, default=1000)
+    sel.add_argument("--min-probability", type=opt.probability, default=0.5,
+                     help="select only documents the classifier gives at least this probability (default 0.5)")
+    sel.add_argument("--method", choices=["auto", "encoder", "public-model"], default="auto")
+    sel.add_argument("--text-key", default="text")
+    sel.add_argument("--id-key", default="id", help="identifier field of public documents (default: line number)")
+    sel.add_argument("--seed", type=opt.seed, default=0)
+    sel.add_argument("--quiet", action="store_true")
+    sel.set_defaults(func=commands.cmd_select_proxy)
+
+    mix = sub.add_parser("router-mix", help="coordinator: router-tuning data from public text and proxy selections",
+                         description="Every source (the public set, each owner's proxy set) contributes the same "
+                                     "number of documents (default: the largest proxy set), shuffled, as JSON Lines "
+                                     "(then 'flexolmo prepare-data' and 'flexolmo train router-tune').")
+    mix.add_argument("public_docs", metavar="PUBLIC.jsonl")
+    mix.add_argument("selections", nargs="+", metavar="PROXY.json")
+    mix.add_argument("--out", required=True, metavar="MIX.jsonl")
+    mix.add_argument("--public-sample", metavar="PUBLIC2.jsonl",
+                     help="draw the public sample from this file (default: PUBLIC.jsonl, which the proxies refer to)")
+    mix.add_argument("--per-source", type=opt.positive_int)
+    mix.add_argument("--text-key", default="text")
+    mix.add_argument("--seed", type=opt.seed, default=0)
+    mix.set_defaults(func=commands.cmd_router_mix)
+
+    pkg = sub.add_parser("package-expert", help="extract an owner's expert into a shareable, verifiable package",
+                         description="Writes the owner's per-layer FFN, router row and bias (safetensors) and "
+                                     "manifest.json (name, model shape, anchor SHA-256s, tokens trained, file hashes).")
+    pkg.add_argument("owner_dir", metavar="OWNER_MCORE_DIR")
+    pkg.add_argument("package_dir", metavar="PKG_DIR", help="must not exist yet")
+    pkg.add_argument("--name", type=opt.safe_name, required=True)
+    pkg.add_argument("--description", default="")
+    pkg.add_argument("--tokens-trained", type=opt.non_negative_int)
+    pkg.add_argument("--expert", type=opt.positive_int, default=1, help="index of the owner's expert (default 1)")
+    pkg.set_defaults(func=commands.cmd_package_expert)
+
+    mrg = sub.add_parser("merge", help="public model + expert packages -> (N+1)-expert FlexOlmo",
+                         description="Expert 0 and shared weights from PUBLIC_DIR (e.g. the upcycled [public, public] "
+                                     "checkpoint); one expert per package, verified against the public anchor. "
+                                     "Default top-k: min(experts, 4).")
+    mrg.add_argument("public_dir", metavar="PUBLIC_DIR")
+    mrg.add_argument("packages", metavar="PKG_DIR", nargs="+")
+    mrg.add_argument("--out", required=True, metavar="MCORE_DIR")
+    mrg.add_argument("--top-k", type=opt.positive_int)
+    mrg.add_argument("--quiet", action="store_true")
+    mrg.set_defaults(func=commands.cmd_merge)
+
+    optout = sub.add_parser("opt-out", help="remove experts by name (physically) into a new checkpoint",
+                         description="Drops the experts' FFNs, router rows and biases; top-k is reduced (with a "
+                                     "warning) if it exceeds the remaining experts. For a run-time exclusion use "
+                                     "flexolmo_plugin.lifecycle.opt_out.exclude_experts or 'flexolmo eval --exclude'.")
+    optout.add_argument("mcore_dir", metavar="MCORE_DIR")
+    optout.add_argument("--drop", required=True, nargs="+", metavar="NAME")
+    optout.add_argument("--out", required=True, metavar="MCORE_DIR2")
+    optout.add_argument("--quiet", action="store_true")
+    optout.set_defaults(func=commands.cmd_opt_out)
+
+    ev = sub.add_parser("eval", help="per-domain loss / perplexity and gate weights of one or more checkpoints",
+                        description="Evaluates each MCORE_DIR on Megatron indexed datasets (from prepare-data), "
+                                    "prints a "
+                                    "loss/perplexity table and each expert's mean gate weight on each domain; "
+                                    "--exclude masks experts by name at run time (no new checkpoint). With several "
+                                    "models: the oracle (best model per domain) and, given --public and --composed, "
+                                    "the composition efficiency.")
+    ev.add_argument("mcore_dirs", nargs="+", metavar="MCORE_DIR")
+    ev.add_argument("--data", required=True, nargs="+", metavar="NAME=PREFIX")
+    ev.add_argument("--exclude", nargs="*", default=[], metavar="NAME")
+    ev.add_argument("--plot", metavar="routing.png", help="write a routing heatmap (needs matplotlib)")
+    ev.add_argument("--public", metavar="MCORE_DIR", help="the public model among MCORE_DIRs (efficiency)")
+    ev.add_argument("--composed", metavar="MCORE_DIR", help="the merged model among MCORE_DIRs (efficiency)")
+    ev.add_argument("--seq-len", type=opt.positive_int,
+                    help="window length (default: the model's max_position_embeddings)")
+    ev.add_argument("--max-tokens", type=opt.positive_int, default=16384, help="per domain")
+    ev.set_defaults(func=commands.cmd_eval)
+
+    tr = sub.add_parser("train", aliases=["train-expert"],
+                        help="train the public model, an owner's expert, or the router (Megatron-Bridge)",
+                        description="RECIPE: 'public' (the dense public model, a one-expert FlexOlmo, every weight "
+                                    "trained; sizes via recipe.num_layers=..., recipe.hidden_size=..., "
+                                    "recipe.vocab_size=... or recipe.tokenizer_dir=...), "
+                                    "'expert' (anchored training of the owner's expert from an upcycled "
+                                    "checkpoint: top-2 of 2, LB loss off, z-loss 1e-3, LR 9e-4 cosine, wd 0) or "
+                                    "'router-tune' (only router rows/biases, all experts active); 'public-7b', "
+                                    "'expert-2x7b', 'router-tune-7x7b', 'inference-7x7b': the H100 production recipes "
+                                    "(recipe.precision=bf16|fp8-tensorwise|fp8-blockwise, recipe.nodes=N, "
+                                    "recipe.gpus_per_node=G). Overrides: "
+                                    "recipe.ARG=VALUE for the recipe function (init_from, save_dir, data_paths, "
+                                    "tokenizer_dir, seq_length, train_iters, global_batch_size, lr, expert_parallel, "
+                                    "...), and KEY=VALUE for the Bridge ConfigContainer (e.g. train.train_iters=10). "
+                                    "Run under torchrun for several processes.")
+    tr.add_argument("recipe", metavar="RECIPE", choices=TRAIN_RECIPES)
+    tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    tr.set_defaults(func=commands.cmd_train_expert)
+
+    demo = sub.add_parser(
+        "demo", help="run the whole FlexOlmo lifecycle on this machine (about 7 minutes on 2 CPU cores)",
+        description="Public model trained on public text; three data owners (Python code, C++ headers, licence "
+                    "texts -- all read from this machine, nothing downloaded) each embed their domain, upcycle "
+                    "and train their expert in their own process; merge, per-domain evaluation, opt-out, routing "
+                    "heatmap, Hugging Face export checked with transformers, and a summary of every artifact. "
+                    "Exit 1 if a check fails.")
+    demo.add_argument("--workdir", metavar="DIR", help="new or empty directory (default: ./flexolmo-demo[-N])")
+    demo.add_argument("--size", choices=["full", "tiny"], default="full",
+                      help="'tiny' is the test suite's reduced run (default: full)")
+    demo.add_argument("--seed", type=opt.seed, default=0,
+                      help="seed of the data split, training, proxy selection and router mix (default 0)")
+    demo.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="change one size field (e.g. router_bias_init=none, owner_public_share=0); for ablations")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=commands.cmd_demo)
+    for name in VERIFYING_COMMANDS:
+        sub.choices[name].add_argument(
+            "--no-verify", action="store_true",
+            help="do not check the inputs' checksums (checksums.json) before reading them; a warning says so")
+    return parser
+
+
+# Commands that read checkpoints or datasets our tools wrote (and verify their checksums).
+VERIFYING_COMMANDS = ("parity", "convert", "upcycle", "package-expert", "merge", "opt-out", "eval", "train")
