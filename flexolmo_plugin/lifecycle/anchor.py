@@ -5,6 +5,10 @@ The anchor is everything an owner trains against and may not change: all shared 
 r_pub.  Digests are computed per tensor from whole canonical tensors (so they do not depend on the
 TP/EP layout a checkpoint was saved at); merge compares them one by one and names the first tensor
 that differs.
+
+Also the finiteness check every tool that writes weights (package-expert, merge, opt-out) applies to
+each tensor as it streams past: a diverged training run leaves NaN/Inf in its checkpoint, and a
+package or merge built from it would spread them to every model that uses the expert.
 """
 
 from __future__ import annotations
@@ -16,11 +20,28 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import nn
 
+from flexolmo_plugin.conversion.checks import all_finite
 from flexolmo_plugin.conversion.mapping import Role, entries
 from flexolmo_plugin.conversion.slots import slots
+from flexolmo_plugin.errors import FlexOlmoError
 from flexolmo_plugin.model.config import FlexOlmoConfig
 
 PUBLIC_EXPERT = 0
+
+
+class NonFiniteWeightsError(FlexOlmoError):
+    """A weight with NaN or ±Inf values, refused before it can be copied into a new output."""
+
+
+def check_finite(tensor: torch.Tensor, name: str, source: str) -> torch.Tensor:
+    """``tensor`` unchanged if every value is finite, else a refusal naming the tensor and where it
+    came from.  One pass without a temporary (:func:`all_finite`), so it costs little next to the read;
+    the bad values are counted only when reporting."""
+    if not all_finite(tensor):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise NonFiniteWeightsError(f"{source}: tensor {name} has {bad} non-finite (NaN/Inf) values out of "
+                                    f"{tensor.numel()}; refusing to copy weights that are not finite")
+    return tensor
 
 
 def anchor_items(config: FlexOlmoConfig) -> Iterator[tuple[str, str, int | None]]:
@@ -69,16 +90,23 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     return digest_tensors({"t": tensor})
 
 
-def anchor_hashes(config: FlexOlmoConfig, read) -> dict[str, str]:
+def anchor_hashes(config: FlexOlmoConfig, read, *, source: str | None = None) -> dict[str, str]:
     """Per-tensor anchor digests, in checkpoint order; ``read(canonical)`` returns a whole canonical
     tensor.  A helper thread hashes each tensor while the next one is read (SHA-256 is most of the
-    cost of packaging and merging, and releases the GIL); two tensors at most are held."""
+    cost of packaging and merging, and releases the GIL); two tensors at most are held.
+
+    With ``source`` (a label for messages), every anchor tensor must also be finite: merge copies
+    the whole anchor into its output, so this refuses a diverged public model before anything is
+    written, on the read the hashing needs anyway."""
     out: dict[str, str] = {}
     pending: tuple[str, Future] | None = None
     with ThreadPoolExecutor(1, thread_name_prefix="anchor-sha256") as pool:
         for anchor_name, canonical, row in anchor_items(config):
             tensor = read(canonical)
-            job = pool.submit(tensor_sha256, tensor[row] if row is not None else tensor)
+            tensor = tensor[row] if row is not None else tensor
+            if source is not None:
+                check_finite(tensor, anchor_name, source)
+            job = pool.submit(tensor_sha256, tensor)
             del tensor
             if pending is not None:
                 out[pending[0]] = pending[1].result()
@@ -102,3 +130,16 @@ def first_difference(expected: dict[str, str], actual: dict[str, str]) -> str | 
         if expected.get(name) != actual.get(name):
             return name
     return None
+
+
+def describe_difference(expected: dict[str, str], actual: dict[str, str]) -> str | None:
+    """The first differing anchor tensor with *its own* two digests (``absent`` where one side lacks
+    it), or None: the combined digests only say that something differs, these say what."""
+    name = first_difference(expected, actual)
+    if name is None:
+        return None
+
+    def short(digest: str | None) -> str:
+        return f"{digest[:12]}…" if digest else "absent"
+
+    return f"{name} (package {short(actual.get(name))}, public {short(expected.get(name))})"

@@ -4,6 +4,12 @@ The routing statistics come from forward hooks on the real routers (the ``routin
 dispatcher uses), so they show exactly which experts computed each token -- e.g. that a merged
 model sends code to the code expert, and that an opted-out expert receives nothing.  Statistics are
 those of this process's tokens (run single-process, or read them per rank).
+
+A non-finite loss is refused (:class:`NonFiniteLossError`), not printed as ``nan``: a table row of
+``nan`` looks like a number, exits 0, and poisons every mean and oracle computed from it.  The check
+is on the loss, not on the weights up front, because it is the loss that must be meaningful: finite
+weights can still overflow in bf16/fp16, while NaN in an expert that no token reaches (one excluded
+with ``--exclude``) does not affect the result.  When it fires, the weights are scanned to say why.
 """
 
 from __future__ import annotations
@@ -17,8 +23,30 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from torch import nn
 
+from flexolmo_plugin.conversion.checks import all_finite
+from flexolmo_plugin.errors import FlexOlmoError
 from flexolmo_plugin.lifecycle.data import DataError
 from flexolmo_plugin.model.build import logits, next_token_loss, unwrap
+
+
+class NonFiniteLossError(FlexOlmoError):
+    """A model whose loss on a domain is NaN or infinite: no number it produces can be reported."""
+
+
+def first_non_finite_parameter(model: nn.Module) -> str | None:
+    """``name (k of n values)`` of the model's first parameter with NaN/Inf values, or None."""
+    for name, param in unwrap(model).named_parameters():
+        if not all_finite(param.detach()):
+            return f"{name} ({int((~torch.isfinite(param.detach())).sum())} of {param.numel()} values)"
+    return None
+
+
+def _refuse_non_finite(model: nn.Module, model_name: str | None, domain: str, loss: float) -> None:
+    bad = first_non_finite_parameter(model)
+    cause = (f"its weights are not finite: first bad tensor {bad}" if bad else
+             "its weights are finite, so its activations overflowed (as bf16/fp16 can)")
+    subject = f"model {model_name}" if model_name else "the model"
+    raise NonFiniteLossError(f"{subject} produces a non-finite loss ({loss}) on domain {domain!r}; {cause}")
 
 
 @dataclass
@@ -81,7 +109,9 @@ def routing_counts(model: nn.Module, weights: torch.Tensor | None = None):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, datasets: dict[str, str | os.PathLike], *, seq_len: int = 256,
-             max_tokens: int = 16384, batch_size: int = 8) -> list[DomainResult]:
+             max_tokens: int = 16384, batch_size: int = 8, model_name: str | None = None) -> list[DomainResult]:
+    """Loss and routing per domain; ``model_name`` (e.g. its checkpoint) names the model in a
+    :class:`NonFiniteLossError`."""
     results = []
     for name, prefix in datasets.items():
         windows = read_windows(prefix, seq_len=seq_len, max_tokens=max_tokens)
@@ -91,9 +121,11 @@ def evaluate(model: nn.Module, datasets: dict[str, str | os.PathLike], *, seq_le
         with routing_counts(model, weights) as counts:
             for start in range(0, windows.shape[0], batch_size):
                 batch = windows[start:start + batch_size]
-                loss = next_token_loss(logits(model, batch), batch)
+                loss = next_token_loss(logits(model, batch), batch).item()
+                if not math.isfinite(loss):
+                    _refuse_non_finite(model, model_name, name, loss)
                 n = batch.shape[0] * (seq_len - 1)
-                loss_sum += loss.item() * n
+                loss_sum += loss * n
                 predicted += n
         seen = windows.numel()
         results.append(DomainResult(name, predicted, loss_sum / predicted, (counts / seen).float(),

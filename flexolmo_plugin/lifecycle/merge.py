@@ -3,8 +3,11 @@
 Expert 0 and every shared weight come from the public model; expert i and router row r_i from
 package i; the router becomes ``[r_pub; r_1; ...; r_n]`` in every layer (paper §3.3.2).  Nothing is
 trained or averaged.  Before anything is written, each package is verified (file hashes, model
-shape) and its anchor compared tensor by tensor with the public model's: an expert trained against
-another public model stops the merge, naming the first tensor that differs.
+shape, dtype) and its anchor compared tensor by tensor with the public model's: an expert trained
+against another public model stops the merge, naming the first tensor that differs.  Packages must
+differ by content, not only by name (a copied package with a new name is the same expert twice), and
+every weight written must be finite: the public model's while its anchor is hashed, before anything
+is written, each package's as it streams into the output.
 """
 
 from __future__ import annotations
@@ -25,17 +28,45 @@ from flexolmo_plugin.conversion.mcore_io import (
     write_checkpoint,
 )
 from flexolmo_plugin.conversion.progress import ConversionReport, ProgressMeter
+from flexolmo_plugin.errors import ConfigError
 from flexolmo_plugin.lifecycle.anchor import (
     anchor_hashes,
     combined_digest,
-    first_difference,
+    describe_difference,
 )
-from flexolmo_plugin.lifecycle.package import PackageError, load_package
+from flexolmo_plugin.lifecycle.package import ExpertPackage, PackageError, load_package
 
 DEFAULT_MAX_ACTIVE = 4  # paper §4.4 / Fig. 3: quality rises up to 4 active experts, then plateaus
 
+
 def default_top_k(num_experts: int) -> int:
     return min(num_experts, DEFAULT_MAX_ACTIVE)
+
+
+def resolve_top_k(top_k: int | None, num_experts: int) -> int:
+    """``None`` means the default; anything else must be a possible top-k.  (``top_k or default``
+    would silently turn an explicit 0 into the default.)"""
+    if top_k is None:
+        return default_top_k(num_experts)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ConfigError(f"top-k must be in [1, {num_experts}] (the number of experts after the merge), got {top_k!r}")
+    return top_k
+
+
+def check_distinct(packages: list[ExpertPackage]) -> None:
+    """Unique names, and unique contents: the same weights under two names would be one expert
+    counted twice (two router rows competing for the same FFN)."""
+    names = [p.name for p in packages]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise PackageError(f"two packages are named {duplicates}; expert names must be unique")
+    seen: dict[str, ExpertPackage] = {}
+    for package in packages:
+        first = seen.setdefault(package.content_digest, package)
+        if first is not package:
+            raise PackageError(f"packages {first.name!r} ({first.directory}) and {package.name!r} "
+                               f"({package.directory}) hold identical weights (content digest "
+                               f"{package.content_digest[:12]}…): the same expert twice; merge it once")
 
 
 def merge_experts(public_dir: str | os.PathLike, package_dirs: list[str | os.PathLike], out_dir: str | os.PathLike,
@@ -45,6 +76,8 @@ def merge_experts(public_dir: str | os.PathLike, package_dirs: list[str | os.Pat
     check_new_output(out_dir)
     if not package_dirs:
         raise PackageError("merge needs at least one expert package")
+    num_experts = 1 + len(package_dirs)
+    top_k = resolve_top_k(top_k, num_experts)
     public_config, dtype, _ = load_config(public_dir)
     public = CanonicalReader(public_dir)
     packages = []
@@ -53,7 +86,7 @@ def merge_experts(public_dir: str | os.PathLike, package_dirs: list[str | os.Pat
         with ThreadPoolExecutor(min(len(package_dirs), 4), thread_name_prefix="verify-package") as pool:
             loading = [pool.submit(load_package, directory) for directory in package_dirs]
             try:
-                public_anchor = anchor_hashes(public_config, public.read)
+                public_anchor = anchor_hashes(public_config, public.read, source=f"public model {public_dir}")
             finally:
                 for job in loading:  # every package that did load is closed below, even on errors
                     if job.exception() is None:
@@ -61,22 +94,15 @@ def merge_experts(public_dir: str | os.PathLike, package_dirs: list[str | os.Pat
             for job in loading:
                 if job.exception() is not None:
                     raise job.exception()
-        names = [p.name for p in packages]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise PackageError(f"two packages are named {duplicates}; expert names must be unique")
+        check_distinct(packages)
         for package in packages:
-            package.check_fits(public_config)
+            package.check_fits(public_config, dtype)
         for package in packages:
-            differing = first_difference(public_anchor, package.anchor_tensors)
+            differing = describe_difference(public_anchor, package.anchor_tensors)
             if differing is not None:
                 raise PackageError(f"package {package.name!r} was trained against a different anchor: first differing "
-                                   f"tensor {differing} (package anchor {package.manifest['anchor']['sha256'][:12]}…, "
-                                   f"public {combined_digest(public_anchor)[:12]}…)")
-        num_experts = 1 + len(packages)
-        top_k = top_k or default_top_k(num_experts)
-        if not 1 <= top_k <= num_experts:
-            raise PackageError(f"top-k {top_k} must be in [1, {num_experts}]")
+                                   f"tensor {differing}")
+        names = [p.name for p in packages]
         with_bias = any(p.has_bias for p in packages)
         config = public_config.replace(num_experts=num_experts, top_k=top_k, router_bias=with_bias,
                                        expert_names=("public", *names))

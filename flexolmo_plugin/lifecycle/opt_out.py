@@ -4,6 +4,10 @@ Physically (:func:`opt_out`): a new checkpoint without the expert's FFNs, router
 its parameters are provably absent.  At run time (:func:`exclude_experts`): the router masks the
 experts by name; the softmax then runs over the remaining experts, which computes exactly what the
 physically opted-out model computes (top-k permitting).
+
+Every tensor the new checkpoint receives must be finite (checked as it streams, on the read the copy
+needs anyway); the dropped experts' weights are not checked, since removing an expert whose training
+diverged is a legitimate use of opt-out.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from flexolmo_plugin.conversion.mcore_io import (
     write_checkpoint,
 )
 from flexolmo_plugin.conversion.progress import ConversionReport, ProgressMeter
+from flexolmo_plugin.lifecycle.anchor import check_finite
 from flexolmo_plugin.lifecycle.package import PackageError
 from flexolmo_plugin.model.build import unwrap
 
@@ -59,17 +64,21 @@ def opt_out(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, drop: l
     keep_bias = [i - 1 for i in keep[1:]]
 
     by_name = entries_by_name(new)
+    label = f"checkpoint {mcore_dir}"
 
     def source(name: str) -> torch.Tensor:
         entry = by_name[name]
         role = entry.rule.role
-        if role is Role.EXPERT:
-            return reader.read(expert_entry(entry, keep[entry.expert]))
+        if role is Role.EXPERT:  # named as in the source checkpoint, where the user can find it
+            old = expert_entry(entry, keep[entry.expert])
+            return check_finite(reader.read(old), old, label)
         if role is Role.ROUTER_ROW:
-            return reader.read(name)[keep]
-        if role is Role.ROUTER_BIAS:
-            return reader.read(name)[keep_bias]
-        return reader.read(name)
+            tensor = reader.read(name)[keep]
+        elif role is Role.ROUTER_BIAS:
+            tensor = reader.read(name)[keep_bias]
+        else:
+            tensor = reader.read(name)
+        return check_finite(tensor, name, label)
 
     meter = ProgressMeter(0, progress, "opt-out")
     try:

@@ -3,12 +3,18 @@
 A package holds, per layer, the owner's FFN (gated fc1 and fc2), its router row r_i and, if trained,
 its router bias b_i, in safetensors; plus ``manifest.json``: name, description, the model's shape,
 the anchor it was trained against (a SHA-256 per anchor tensor and one over all of them), tokens
-trained, and a SHA-256 per file.  Merge refuses packages whose anchor, shape or file hashes do not
-match, so an expert trained against a different public model can never be merged silently.
+trained, and a SHA-256 per file.  Merge refuses packages whose anchor, shape, dtype or file hashes do
+not match, so an expert trained against a different public model can never be merged silently.
+
+Every tensor is checked to be finite on its way into the package (a diverged run must not be
+shared), and again when a merge reads it.  The manifest does not sign itself: its file hashes catch
+corrupt or altered weights, not an edited ``name``, which is why merge also compares packages by
+content (see :attr:`ExpertPackage.content_digest`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -27,14 +33,15 @@ from flexolmo_plugin.conversion.safetensors_reader import (
 )
 from flexolmo_plugin.conversion.safetensors_writer import ShardedSafetensorsWriter
 from flexolmo_plugin.errors import FlexOlmoError
-from flexolmo_plugin.lifecycle.anchor import anchor_hashes, combined_digest
+from flexolmo_plugin.lifecycle.anchor import anchor_hashes, check_finite, combined_digest
 from flexolmo_plugin.model.config import FlexOlmoConfig
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "rope_theta", "rms_norm_eps", "make_vocab_size_divisible_by")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # matched in full (no trailing newline); as the CLI's
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 class PackageError(FlexOlmoError):
@@ -68,8 +75,12 @@ def _owner_tensor(reader: CanonicalReader, entry: Entry, expert: int) -> torch.T
 
 
 def check_name(name: str) -> str:
-    if not _NAME.match(name or ""):
-        raise PackageError(f"expert name {name!r} must be 1-64 letters, digits, '_', '.', '-' (starting alphanumeric)")
+    """An expert name: it appears in configurations, tables and file names of the tools, so it must be
+    a short plain identifier -- 1-64 characters, no path separator, no '..', not starting with '.',
+    no whitespace or newline (the same rule as the command line's ``--name``)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise PackageError(f"expert name {name!r} must be 1-64 letters, digits, '_', '.', '-' (starting alphanumeric, "
+                           "no '..')")
     if name == "public":
         raise PackageError("'public' is reserved for expert 0")
     return name
@@ -79,17 +90,22 @@ def package_expert(owner_dir: str | os.PathLike, package_dir: str | os.PathLike,
                    description: str = "", tokens_trained: int | None = None, expert: int = 1) -> Path:
     """Extract expert ``expert`` of an owner's checkpoint into a verified package directory."""
     check_name(name)
+    if tokens_trained is not None and (isinstance(tokens_trained, bool) or not isinstance(tokens_trained, int)
+                                       or tokens_trained < 0):
+        raise PackageError(f"tokens_trained must be a whole number >= 0, got {tokens_trained!r}")
     check_new_output(package_dir)
     config, dtype, _ = load_config(owner_dir)
     if not 1 <= expert < config.num_experts:
         raise PackageError(f"expert must be a non-public expert in [1, {config.num_experts - 1}], got {expert}")
     reader = CanonicalReader(owner_dir)
     anchor = anchor_hashes(config, reader.read)
-    with atomic_directory(package_dir) as tmp:
-        writer = ShardedSafetensorsWriter(tmp, _plan(config, dtype))
-        for entry in owner_entries(config, expert):
-            writer.write(entry.package(), _owner_tensor(reader, entry, expert))
-        writer.close()
+    source = f"owner checkpoint {owner_dir}"
+    with atomic_directory(package_dir, checksums=False) as tmp:
+        with ShardedSafetensorsWriter(tmp, _plan(config, dtype)) as writer:  # stops its thread on a refusal
+            for entry in owner_entries(config, expert):
+                tensor = _owner_tensor(reader, entry, expert)
+                writer.write(entry.package(), check_finite(tensor, entry.megatron, source))
+            writer.close()
         manifest = {
             "format_version": FORMAT_VERSION,
             "name": name,
@@ -126,15 +142,34 @@ class ExpertPackage:
     def anchor_tensors(self) -> dict[str, str]:
         return self.manifest["anchor"]["tensors"]
 
-    def get(self, tensor: str) -> torch.Tensor:
-        return self.tensors.get(tensor)
+    @property
+    def content_digest(self) -> str:
+        """One digest of the package's weight files, from the manifest's (verified) per-file SHA-256s.
+        The writer is deterministic (fixed plan, no names or times in the files), so the same expert
+        packaged twice -- or a copied package with only its manifest ``name`` changed -- has the same
+        digest; merge refuses such duplicates."""
+        files = self.manifest["files"]
+        return hashlib.sha256("".join(f"{n}:{files[n]}\n" for n in sorted(files)).encode()).hexdigest()
 
-    def check_fits(self, config: FlexOlmoConfig) -> None:
+    def get(self, tensor: str) -> torch.Tensor:
+        """One tensor, refused if not finite (naming this package: a package written before the check
+        existed, or by another tool, reaches merge only through here)."""
+        value = self.tensors.get(tensor, check_finite=False)
+        return check_finite(value, tensor, f"package {self.name!r} ({self.directory})")
+
+    def check_fits(self, config: FlexOlmoConfig, dtype: torch.dtype | None = None) -> None:
+        """Same model shape and (given ``dtype``) the same parameter dtype.  A dtype mismatch is named
+        as such: the anchor digests include the dtype, so it would otherwise surface as a "different
+        anchor" that no tensor-by-tensor comparison can explain."""
         model = self.manifest["model"]
         wrong = [f"{f} {model.get(f)!r} (model: {getattr(config, f)!r})" for f in SHAPE_FIELDS
                  if model.get(f) != getattr(config, f)]
         if wrong:
             raise PackageError(f"package {self.name!r} was built for a different model shape: " + ", ".join(wrong))
+        if dtype is not None and self.manifest["dtype"] != str(dtype).removeprefix("torch."):
+            raise PackageError(f"package {self.name!r} ({self.directory}): dtype mismatch: package dtype "
+                               f"{self.manifest['dtype']}, public model dtype {str(dtype).removeprefix('torch.')} "
+                               "(package the expert from an owner checkpoint saved in the public model's dtype)")
 
     def close(self) -> None:
         self.tensors.close()
@@ -148,12 +183,14 @@ def load_package(directory: str | os.PathLike) -> ExpertPackage:
     try:
         manifest = json.loads(path.read_text())
         version, files = manifest["format_version"], manifest["files"]
-        manifest["name"], manifest["model"], manifest["anchor"]["tensors"]  # noqa: B018 (presence check)
+        manifest["name"], manifest["model"], manifest["anchor"]["tensors"], manifest["dtype"]  # noqa: B018
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise PackageError(f"{path}: malformed manifest ({error})") from error
     if version != FORMAT_VERSION:
         raise PackageError(f"{path}: unsupported package format_version {version!r}")
     check_name(manifest["name"])
+    if not isinstance(manifest["dtype"], str) or manifest["dtype"] not in _DTYPES:
+        raise PackageError(f"{path}: unsupported dtype {manifest['dtype']!r} (expected one of {sorted(_DTYPES)})")
     present = {p.name for p in directory.iterdir() if p.name != MANIFEST}
     if present != set(files):
         raise PackageError(f"{directory}: files {sorted(present)} differ from the manifest's {sorted(files)}")
@@ -166,8 +203,13 @@ def load_package(directory: str | os.PathLike) -> ExpertPackage:
         raise PackageError(str(error)) from error
     shape_config = FlexOlmoConfig(**{**{f: manifest["model"][f] for f in SHAPE_FIELDS}, "num_experts": 2, "top_k": 1,
                                      "router_bias": bool(manifest["router_bias"])})
-    expected = {name: tuple(shape) for name, _, shape in _plan(shape_config, torch.float32)}
-    if set(tensors.keys()) != set(expected) or any(tuple(tensors.shape(k)) != s for k, s in expected.items()):
+    plan = {name: (dtype, tuple(shape)) for name, dtype, shape in _plan(shape_config, _DTYPES[manifest["dtype"]])}
+    if set(tensors.keys()) != set(plan) or any(tuple(tensors.shape(k)) != s for k, (_, s) in plan.items()):
         tensors.close()
         raise PackageError(f"{directory}: tensors do not match the manifest's model shape")
+    wrong = [k for k, (dtype, _) in plan.items() if tensors.dtype(k) != dtype]
+    if wrong:  # the manifest's dtype is what merge compares: it must be the tensors' own
+        tensors.close()
+        raise PackageError(f"{directory}: tensor {wrong[0]} is {str(tensors.dtype(wrong[0])).removeprefix('torch.')}, "
+                           f"the manifest says {manifest['dtype']}")
     return ExpertPackage(directory, manifest, tensors)

@@ -101,3 +101,23 @@ def test_eval_cli_compares_models_with_the_models_own_context_length(world, data
     out = capsys.readouterr().out
     assert "mean gate weight" in out and "oracle" in out and "composition efficiency" in out
     assert main(["eval", str(merged), *data, "--seq-len", "0"]) == EXIT_BAD_INPUT
+
+
+def test_a_non_finite_loss_is_refused_with_its_cause(world, datasets):
+    """Not a ``nan`` row: the error names the model, the domain and why -- a bad weight, or (all
+    weights finite) an overflow, which a scan of the weights up front would have missed."""
+    from flexolmo_plugin.lifecycle.evaluation import NonFiniteLossError
+
+    root, anchor, owners, packages, merged = world
+    model = fp.from_mcore(merged)
+    with torch.no_grad():
+        model.decoder.layers[1].mlp.experts.local_experts[2].linear_fc1.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteLossError, match=r"^model merged-with-inf produces a non-finite loss \(nan\) on "
+                       r"domain 'low'; its weights are not finite: first bad tensor "
+                       r"decoder\.layers\.1\.mlp\.experts\.local_experts\.2\.linear_fc1\.weight \(1 of \d+ values\)$"):
+        evaluate(model, datasets, seq_len=16, max_tokens=160, model_name="merged-with-inf")
+    model = fp.from_mcore(merged)
+    with torch.no_grad():
+        model.output_layer.weight.mul_(1e37)  # finite, but the logits overflow float32
+    with pytest.raises(NonFiniteLossError, match=r"^the model produces .* its weights are finite, so its activations"):
+        evaluate(model, datasets, seq_len=16, max_tokens=160)

@@ -1,6 +1,7 @@
 """Expert packages, merge and opt-out, on real checkpoints (Megatron torch_dist + safetensors)."""
 
 import json
+import re
 import warnings
 
 import pytest
@@ -80,8 +81,11 @@ def test_merge_refuses_bad_packages_and_writes_nothing(world, tmp_path):
     stranger = package_expert(make_owner(other_anchor, tmp_path / "stranger", 5), tmp_path / "pkg_s", name="stranger")
     with pytest.raises(
         PackageError, match=r"different anchor: first differing tensor decoder\.layers\.0\.mlp\.router\.weight\[0\]"
-    ):
+    ) as refused:
         merge_experts(anchor, [packages["code"], stranger], tmp_path / "out")
+    # the digests shown are that tensor's own, so they differ (not the combined ones, which hide what differs)
+    digests = re.search(r"\(package ([0-9a-f]{12})…, public ([0-9a-f]{12})…\)$", str(refused.value))
+    assert digests and digests[1] != digests[2], str(refused.value)
     # tampered package
     tampered = tmp_path / "pkg_t"
     import shutil
