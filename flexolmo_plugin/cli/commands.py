@@ -214,7 +214,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             exclude_experts(model, args.exclude)
         # the model's own context by default
         seq_len = config.max_position_embeddings if args.seq_len is None else args.seq_len
-        results = ev.evaluate(model, datasets, seq_len=seq_len, max_tokens=args.max_tokens)
+        results = ev.evaluate(model, datasets, seq_len=seq_len, max_tokens=args.max_tokens,
+                              model_name=directory)
         table[directory] = {r.name: r.loss for r in results}
         title = f"{directory}" + (f" (excluding {', '.join(args.exclude)})" if args.exclude else "")
         print(ev.format_table(results, title))
