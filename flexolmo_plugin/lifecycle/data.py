@@ -4,13 +4,25 @@ Megatron-Core and Megatron-Bridge train from ``megatron.core.datasets`` indexed 
 in ``PREFIX.bin`` and document boundaries in ``PREFIX.idx``.  Input is JSON Lines (one document per
 line, text under ``text_key``), read one line at a time so private corpora of any size fit; each
 document ends with the tokenizer's end-of-document token, as Megatron's GPT datasets expect.  A bad
-line stops the run with its line number, and nothing is left at the output prefix.
+line (not UTF-8, not JSON, no text) stops the run with its file and line number, and nothing is left at
+the output prefix.
+
+The two output files are written without names and named only when both are complete (see
+:class:`_UnnamedFile`), ``.bin`` first and ``.idx`` last, and never over an existing file: two runs
+writing one prefix at the same time cannot mix their files (one wins, the other is refused and
+removes only what it named itself), and a run killed while it writes -- even by SIGKILL -- leaves
+nothing behind on file systems with unnamed files (Linux ``O_TMPFILE``; elsewhere a hidden
+``.partial-`` file).  The one window left is a kill between the two names (microseconds): a ``.bin``
+without its ``.idx``, which no reader opens and the next run refuses to write over.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +33,7 @@ from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
+from flexolmo_plugin.conversion.atomic import OutputExistsError, fsync_path
 from flexolmo_plugin.errors import FlexOlmoError
 
 
@@ -35,12 +48,23 @@ class DatasetReport:
     prefix: Path
 
 
+# A directory holds a tokenizer only if it has one of these.  ``AutoTokenizer`` does not check: given a
+# model directory without tokenizer files it builds the model type's tokenizer class with an empty
+# vocabulary, which turns every document into zero tokens (an empty dataset of end-of-document
+# tokens, or a crash deep inside the model).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
 def load_tokenizer(tokenizer_dir: str | os.PathLike):
     """A local ``transformers`` fast tokenizer (never downloaded)."""
 
     path = Path(tokenizer_dir)
     if not path.is_dir():
         raise DataError(f"tokenizer directory {path} does not exist")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise DataError(f"{path}: no tokenizer here (none of {', '.join(TOKENIZER_FILES)}); save the model's "
+                        "tokenizer into it (tokenizer.save_pretrained) or point to the tokenizer's directory")
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as error:  # transformers raises several types for unusable directories
@@ -48,12 +72,20 @@ def load_tokenizer(tokenizer_dir: str | os.PathLike):
 
 
 def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """``(line number, object)`` for each non-blank line of a JSON Lines file."""
+    """``(line number, object)`` for each non-blank line of a JSON Lines file.
+
+    Read as bytes and decoded line by line: a text-mode file decodes in blocks, so a byte that is not
+    UTF-8 would surface as a ``UnicodeDecodeError`` that names neither the file nor the line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path}:{number}: not valid UTF-8 (byte 0x{raw[error.start]:02x} at byte "
+                                f"{error.start + 1} of the line); JSON Lines must be UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -76,7 +108,7 @@ def iter_documents(path: str | os.PathLike, *, text_key: str = "text") -> Iterat
 def prepare_dataset(input_path: str | os.PathLike, output_prefix: str | os.PathLike, *, tokenizer_dir,
                     text_key: str = "text", append_eod: bool = True, batch_size: int = 256,
                     progress: bool = False) -> DatasetReport:
-    """Tokenize ``input_path`` into ``output_prefix.bin`` / ``.idx``."""
+    """Tokenize ``input_path`` into the new files ``output_prefix.bin`` / ``.idx`` (all or nothing)."""
 
     tokenizer = load_tokenizer(tokenizer_dir)
     eod = tokenizer.eos_token_id
@@ -84,20 +116,17 @@ def prepare_dataset(input_path: str | os.PathLike, output_prefix: str | os.PathL
         raise DataError(f"{tokenizer_dir}: tokenizer has no end-of-document (eos) token; pass append_eod=False")
     prefix = Path(output_prefix)
     final = [prefix.with_name(prefix.name + suffix) for suffix in (".bin", ".idx")]
-    existing = [str(p) for p in final if p.exists()]
+    existing = [str(p) for p in final if p.exists() or p.is_symlink()]
     if existing:
-        raise FileExistsError(f"output already exists: {existing}; choose another prefix (nothing was written)")
+        raise OutputExistsError(f"output already exists: {existing}; choose another prefix (nothing was written)")
     if not prefix.parent.is_dir():
         raise FileNotFoundError(f"output directory {prefix.parent} does not exist")
-    partial = [p.with_name(f".{p.name}.partial") for p in final]
     dtype = DType.optimal_dtype(len(tokenizer))
-    builder = IndexedDatasetBuilder(str(partial[0]), dtype=dtype)
     size = Path(input_path).stat().st_size if Path(input_path).is_file() else 0
     bar = None
-    if progress:
-
-        bar = tqdm(total=size, unit="B", unit_scale=True, desc="tokenizing")
     documents = tokens = 0
+    files: list[_UnnamedFile] = []
+    builder = None
 
     def flush(batch: list[str]) -> None:
         nonlocal documents, tokens
@@ -114,6 +143,11 @@ def prepare_dataset(input_path: str | os.PathLike, output_prefix: str | os.PathL
             tokens += len(ids)
 
     try:
+        for path in final:
+            files.append(_UnnamedFile(path))
+        builder = IndexedDatasetBuilder(files[0].path, dtype=dtype)
+        if progress:
+            bar = tqdm(total=size, unit="B", unit_scale=True, desc="tokenizing")
         batch: list[str] = []
         for _, text in iter_documents(input_path, text_key=text_key):
             batch.append(text)
@@ -125,14 +159,118 @@ def prepare_dataset(input_path: str | os.PathLike, output_prefix: str | os.PathL
         flush(batch)
         if documents == 0:
             raise DataError(f"{input_path}: no documents")
-        builder.finalize(str(partial[1]))
-        for src, dst in zip(partial, final):
-            os.replace(src, dst)  # .bin first, .idx last: a dataset is usable only once its index exists
-    except BaseException:
-        for p in partial:
-            p.unlink(missing_ok=True)
-        raise
+        builder.finalize(files[1].path)
+        _name_together(files, prefix)
     finally:
+        if builder is not None:
+            builder.data_file.close()  # already closed by finalize unless the run failed
+        for file in files:
+            file.close()
         if bar is not None:
             bar.close()
     return DatasetReport(documents, tokens, prefix)
+
+
+# ------------------------------------------------------------------ outputs named only when complete
+_AT_FDCWD = -100
+_AT_SYMLINK_FOLLOW = 0x400
+
+
+def _libc_linkat():
+    """The C library's ``linkat`` (``os.link`` cannot follow the ``/proc/self/fd`` link of an
+    unnamed file: it calls ``link``, which links the symbolic link itself), or None."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).linkat
+    except (AttributeError, OSError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+_LINKAT = _libc_linkat()
+_UNNAMED = _LINKAT is not None and hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
+
+
+class _UnnamedFile:
+    """A new output file that has no name until :meth:`publish` gives it ``final``.
+
+    Where the file system allows it (Linux ``O_TMPFILE``: ext4, xfs, btrfs, tmpfs...) the file is
+    created with no directory entry at all, so a run killed at any moment -- even by SIGKILL, which
+    runs no clean-up -- leaves nothing behind: the kernel frees the file with the process.  Elsewhere
+    it is a hidden file beside ``final`` whose name is unique to this process and call (pid + random
+    suffix, so concurrent runs never write into each other's file), removed on every failure but a
+    kill.  Writers open :attr:`path`.  :meth:`publish` *links* the file to ``final``, which, unlike
+    a rename, fails if ``final`` exists: an existing file is never replaced.
+    """
+
+    def __init__(self, final: Path):
+        self.final = final
+        self._fd: int | None = None
+        self._tmp: Path | None = None
+        if _UNNAMED:
+            try:
+                self._fd = os.open(final.parent, os.O_TMPFILE | os.O_RDWR, 0o666)
+            except OSError as error:
+                if error.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):  # not "unsupported here"
+                    raise OSError(error.errno, error.strerror, str(final)) from None
+        if self._fd is None:
+            self._tmp = final.parent / f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+            self._tmp.open("xb").close()
+
+    @property
+    def path(self) -> str:
+        return f"/proc/self/fd/{self._fd}" if self._fd is not None else str(self._tmp)
+
+    def publish(self) -> None:
+        """Sync the file and give it its final name; ``FileExistsError`` if that name is taken."""
+        if self._fd is not None:
+            os.fsync(self._fd)
+            if _LINKAT(_AT_FDCWD, os.fsencode(self.path), _AT_FDCWD, os.fsencode(self.final), _AT_SYMLINK_FOLLOW):
+                code = ctypes.get_errno()
+                raise (FileExistsError if code == errno.EEXIST else OSError)(code, os.strerror(code), str(self.final))
+        else:
+            fsync_path(self._tmp)
+            os.link(self._tmp, self.final)
+
+    def unpublish(self) -> None:
+        """Remove ``final`` if it is this file (never another run's file of the same name)."""
+        mine = os.fstat(self._fd) if self._fd is not None else os.stat(self._tmp)
+        try:
+            there = os.stat(self.final, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
+            self.final.unlink()
+
+    def close(self) -> None:
+        """Drop the unnamed file (or the hidden name); a published file keeps its final name."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        elif self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
+
+
+def _name_together(files: list[_UnnamedFile], prefix: Path) -> None:
+    """Publish ``files`` in order, all or none.  The last one (the ``.idx``) is what makes a dataset
+    readable, and it is named only once the ``.bin`` is.  If a name is taken -- another run writing
+    the same prefix got there first -- the names this run already gave are removed again (they are
+    checked to be this run's files, so the winner's are never touched) and the run is refused."""
+    named: list[_UnnamedFile] = []
+    try:
+        for file in files:
+            try:
+                file.publish()
+            except FileExistsError:
+                raise OutputExistsError(
+                    f"output {file.final} appeared while this run was writing it (another run writing the prefix "
+                    f"{prefix}?); nothing was replaced and nothing of this run was left"
+                ) from None
+            named.append(file)
+    except BaseException:
+        for file in named:
+            file.unpublish()
+        raise
+    fsync_path(prefix.parent)  # the new names themselves on disk

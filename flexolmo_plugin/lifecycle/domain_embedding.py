@@ -10,7 +10,7 @@ paths only:
   states over each document's tokens (the paper's alternative, which needs no extra model).
 
 The embedding width must equal the FlexOlmo model's hidden size; that is checked when the vector is
-used (``flexolmo upcycle``) and, with ``expected_width``, already here.
+used (``flexolmo upcycle``) and, with ``expected_width`` (see :func:`model_width`), already here.
 """
 
 from __future__ import annotations
@@ -50,9 +50,38 @@ def sample_documents(path: str | os.PathLike, *, num_docs: int = 1000, seed: int
     return sample
 
 
+def model_width(model_dir: str | os.PathLike) -> int:
+    """The hidden size of the FlexOlmo model an embedding is for: ``hidden_size`` of its HF
+    ``config.json``, or of the ``flexolmo_config.json`` of a Megatron checkpoint.
+
+    Checked here, before any document is embedded, because a width that is missing or not a positive
+    whole number would otherwise surface as a ``KeyError`` -- or pass silently and be found only
+    when ``upcycle`` reads the vector."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise DataError(f"{model_dir}: no such model directory")
+    for name, section in (("config.json", None), ("flexolmo_config.json", "config")):
+        path = model_dir / name
+        if not path.is_file():
+            continue
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+            width = (payload[section] if section else payload).get("hidden_size")
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+            raise DataError(f"{path}: not a model configuration ({error})") from None
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise DataError(f"{path} has no integer 'hidden_size' (found {width!r}): cannot tell the width the "
+                            "embedding must have")
+        return width
+    raise DataError(f"{model_dir}: no config.json or flexolmo_config.json: not a model directory")
+
+
 def _detect_method(model_dir: Path) -> str:
     config = model_dir / "config.json"
-    model_type = json.loads(config.read_text()).get("model_type") if config.exists() else None
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.exists() else None
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
+        raise DataError(f"{config}: not a model configuration ({error})") from None
     return "public-model" if model_type in ("olmo2", "flex_olmo") else "encoder"
 
 
@@ -71,7 +100,12 @@ def document_embeddings(model_dir: str | os.PathLike, documents: list[str], *, m
         raise DataError(f"embedding model directory {model_dir} does not exist")
     if not documents:
         raise DataError("no documents to embed")
+    for name, value in (("max_tokens (--max-tokens)", max_tokens), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DataError(f"{name} must be a whole number >= 1, got {value!r}")
     method = _detect_method(model_dir) if method == "auto" else method
+    if method not in ("public-model", "encoder"):
+        raise DataError(f"unknown method {method!r}; use 'auto', 'encoder' or 'public-model'")
     if method == "encoder" and (model_dir / "modules.json").exists():
         try:
             from sentence_transformers import SentenceTransformer
@@ -83,13 +117,17 @@ def document_embeddings(model_dir: str | os.PathLike, documents: list[str], *, m
     tokenizer = load_tokenizer(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    if method == "public-model":
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32)
-    elif method == "encoder":
-        model = AutoModel.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32)
-    else:
-        raise DataError(f"unknown method {method!r}; use 'auto', 'encoder' or 'public-model'")
+    auto = AutoModelForCausalLM if method == "public-model" else AutoModel
+    try:
+        model = auto.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32)
+    except OSError as error:
+        if error.errno is not None:  # the disk, not the directory's content
+            raise
+        raise DataError(f"{model_dir}: cannot load the model ({error})") from None  # no weights, no config...
+    except ValueError as error:  # an unknown or inconsistent configuration
+        raise DataError(f"{model_dir}: cannot load the model ({error})") from None
     model.eval()
+    vocabulary = model.get_input_embeddings().num_embeddings
     steps = range(0, len(documents), batch_size)
     if progress:
         steps = tqdm(steps, desc="embedding", unit="batch")
@@ -97,10 +135,22 @@ def document_embeddings(model_dir: str | os.PathLike, documents: list[str], *, m
     for start in steps:
         batch = tokenizer(documents[start:start + batch_size], padding=True, truncation=True,
                           max_length=max_tokens, return_tensors="pt")
+        _check_ids(batch["input_ids"], vocabulary, len(tokenizer), model_dir)
         out = model(**batch, output_hidden_states=True)
         hidden = out.hidden_states[-1] if method == "public-model" else out.last_hidden_state
         vectors.append(_mean_pool(hidden.float(), batch["attention_mask"]))
     return torch.cat(vectors)
+
+
+def _check_ids(ids: torch.Tensor, vocabulary: int, tokenizer_size: int, model_dir: Path) -> None:
+    """Every token id (padding included) must have a row in the model's embedding table: an id past
+    the end is a tokenizer that belongs to another (larger) vocabulary, which would otherwise end in
+    an ``IndexError`` inside ``torch.embedding``."""
+    largest = int(ids.max()) if ids.numel() else -1
+    if largest >= vocabulary:
+        raise DataError(f"{model_dir}: the tokenizer produced token id {largest} (it has {tokenizer_size} tokens) "
+                        f"but the model's embedding table has {vocabulary} rows: the tokenizer does not belong "
+                        "to this model")
 
 
 def embed_documents(model_dir: str | os.PathLike, documents: list[str], *, method: str = "auto",

@@ -130,10 +130,10 @@ def select_proxy(owner_path: str | os.PathLike, public_path: str | os.PathLike, 
 def load_selection(path: str | os.PathLike) -> dict:
     path = Path(path)
     try:
-        payload = json.loads(path.read_text())
+        payload = json.loads(path.read_text(encoding="utf-8"))
         valid = payload["kind"] == KIND and payload["format_version"] == FORMAT_VERSION
         payload["owner"], payload["selected"], payload["public_file"]["sha256"]  # noqa: B018 (presence check)
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
         raise DataError(f"{path}: not a proxy selection ({error})") from error
     if not valid:
         raise DataError(f"{path}: not a proxy selection of format {FORMAT_VERSION}")

@@ -7,22 +7,24 @@ model), an HF FlexOlmo or a converted Megatron FlexOlmo checkpoint; for the latt
 (the public expert) is the FFN that gets copied.
 
 Domain embeddings are files holding one float vector of the model's hidden size: ``.safetensors``
-(as written by ``flexolmo embed-domain``) or ``.npy`` (the official repository's format, read with
-``allow_pickle=False``).
+or ``.npy`` (the official repository's format, read with ``allow_pickle=False``); ``flexolmo
+embed-domain`` writes either, in the format the output's suffix names.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import re
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from flexolmo_plugin.conversion.atomic import atomic_directory, check_new_output
+from flexolmo_plugin.conversion.atomic import atomic_directory, check_new_output, write_file_atomically
 from flexolmo_plugin.conversion.checks import all_finite, file_sha256
 from flexolmo_plugin.conversion.convert import copy_tokenizer_files
 from flexolmo_plugin.conversion.hf_layout import HFWeights
@@ -41,7 +43,7 @@ from flexolmo_plugin.conversion.safetensors_reader import (
     CheckpointFormatError,
     SafetensorsCheckpoint,
 )
-from flexolmo_plugin.errors import FlexOlmoError
+from flexolmo_plugin.errors import ConfigError, FlexOlmoError
 from flexolmo_plugin.model.config import FlexOlmoConfig
 
 EMBEDDING_KEY = "embedding"
@@ -54,6 +56,27 @@ class EmbeddingError(FlexOlmoError):
     """A domain-embedding file that is unreadable, unsafe, or does not fit the model."""
 
 
+# An expert name ends up in configurations, tables, package manifests and file names: one plain path
+# component (the command line's --name and package names follow the same rule).
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_expert_names(names: tuple[str, ...]) -> tuple[str, ...]:
+    """``names`` if every one is a safe identifier (1-64 letters, digits, '_', '.', '-', starting with
+    a letter or digit, no '..') and none repeats; an owner named like the public expert would make
+    every later step (package, merge, opt-out by name) ambiguous."""
+    names = tuple(names)
+    for name in names:
+        if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+            raise ConfigError(f"expert name {name!r} is not a safe identifier: use 1-64 letters, digits, '_', '.' "
+                              "or '-', starting with a letter or digit, without '..'")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"expert names must differ, {repeated[0]!r} is given twice ({list(names)}): the owner's "
+                          "expert needs a name of its own")
+    return names
+
+
 def load_embedding(path: str | os.PathLike, hidden_size: int | None = None) -> torch.Tensor:
     """A float32 ``[hidden]`` domain embedding from ``.safetensors`` or ``.npy`` (no pickle)."""
     path = Path(path)
@@ -63,6 +86,11 @@ def load_embedding(path: str | os.PathLike, hidden_size: int | None = None) -> t
     if not path.is_file():
         raise EmbeddingError(f"{path}: no such file")
     if path.suffix == ".npy":
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        if magic != b"\x93NUMPY":  # else numpy calls any other bytes "pickled data"
+            hint = " (it holds safetensors data: rename it to .safetensors)" if _looks_like_safetensors(path) else ""
+            raise EmbeddingError(f"{path}: not a .npy file (no NumPy header){hint}")
         try:
             array = np.load(path, allow_pickle=False)
         except ValueError as error:  # object arrays need pickle
@@ -98,12 +126,42 @@ def load_embedding(path: str | os.PathLike, hidden_size: int | None = None) -> t
     return tensor.float().contiguous()
 
 
-def save_embedding(path: str | os.PathLike, embedding: torch.Tensor, metadata: dict[str, str]) -> None:
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then a JSON header (``{``)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
 
-    path = Path(check_new_output(path))
-    tmp = path.with_name(f".{path.name}.partial")
-    save_file({EMBEDDING_KEY: embedding.float().contiguous()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+
+EMBEDDING_SUFFIXES = (".safetensors", ".npy")
+
+
+def check_embedding_output(path: str | os.PathLike) -> Path:
+    """Refuse an embedding output path before any work: its suffix must name a format that
+    :func:`load_embedding` reads (the file is written in the format its suffix says -- safetensors
+    bytes under a ``.npy`` name would later be refused as "pickled" data), and it must not exist."""
+    path = Path(path)
+    if path.suffix not in EMBEDDING_SUFFIXES:
+        got = repr(path.suffix) if path.suffix else "a name without suffix"
+        raise EmbeddingError(f"{path}: an embedding is written as .safetensors or .npy (the suffix chooses the "
+                             f"format), not {got}")
+    return check_new_output(path)
+
+
+def save_embedding(path: str | os.PathLike, embedding: torch.Tensor, metadata: dict[str, str]) -> None:
+    """Write the new file ``path`` in the format its suffix names: ``.safetensors`` (with
+    ``metadata``) or ``.npy`` (a plain float32 array, which holds no metadata).  All or nothing and
+    never over an existing file (a uniquely named temporary file linked into place), so two runs
+    writing one path cannot leave one run's bytes under the other's report."""
+    path = check_embedding_output(path)
+    vector = embedding.detach().float().contiguous().cpu()
+    if path.suffix == ".npy":
+        buffer = io.BytesIO()
+        np.save(buffer, vector.numpy(), allow_pickle=False)
+        data = buffer.getvalue()
+    else:
+        data = save({EMBEDDING_KEY: vector}, metadata=metadata)
+    write_file_atomically(path, data)
 
 
 class _PublicModel:
@@ -162,6 +220,7 @@ def upcycle(
     """
     start = time.perf_counter()
     public_dir = Path(public_dir)
+    expert_names = check_expert_names(expert_names)
     check_new_output(out_dir)
     public = _PublicModel(public_dir)
     try:

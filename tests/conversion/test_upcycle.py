@@ -108,3 +108,52 @@ def test_a_public_model_of_another_architecture_is_refused(embeddings, tmp_path)
     with pytest.raises(CheckpointFormatError, match="neither olmo2 nor flex_olmo"):
         upcycle(other, tmp_path / "owner", public_embedding=p0, domain_embedding=p1)
     assert not (tmp_path / "owner").exists()
+
+
+@pytest.mark.parametrize("names,match", [
+    (("public", "a/b"), r"'a/b' is not a safe identifier"),
+    (("public", ".."), r"'\.\.' is not a safe identifier"),
+    (("public", "x..y"), r"'x\.\.y' is not a safe identifier"),
+    (("public", ""), r"'' is not a safe identifier"),
+    (("public", "code\n"), r"is not a safe identifier"),
+    (("public", "c" * 65), r"is not a safe identifier"),
+    (("public", "public"), r"'public' is given twice"),
+])
+def test_unsafe_or_duplicate_expert_names_are_refused(names, match, dense, embeddings, tmp_path):
+    """``upcycle --name a/b`` was accepted: a name becomes part of file names and manifests, and a
+    second 'public' makes every later step by name ambiguous."""
+    from flexolmo_plugin.errors import ConfigError
+
+    _, dense_dir = dense
+    _, _, p0, p1 = embeddings
+    with pytest.raises(ConfigError, match=match):
+        upcycle(dense_dir, tmp_path / "owner", public_embedding=p0, domain_embedding=p1, expert_names=names)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_saved_embeddings_have_the_format_of_their_suffix(tmp_path):
+    from flexolmo_plugin.conversion.atomic import OutputExistsError
+    from flexolmo_plugin.lifecycle.upcycle import check_embedding_output, save_embedding
+
+    vector = torch.randn(H, generator=torch.Generator().manual_seed(3))
+    save_embedding(tmp_path / "e.npy", vector, {"documents": "3"})
+    save_embedding(tmp_path / "e.safetensors", vector, {"documents": "3"})
+    assert np.load(tmp_path / "e.npy", allow_pickle=False).tolist() == vector.tolist()
+    for name in ("e.npy", "e.safetensors"):
+        torch.testing.assert_close(load_embedding(tmp_path / name, H), vector)
+        with pytest.raises(OutputExistsError, match="already exists"):  # never replaced
+            save_embedding(tmp_path / name, torch.zeros(H), {})
+    for name in ("e.pt", "e.txt", "e"):
+        with pytest.raises(EmbeddingError, match=r"written as \.safetensors or \.npy"):
+            check_embedding_output(tmp_path / name)
+        with pytest.raises(EmbeddingError, match=r"written as \.safetensors or \.npy"):
+            save_embedding(tmp_path / name, vector, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.npy", "e.safetensors"]
+    torch.testing.assert_close(load_embedding(tmp_path / "e.npy", H), vector)
+
+
+def test_safetensors_bytes_under_a_npy_name_are_named_for_what_they_are(tmp_path):
+    save_file({"embedding": torch.ones(H)}, str(tmp_path / "e.npy"))
+    with pytest.raises(EmbeddingError, match=r"not a \.npy file .*holds safetensors data: rename it to "
+                                             r"\.safetensors"):
+        load_embedding(tmp_path / "e.npy")

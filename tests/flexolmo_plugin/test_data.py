@@ -118,3 +118,166 @@ def test_embed_domain_cli_writes_a_loadable_router_row(tokenizer_dir, tmp_path):
     assert load_embedding(tmp_path / "e.safetensors", 48).shape == (48,)
     assert main(["embed-domain", str(tmp_path / "missing.jsonl"), str(tmp_path / "f.safetensors"),
                  "--model", str(tmp_path / "enc"), "--quiet"]) == EXIT_BAD_INPUT
+
+
+# ------------------------------------------------------------------ refusals with a file and a line
+def write_bytes_jsonl(path, lines: list[bytes]):
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return path
+
+
+NOT_UTF8 = [b'{"text": "fine"}', b'{"text": "caf\xe9 \xff"}', b'{"text": "x"}']
+
+
+def test_non_utf8_input_names_its_file_and_line(tokenizer_dir, tmp_path):
+    """A byte that is not UTF-8 used to escape as a bare UnicodeDecodeError (no file, no line)."""
+    from flexolmo_plugin.lifecycle.proxy import public_documents
+
+    src = write_bytes_jsonl(tmp_path / "docs.jsonl", NOT_UTF8)
+    match = r"docs\.jsonl:2: not valid UTF-8 \(byte 0xe9"
+    with pytest.raises(DataError, match=match):
+        prepare_dataset(src, tmp_path / "out", tokenizer_dir=tokenizer_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
+    with pytest.raises(DataError, match=match):
+        sample_documents(src)
+    with pytest.raises(DataError, match=match):
+        public_documents(src)
+
+
+def test_crlf_lines_still_read(tokenizer_dir, tmp_path):
+    src = write_bytes_jsonl(tmp_path / "docs.jsonl", [json.dumps({"text": d}).encode() + b"\r" for d in DOCS])
+    assert prepare_dataset(src, tmp_path / "out", tokenizer_dir=tokenizer_dir).documents == 3
+
+
+def test_a_directory_without_tokenizer_files_is_refused(tmp_path):
+    """AutoTokenizer builds an *empty* tokenizer for a model directory without tokenizer files, which
+    tokenized every document to nothing: a dataset of end-of-document tokens, exit 0."""
+    from tests.support import make_dense_model
+
+    make_dense_model(tmp_path / "model")
+    src = write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in DOCS])
+    with pytest.raises(DataError, match="no tokenizer here"):
+        prepare_dataset(src, tmp_path / "out", tokenizer_dir=tmp_path / "model")
+    assert not list(tmp_path.glob("out*"))
+
+
+# ------------------------------------------------------------------ outputs: never replaced, never mixed
+def _unnamed(final):
+    from flexolmo_plugin.lifecycle.data import _UnnamedFile
+
+    file = _UnnamedFile(final)
+    with open(file.path, "wb") as f:
+        f.write(b"mine:" + final.name.encode())
+    return file
+
+
+@pytest.mark.parametrize("taken", [".bin", ".idx"])
+def test_a_name_taken_meanwhile_refuses_and_removes_only_this_runs_files(taken, tmp_path):
+    """Two runs on one prefix race at the naming: the loser must name nothing (``.bin`` taken) or
+    take back its ``.bin`` (``.idx`` taken), and never touch the winner's files."""
+    from flexolmo_plugin.conversion.atomic import OutputExistsError
+    from flexolmo_plugin.lifecycle.data import _name_together
+
+    prefix = tmp_path / "out"
+    files = [_unnamed(tmp_path / "out.bin"), _unnamed(tmp_path / "out.idx")]
+    (tmp_path / f"out{taken}").write_bytes(b"the winner's")
+    try:
+        with pytest.raises(OutputExistsError, match=rf"out\{taken} appeared while this run was writing it.*nothing "
+                                                    "was replaced"):
+            _name_together(files, prefix)
+    finally:
+        for file in files:
+            file.close()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {f"out{taken}": b"the winner's"}
+
+
+def test_unnamed_outputs_are_named_only_when_complete(tmp_path):
+    from flexolmo_plugin.lifecycle.data import _name_together
+
+    files = [_unnamed(tmp_path / "out.bin"), _unnamed(tmp_path / "out.idx")]
+    assert not (tmp_path / "out.bin").exists() and not (tmp_path / "out.idx").exists()
+    _name_together(files, tmp_path / "out")
+    for file in files:
+        file.close()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {"out.bin": b"mine:out.bin",
+                                                                     "out.idx": b"mine:out.idx"}
+
+
+# ------------------------------------------------------------------ embed-domain refusals
+@pytest.fixture(scope="module")
+def public_model(tokenizer_dir, tmp_path_factory):
+    """A tiny HF OLMo-2 (vocabulary 320 >= the tokenizer's 300) with its tokenizer."""
+    from transformers import AutoTokenizer
+
+    from tests.support import make_dense_model
+
+    directory = tmp_path_factory.mktemp("public")
+    make_dense_model(directory, vocab_size=320)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(directory)
+    return directory
+
+
+def test_model_width_reads_hf_and_megatron_configs_and_refuses_a_missing_one(tmp_path):
+    from flexolmo_plugin.lifecycle.domain_embedding import model_width
+
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"hidden_size": 48}))
+    (tmp_path / "mcore").mkdir()
+    (tmp_path / "mcore" / "flexolmo_config.json").write_text(json.dumps({"config": {"hidden_size": 64}}))
+    assert model_width(tmp_path / "hf") == 48 and model_width(tmp_path / "mcore") == 64
+    for name, content in [("no_width", {"model_type": "olmo2"}), ("text", {"hidden_size": "48"}),
+                          ("zero", {"hidden_size": 0}), ("list", [48])]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(content))
+        with pytest.raises(DataError, match=r"(no integer 'hidden_size'|not a model configuration)"):
+            model_width(tmp_path / name)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="not a model directory"):
+        model_width(tmp_path / "empty")
+
+
+def test_embedding_options_out_of_range_are_refused(public_model):
+    with pytest.raises(DataError, match=r"max_tokens \(--max-tokens\) must be a whole number >= 1, got 0"):
+        embed_documents(public_model, DOCS, max_tokens=0)
+    with pytest.raises(DataError, match="batch_size must be"):
+        embed_documents(public_model, DOCS, batch_size=0)
+
+
+def test_a_model_without_tokenizer_is_refused(tmp_path):
+    """It used to crash in the attention ('cannot reshape tensor of 0 elements'): the empty
+    tokenizer AutoTokenizer builds for a model directory without tokenizer files."""
+    from tests.support import make_dense_model
+
+    make_dense_model(tmp_path / "model", vocab_size=320)
+    with pytest.raises(DataError, match="no tokenizer here"):
+        embed_documents(tmp_path / "model", DOCS)
+
+
+def test_a_tokenizer_beyond_the_models_vocabulary_is_refused(tokenizer_dir, tmp_path):
+    """Token ids past the embedding table ended in torch.embedding's IndexError."""
+    from transformers import AutoTokenizer
+
+    from tests.support import make_dense_model
+
+    make_dense_model(tmp_path / "model", vocab_size=100)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp_path / "model")
+    with pytest.raises(DataError, match=r"token id \d+ \(it has 300 tokens\) but the model's embedding table has "
+                                        "100 rows"):
+        embed_documents(tmp_path / "model", DOCS)
+
+
+def test_embed_domain_writes_the_format_its_suffix_names(public_model, tmp_path):
+    """``out.npy`` used to get safetensors bytes, which ``upcycle`` then called pickled data."""
+    import numpy as np
+
+    from flexolmo_plugin.cli import EXIT_OK, main
+    from flexolmo_plugin.lifecycle.upcycle import load_embedding
+
+    docs = write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in DOCS])
+    for name in ("e.npy", "e.safetensors"):
+        assert main(["embed-domain", str(docs), str(tmp_path / name), "--model", str(public_model), "--quiet"]) \
+            == EXIT_OK
+    array = np.load(tmp_path / "e.npy", allow_pickle=False)
+    assert array.dtype == np.float32 and array.shape == (48,)
+    torch.testing.assert_close(load_embedding(tmp_path / "e.npy", 48), load_embedding(tmp_path / "e.safetensors", 48))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "e.npy", "e.safetensors"]
