@@ -109,23 +109,11 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
 def cmd_embed_domain(args: argparse.Namespace) -> int:
     """Mean embedding of a sample of the owner's documents -> a router row."""
     _megatron()
-    from flexolmo_plugin.lifecycle.domain_embedding import (
-        embed_documents,
-        sample_documents,
-    )
-    from flexolmo_plugin.lifecycle.upcycle import save_embedding
+    from flexolmo_plugin.lifecycle.domain_embedding import embed_documents, model_width, sample_documents
+    from flexolmo_plugin.lifecycle.upcycle import check_embedding_output, save_embedding
 
-    width = None
-    if args.for_model:
-        import json
-
-        config_path = Path(args.for_model) / "config.json"
-        try:
-            width = json.loads(config_path.read_text(encoding="utf-8"))["hidden_size"]
-        except (ValueError, KeyError, TypeError) as error:  # not JSON, not an object, or no hidden_size
-            raise ConfigError(f"--for-model: {config_path} has no integer 'hidden_size' ({error!r})") from None
-        if not isinstance(width, int) or isinstance(width, bool) or width < 1:
-            raise ConfigError(f"--for-model: {config_path} has no integer 'hidden_size' (got {width!r})")
+    check_embedding_output(args.output)  # before any work: a suffix we cannot write, or an existing file
+    width = model_width(args.for_model) if args.for_model else None
     docs = sample_documents(args.docs, num_docs=args.num_docs, seed=args.seed, text_key=args.text_key)
     vector = embed_documents(args.model, docs, method=args.method, max_tokens=args.max_tokens,
                              expected_width=width, progress=not args.quiet)

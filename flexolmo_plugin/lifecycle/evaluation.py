@@ -82,7 +82,10 @@ def read_windows(prefix: str | os.PathLike, *, seq_len: int, max_tokens: int) ->
     stream = torch.cat(pieces)[:max_tokens] if pieces else torch.empty(0, dtype=torch.long)
     n = stream.numel() // seq_len
     if n == 0:
-        raise DataError(f"{prefix}: fewer than {seq_len} tokens; lower --seq-len")
+        if stream.numel() >= max_tokens:  # the dataset has enough; the budget is what is short
+            raise DataError(f"--max-tokens {max_tokens} is less than one window of --seq-len {seq_len}; "
+                            "raise --max-tokens or lower --seq-len")
+        raise DataError(f"{prefix}: {stream.numel()} tokens, fewer than one window of {seq_len}; lower --seq-len")
     return stream[: n * seq_len].reshape(n, seq_len)
 
 

@@ -103,7 +103,7 @@ def test_embed_domain_for_model_without_hidden_size_is_refused(tmp_path, capsys)
                  str(tmp_path / "model"), "--for-model", str(tmp_path / "model")])
     assert code == EXIT_BAD_INPUT  # was a KeyError traceback
     err = capsys.readouterr().err
-    assert err.startswith("error: --for-model: ") and "has no integer 'hidden_size'" in err, err
+    assert err.startswith("error: ") and "has no integer 'hidden_size'" in err, err
 
 
 # --------------------------------------------------------------------- OS errors: message or bug
