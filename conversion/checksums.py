@@ -67,16 +67,29 @@ def file_digest(path: str | os.PathLike) -> str:
     return hasher.hexdigest()
 
 
-def write_checksums(manifest: str | os.PathLike, files: Iterable[str | os.PathLike]) -> Path:
-    """Record ``files`` (paths relative to the manifest's directory are stored) in ``manifest``."""
-    manifest = Path(manifest)
+def sidecar(path: str | os.PathLike) -> Path:
+    """The checksum file of a file or a file group that lives among other files: ``PATH.checksums.json``
+    (a dataset prefix's ``.bin``/``.idx``, an embedding)."""
+    path = Path(path)
+    return path.with_name(path.name + "." + CHECKSUMS_FILE)
+
+
+def checksums_payload(root: str | os.PathLike, files: Iterable[str | os.PathLike]) -> bytes:
+    """The manifest listing ``files`` by their paths relative to ``root`` (where the manifest lives)."""
     entries = {}
     for file in sorted(Path(f) for f in files):
-        entries[str(file.relative_to(manifest.parent))] = {"bytes": file.stat().st_size, ALGORITHM: file_digest(file)}
+        entries[file.relative_to(root).as_posix()] = {"bytes": file.stat().st_size, ALGORITHM: file_digest(file)}
     payload = {"format_version": FORMAT_VERSION, "algorithm": ALGORITHM, "files": entries}
+    return (json.dumps(payload, indent=1) + "\n").encode()
+
+
+def write_checksums(manifest: str | os.PathLike, files: Iterable[str | os.PathLike]) -> Path:
+    """Write ``manifest`` for ``files`` inside an output that is still private (not yet in place):
+    a sidecar beside published files goes through ``atomic.write_file_atomically`` instead."""
+    manifest = Path(manifest)
     tmp = manifest.with_name(f".{manifest.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, manifest)  # inside an output that is itself still private (not yet renamed into place)
+    tmp.write_bytes(checksums_payload(manifest.parent, files))
+    os.replace(tmp, manifest)
     return manifest
 
 

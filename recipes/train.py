@@ -8,11 +8,20 @@ process (a world of one) and under ``torchrun`` (one process per rank).
 Checkpoints are Bridge's torch_dist checkpoints: each save goes to a new ``iter_*`` directory and
 the ``latest`` tracker is updated only after it is complete, so an interrupted save never replaces
 the last good checkpoint; rerunning with ``checkpoint.load=<save dir>`` resumes.
+
+Every input is checked before anything is written (:func:`check_inputs`): the recipe arguments and
+config keys exist, the start checkpoint, tokenizer and datasets are there and usable, and the data's
+token ids fit the model's vocabulary.  A refusal is a :class:`~flexolmo_plugin.errors.ConfigError`
+(one line, exit 2 from ``flexolmo train``), never a traceback from deep inside Bridge's loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import importlib.util
+import inspect
+import logging
 import os
 import sys
 import time
@@ -24,9 +33,10 @@ from megatron.core import parallel_state as ps
 
 from flexolmo_plugin.compat import default_device, device_name, enable_bridge_compat
 from flexolmo_plugin.conversion.mcore_io import CONFIG_FILE, save_config
-from flexolmo_plugin.errors import ConfigError
+from flexolmo_plugin.errors import ConfigError, FlexOlmoError
 from flexolmo_plugin.model.build import unwrap
 from flexolmo_plugin.recipes import registry
+from flexolmo_plugin.recipes.inputs import check_inputs
 
 RECIPE_PREFIX = "recipe."
 
@@ -178,25 +188,121 @@ def _warm_up_callback():
     return WarmUp()
 
 
+def _recipe_arguments(recipe: str, function, kwargs: dict) -> None:
+    """Refuse ``recipe.ARG`` names the recipe function does not take, and required ones left out,
+    naming the valid ones (a bare ``TypeError`` from the call would be a traceback)."""
+    parameters = inspect.signature(function).parameters
+    unknown = sorted(set(kwargs) - set(parameters))
+    if unknown:
+        raise ConfigError(f"recipe {recipe!r} has no argument {', '.join(RECIPE_PREFIX + u for u in unknown)}; "
+                          f"its arguments: {', '.join(parameters)}")
+    missing = [n for n, p in parameters.items() if p.default is inspect.Parameter.empty and n not in kwargs]
+    if missing:
+        raise ConfigError(f"recipe {recipe!r} needs {', '.join(f'{RECIPE_PREFIX}{m}=...' for m in missing)}")
+
+
+def _override_key(override: str) -> str:
+    """The dotted key of a Hydra override (``+key=v``, ``++key=v`` and ``~key`` included)."""
+    return override.partition("=")[0].lstrip("+~")
+
+
+def _lookup(config, key: str) -> tuple[bool, object]:
+    """``(found, value)`` of a dotted ``key`` in the ``ConfigContainer``; raises :class:`ConfigError`
+    naming the first part that does not exist and the valid names at that level.  Below a ``dict``
+    field any key is accepted (such fields are free-form in Bridge)."""
+    node, walked = config, []
+    for part in key.split("."):
+        if isinstance(node, dict):
+            return False, None
+        if not dataclasses.is_dataclass(node):
+            where = ".".join(walked)
+            raise ConfigError(f"unknown configuration key {key!r}: {where!r} is {node!r}, not a section with fields")
+        names = [f.name for f in dataclasses.fields(node) if not f.name.startswith("_")]
+        if part not in names:
+            where = f"under {'.'.join(walked)!r}" if walked else "at the top level"
+            raise ConfigError(f"unknown configuration key {key!r}; valid keys {where}: {', '.join(names)}")
+        node = getattr(node, part)
+        walked.append(part)
+    return True, node
+
+
+def _apply_config_overrides(config, overrides: list[str]):
+    """Bridge's Hydra overrides, with every key checked first against the ``ConfigContainer``
+    (Hydra's own message for an unknown key suggests ``+key=...``, which Bridge then cannot apply)
+    and every number kept a number (Bridge copies ``train.train_iters=abc`` in as the string and
+    fails inside the scheduler)."""
+    from megatron.bridge.training.utils.omegaconf_utils import (
+        OverridesError,
+        process_config_with_overrides,
+    )
+
+    before = {}
+    for override in overrides:
+        key = _override_key(override)
+        if key:
+            before[key] = _lookup(config, key)
+    try:
+        config = process_config_with_overrides(config, cli_overrides=overrides)
+    except OverridesError as error:
+        cause = error.__cause__ or error
+        raise ConfigError(f"cannot apply the overrides {overrides}: {str(cause).splitlines()[0]}") from None
+    for key, (found, old) in before.items():
+        if not found or isinstance(old, str) or not isinstance(old, (bool, int, float)):
+            continue
+        _, new = _lookup(config, key)
+        if isinstance(new, str):
+            expected = "true or false" if isinstance(old, bool) else "a number"
+            raise ConfigError(f"{key}={new!r}: expected {expected} (it is {old!r} in this recipe)")
+    return config
+
+
 def build_config(recipe: str, overrides: list[str]):
     """The recipe's ``ConfigContainer`` with ``recipe.*`` arguments and config overrides applied."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    function = registry.recipe(recipe)
-    recipe_args = [o[len(RECIPE_PREFIX) :] for o in overrides if o.startswith(RECIPE_PREFIX)]
-    config_overrides = [o for o in overrides if not o.startswith(RECIPE_PREFIX)]
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"overrides must look like key=value, got {bad}")
-    kwargs = OmegaConf.to_container(OmegaConf.from_dotlist(recipe_args)) if recipe_args else {}
+    function = registry.recipe(recipe)
+    recipe_args = [o[len(RECIPE_PREFIX) :] for o in overrides if o.startswith(RECIPE_PREFIX)]
+    config_overrides = [o for o in overrides if not o.startswith(RECIPE_PREFIX)]
+    try:
+        kwargs = OmegaConf.to_container(OmegaConf.from_dotlist(recipe_args)) if recipe_args else {}
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"cannot parse the recipe arguments {recipe_args}: {str(error).splitlines()[0]}") from None
+    _recipe_arguments(recipe, function, kwargs)
     config = function(**kwargs)
     if config_overrides:
-        from megatron.bridge.training.utils.omegaconf_utils import (
-            process_config_with_overrides,
-        )
-
-        config = process_config_with_overrides(config, cli_overrides=config_overrides)
+        config = _apply_config_overrides(config, config_overrides)
     return config
+
+
+class _AbsentTransformerEngineImports(logging.Filter):
+    """Drops Bridge's log record of a Transformer Engine symbol it could not import, where Transformer
+    Engine is not installed.
+
+    ``megatron.bridge.peft.utils`` probes ``FP8GlobalStateManager`` with ``safe_import_from``, which
+    logs the full ``AttributeError`` traceback at INFO on a handler of its own, so every run on a
+    machine without TE printed a "Traceback" although nothing failed (the symbol is only used when
+    FP8 is on, which needs TE).  Only records about ``megatron.core.extensions.transformer_engine``
+    below WARNING are dropped, and only when TE is absent: with TE installed the same record means a
+    real incompatibility and stays visible.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno < logging.WARNING
+                    and "from megatron.core.extensions.transformer_engine failed" in record.getMessage())
+
+
+def silence_absent_transformer_engine_imports() -> None:
+    """Install :class:`_AbsentTransformerEngineImports` on Bridge's import logger (idempotent; before
+    ``megatron.bridge`` is imported, the logger object is the one its module will use)."""
+    if importlib.util.find_spec("transformer_engine") is not None:
+        return
+    bridge_logger = logging.getLogger("megatron.bridge.utils.import_utils")
+    if not any(isinstance(f, _AbsentTransformerEngineImports) for f in bridge_logger.filters):
+        bridge_logger.addFilter(_AbsentTransformerEngineImports())
 
 
 def _init_process_group(backend: str, timeout_minutes: int = 10) -> None:
@@ -241,13 +347,18 @@ def write_run_config(config, recipe: str) -> None:
 
 
 def run(recipe: str, overrides: list[str], *, callbacks=()):
-    """Train; returns the logging callback (its ``history`` holds the per-iteration records)."""
+    """Train; returns the logging callback (its ``history`` holds the per-iteration records).
 
+    Inputs are checked (:func:`check_inputs`) before the process group, the save directory or its
+    ``flexolmo_config.json`` exist, so a refused run leaves nothing behind."""
+
+    silence_absent_transformer_engine_imports()
     enable_bridge_compat()
     from megatron.bridge.training.gpt_step import forward_step
     from megatron.bridge.training.pretrain import pretrain
 
     config = build_config(recipe, overrides)
+    check_inputs(config)
     _init_process_group(config.dist.distributed_backend, config.dist.distributed_timeout_minutes)
     if dist.get_rank() == 0 and config.checkpoint.save:
         Path(config.checkpoint.save).mkdir(parents=True, exist_ok=True)
@@ -272,8 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point the launchers start on every rank: ``python -m flexolmo_plugin.recipes.train RECIPE KEY=VALUE...``.
 
     Runs :func:`run` for any recipe of this module (the production ones included) under torchrun; exit
-    code 0 on success.  Kept separate from ``flexolmo train`` so that the launchers do not depend on the
-    CLI's recipe list.
+    code 0 on success, 2 with a one-line message for refused input (as ``flexolmo train``).  Kept
+    separate from ``flexolmo train`` so that the launchers do not depend on the CLI's recipe list.
     """
 
     argv = sys.argv[1:] if argv is None else argv
@@ -282,7 +393,11 @@ def main(argv: list[str] | None = None) -> int:
             "usage: python -m flexolmo_plugin.recipes.train RECIPE [recipe.ARG=VALUE | KEY=VALUE ...]", file=sys.stderr
         )
         return 2
-    run(argv[0], argv[1:])
+    try:
+        run(argv[0], argv[1:])
+    except (FlexOlmoError, FileNotFoundError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -33,7 +33,8 @@ from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from flexolmo_plugin.conversion.atomic import OutputExistsError, fsync_path
+from flexolmo_plugin.conversion.atomic import OutputExistsError, fsync_path, write_file_atomically
+from flexolmo_plugin.conversion.checksums import checksums_payload, sidecar, verify_checksums
 from flexolmo_plugin.errors import FlexOlmoError
 
 
@@ -54,6 +55,17 @@ class DatasetReport:
 # tokens, or a crash deep inside the model).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model")
+
+
+def verify_dataset(prefix: str | os.PathLike) -> None:
+    """Check a dataset's ``.bin``/``.idx`` against the checksums prepare-data wrote beside them
+    (``PREFIX.checksums.json``); a dataset built elsewhere is used with an "unverified" warning."""
+    prefix = Path(prefix)
+    missing = [str(p) for p in (prefix.with_name(prefix.name + ".bin"), prefix.with_name(prefix.name + ".idx"))
+               if not p.is_file()]
+    if missing:
+        raise DataError(f"dataset {prefix}: {', '.join(missing)} missing (a prefix names PREFIX.bin and PREFIX.idx)")
+    verify_checksums(sidecar(prefix), what=f"dataset {prefix}", required=[prefix.name + ".bin", prefix.name + ".idx"])
 
 
 def load_tokenizer(tokenizer_dir: str | os.PathLike):
@@ -116,7 +128,7 @@ def prepare_dataset(input_path: str | os.PathLike, output_prefix: str | os.PathL
         raise DataError(f"{tokenizer_dir}: tokenizer has no end-of-document (eos) token; pass append_eod=False")
     prefix = Path(output_prefix)
     final = [prefix.with_name(prefix.name + suffix) for suffix in (".bin", ".idx")]
-    existing = [str(p) for p in final if p.exists() or p.is_symlink()]
+    existing = [str(p) for p in (*final, sidecar(prefix)) if p.exists() or p.is_symlink()]
     if existing:
         raise OutputExistsError(f"output already exists: {existing}; choose another prefix (nothing was written)")
     if not prefix.parent.is_dir():
@@ -161,6 +173,7 @@ def prepare_dataset(input_path: str | os.PathLike, output_prefix: str | os.PathL
             raise DataError(f"{input_path}: no documents")
         builder.finalize(files[1].path)
         _name_together(files, prefix)
+        write_file_atomically(sidecar(prefix), checksums_payload(prefix.parent, final))
     finally:
         if builder is not None:
             builder.data_file.close()  # already closed by finalize unless the run failed

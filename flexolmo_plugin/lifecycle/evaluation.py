@@ -25,7 +25,7 @@ from torch import nn
 
 from flexolmo_plugin.conversion.checks import all_finite
 from flexolmo_plugin.errors import FlexOlmoError
-from flexolmo_plugin.lifecycle.data import DataError
+from flexolmo_plugin.lifecycle.data import DataError, verify_dataset
 from flexolmo_plugin.model.build import logits, next_token_loss, unwrap
 
 
@@ -71,6 +71,7 @@ def read_windows(prefix: str | os.PathLike, *, seq_len: int, max_tokens: int) ->
     prefix = str(prefix)
     if not (os.path.exists(prefix + ".idx") and os.path.exists(prefix + ".bin")):
         raise FileNotFoundError(f"no Megatron indexed dataset at {prefix} (.bin/.idx)")
+    verify_dataset(prefix)
     dataset = IndexedDataset(prefix)
     pieces, total = [], 0
     for i in range(len(dataset)):

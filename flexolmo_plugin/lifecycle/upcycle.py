@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save
 
 from flexolmo_plugin.conversion.atomic import atomic_directory, check_new_output, write_file_atomically
 from flexolmo_plugin.conversion.checks import all_finite, file_sha256
+from flexolmo_plugin.conversion.checksums import checksums_payload, sidecar, verify_checksums
 from flexolmo_plugin.conversion.convert import copy_tokenizer_files
 from flexolmo_plugin.conversion.hf_layout import HFWeights
 from flexolmo_plugin.conversion.mapping import Role, entries_by_name, expert_entry
@@ -85,6 +86,7 @@ def load_embedding(path: str | os.PathLike, hidden_size: int | None = None) -> t
                              "use .safetensors or .npy")
     if not path.is_file():
         raise EmbeddingError(f"{path}: no such file")
+    verify_checksums(sidecar(path), what=f"embedding {path}", required=[path.name])
     if path.suffix == ".npy":
         with open(path, "rb") as f:
             magic = f.read(6)
@@ -145,6 +147,7 @@ def check_embedding_output(path: str | os.PathLike) -> Path:
         got = repr(path.suffix) if path.suffix else "a name without suffix"
         raise EmbeddingError(f"{path}: an embedding is written as .safetensors or .npy (the suffix chooses the "
                              f"format), not {got}")
+    check_new_output(sidecar(path))  # a stale checksum file of a deleted embedding
     return check_new_output(path)
 
 
@@ -162,6 +165,7 @@ def save_embedding(path: str | os.PathLike, embedding: torch.Tensor, metadata: d
     else:
         data = save({EMBEDDING_KEY: vector}, metadata=metadata)
     write_file_atomically(path, data)
+    write_file_atomically(sidecar(path), checksums_payload(path.parent, [path]))
 
 
 class _PublicModel:

@@ -4,10 +4,12 @@ import json
 import warnings
 
 import pytest
+import torch
 
 from flexolmo_plugin.conversion.checksums import UnverifiedWarning, verification
 from flexolmo_plugin.conversion.convert import mcore_to_hf
-from tests.faults.harness import assert_refused, run_cli
+from flexolmo_plugin.lifecycle.upcycle import save_embedding
+from tests.faults.harness import HIDDEN, assert_refused, run_cli
 
 
 def _with_config(lab, tmp_path, **changes):
@@ -98,3 +100,22 @@ def test_cli_flags_a_checkpoint_without_checksums(lab, tmp_path, capsys):
     assert code == 0, err
     assert "warning: checkpoint" in err and "its files are unverified" in err
     assert (tmp_path / "hf" / "checksums.json").is_file(), "what we write from it has checksums again"
+
+
+def test_a_corrupt_dataset_is_detected_by_eval(lab, tmp_path, capsys):
+    copy = lab.copy("dataset", tmp_path)
+    (tmp_path / "dataset_copy.checksums.json").write_bytes(
+        (lab.dataset.parent / "data.checksums.json").read_bytes().replace(b'"data.', b'"dataset_copy.'))
+    _flip_bit(tmp_path / "dataset_copy.bin")
+    assert_refused(["eval", lab.merged, "--data", f"code={copy}", "--seq-len", 8], capsys,
+                   match=r"dataset_copy\.bin: checksum mismatch", workdir=tmp_path, inputs=(copy,))
+
+
+def test_a_corrupt_embedding_is_detected_by_upcycle(lab, tmp_path, capsys):
+    path = tmp_path / "e.safetensors"
+    save_embedding(path, torch.randn(HIDDEN), {})
+    assert (tmp_path / "e.safetensors.checksums.json").is_file()
+    _flip_bit(path, 0.95)
+    assert_refused(["upcycle", lab.public_hf, tmp_path / "out", "--public-embedding", lab.embeddings[0],
+                    "--domain-embedding", path], capsys, match=r"e\.safetensors: checksum mismatch",
+                   workdir=tmp_path, inputs=(path,))

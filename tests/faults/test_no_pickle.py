@@ -82,3 +82,18 @@ def test_the_allow_list_names_what_it_refused(tmp_path):
     (tmp_path / ".metadata").write_bytes(pickle.dumps(_Payload(tmp_path / "x")))
     with pytest.raises(UnsafeCheckpointError, match="builtins.exec"):
         read_metadata(tmp_path)
+
+
+@pytest.mark.parametrize("which", ["init_from", "resume"])
+def test_train_refuses_a_crafted_start_or_resume_checkpoint(which, lab, tmp_path, capsys):
+    """Bridge's own loader (resume: checkpoint.load) unpickles .metadata without an allow-list: the
+    run is refused before it starts."""
+    from tests.faults.test_train_faults import _train
+
+    crafted, marker = _crafted(lab, tmp_path, "anchor")
+    argv = _train(lab, tmp_path, init_from=crafted if which == "init_from" else None,
+                  extra=[f"checkpoint.load={crafted}"] if which == "resume" else [])
+    assert_refused(argv, capsys, match=r"anchor_copy/\.metadata: refers to builtins\.exec.*refusing to unpickle",
+                   workdir=tmp_path,
+                   inputs=(crafted,))
+    assert not marker.exists()
