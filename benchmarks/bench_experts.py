@@ -53,7 +53,7 @@ op, args = sys.argv[1], sys.argv[2:]
 base = rss("VmRSS:")
 start = time.perf_counter()
 if op == "package":
-    package_expert(args[0], args[1], name=args[2])
+    package_expert(args[0], args[1], name=args[2], expert=int(args[3]))
 elif op == "merge":
     merge_experts(args[0], args[1:-1], args[-1])
 else:
@@ -70,7 +70,7 @@ def run(op: str, *args, in_process: bool = False) -> dict:
 
         start = time.perf_counter()
         if op == "package":
-            package_expert(args[0], args[1], name=args[2])
+            package_expert(args[0], args[1], name=args[2], expert=int(args[3]))
         elif op == "merge":
             merge_experts(args[0], list(args[1:-1]), args[-1])
         else:
@@ -87,12 +87,13 @@ def dir_bytes(path: Path) -> int:
 
 
 def section(rows: list[dict], conditions: dict) -> list[str]:
-    lines = [TITLE, "", f"Conditions: {conditions['when']}; {conditions['load']}. A synthetic 2-expert anchor "
-             f"(bf16; {conditions['shape']}) converted from HF; its expert packaged as two owners, merged onto the "
-             f"anchor (3 experts), one owner opted out. {conditions['process']}, fastest of {conditions['repeats']} "
-             "runs; raw copy = `copytree` + `sync` of the merged checkpoint. Every step's input checkpoints (and "
-             "the copy's) are read once just before it runs, so all start from the page cache; the steps write "
-             "past the page cache (`O_DIRECT`) where the file system allows it, the copy through it.", "",
+    lines = [TITLE, "", f"Conditions: {conditions['when']}; {conditions['load']}. A synthetic 3-expert model "
+             f"(bf16; {conditions['shape']}) converted from HF; its experts 1 and 2 packaged as two owners, "
+             f"merged onto its public expert (3 experts), one owner opted out. {conditions['process']}, fastest "
+             f"of {conditions['repeats']} runs; raw copy = `copytree` + `sync` of the merged checkpoint. Every "
+             "step's input checkpoints (and the copy's) are read once just before it runs, so all start from the "
+             "page cache; the steps write past the page cache (`O_DIRECT`) where the file system allows it, the "
+             "copy through it.", "",
              "| step | merged model size | time | raw copy of merged | speed vs copy | peak RSS | RSS after imports | "
              "peak − imports |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -140,15 +141,17 @@ def main() -> None:
     try:
         for layers in layers_list:
             case = work / f"L{layers}"
-            info = make_checkpoint(case / "hf", layers, num_experts=2, **shape)
+            # three experts: the owners' packages must differ (merge refuses the same expert twice)
+            info = make_checkpoint(case / "hf", layers, num_experts=3, **shape)
             convert("hf-to-mcore", case / "hf", case / "anchor", quick)
             shutil.rmtree(case / "hf")
             timings: dict[str, list[dict]] = {"package": [], "merge": [], "opt-out": []}
             copies = []
             for i in range(repeats):
-                for owner in ("a", "b"):
+                for expert, owner in ((1, "a"), (2, "b")):
                     warm(case / "anchor")
-                    result = run("package", case / "anchor", case / f"pkg_{owner}{i}", owner, in_process=quick)
+                    result = run("package", case / "anchor", case / f"pkg_{owner}{i}", owner, expert,
+                                 in_process=quick)
                     if owner == "a":
                         timings["package"].append(result)
                 for source in ("anchor", f"pkg_a{i}", f"pkg_b{i}"):
