@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import flexolmo_plugin as fp
 from flexolmo_plugin.conversion.atomic import OutputExistsError
+from flexolmo_plugin.conversion.checksums import CorruptFileError
 from flexolmo_plugin.conversion.convert import hf_to_mcore, mcore_to_hf
 from flexolmo_plugin.conversion.mapping import entries
 from flexolmo_plugin.conversion.mcore_io import McoreCheckpointError
@@ -205,6 +206,9 @@ def test_mcore_checkpoint_disagreeing_with_its_config_is_refused(good_src, tmp_p
     payload = json.loads(config_file.read_text())
     payload["config"]["intermediate_size"] = 44
     config_file.write_text(json.dumps(payload))
+    with pytest.raises(CorruptFileError, match="flexolmo_config.json: .* bytes, .* when written"):
+        mcore_to_hf(tmp_path / "mcore", tmp_path / "back")
+    (tmp_path / "mcore" / "checksums.json").unlink()  # as a checkpoint from another tool: the layout check
     with pytest.raises(McoreCheckpointError, match="does not match its configuration"):
         mcore_to_hf(tmp_path / "mcore", tmp_path / "back")
     nothing_left_behind(tmp_path, "back")

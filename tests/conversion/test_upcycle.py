@@ -148,7 +148,8 @@ def test_saved_embeddings_have_the_format_of_their_suffix(tmp_path):
             check_embedding_output(tmp_path / name)
         with pytest.raises(EmbeddingError, match=r"written as \.safetensors or \.npy"):
             save_embedding(tmp_path / name, vector, {})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.npy", "e.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "e.npy", "e.npy.checksums.json", "e.safetensors", "e.safetensors.checksums.json"]
     torch.testing.assert_close(load_embedding(tmp_path / "e.npy", H), vector)
 
 

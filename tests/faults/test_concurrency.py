@@ -129,7 +129,7 @@ def test_two_runs_on_one_prefix_one_wins_the_other_is_refused_and_nothing_mixes(
     errors = [line for line in loser_err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "appeared while this run was writing it" in errors[0], loser_err
     assert "nothing was replaced" in errors[0], loser_err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin", "out.idx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin", "out.checksums.json", "out.idx"]
 
     dataset = IndexedDataset(str(prefix))
     lengths = [len(dataset[i]) for i in range(len(dataset))]

@@ -280,4 +280,5 @@ def test_embed_domain_writes_the_format_its_suffix_names(public_model, tmp_path)
     array = np.load(tmp_path / "e.npy", allow_pickle=False)
     assert array.dtype == np.float32 and array.shape == (48,)
     torch.testing.assert_close(load_embedding(tmp_path / "e.npy", 48), load_embedding(tmp_path / "e.safetensors", 48))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "e.npy", "e.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "docs.jsonl", "e.npy", "e.npy.checksums.json", "e.safetensors", "e.safetensors.checksums.json"]
