@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -230,16 +231,20 @@ class CanonicalReader:
 
     def _read_key_into(self, key: str, prefix: tuple[int, ...], out: torch.Tensor) -> None:
         """Read layer ``prefix`` of ``key`` into ``out``: straight from the file when the chunk is
-        a plain record (one copy), else through ``dcp.load``."""
-
-
+        a plain record (one copy), else through ``dcp.load``.  A data file that cannot be read
+        (truncated or damaged: torch raises EOFError, a zip error or its CheckpointException) is
+        named; the checksums normally catch this first, but a checkpoint from another tool has none."""
         shape = self.present[key][0]
         view = out.view((1,) * len(prefix) + shape[len(prefix) :])
         offsets = prefix + (0,) * (len(shape) - len(prefix))
-        if not self._chunks.read_into(key, offsets, view):
-            dcp_load(
-                {key: view}, storage_reader=self._reader, planner=chunk_planner({key: (offsets, view)}), no_dist=True
-            )
+        try:
+            if not self._chunks.read_into(key, offsets, view):
+                dcp_load({key: view}, storage_reader=self._reader, planner=chunk_planner({key: (offsets, view)}),
+                         no_dist=True)
+        except (EOFError, RuntimeError, ValueError, zipfile.BadZipFile, CheckpointException) as error:
+            detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            raise McoreCheckpointError(f"{self.directory}: tensor {key} cannot be read ({detail}); a data file is "
+                                       "truncated or damaged") from None
 
     def read(self, name: str) -> torch.Tensor:
         """The whole canonical tensor; split keys (gate / up halves, router rows) are read straight

@@ -119,3 +119,14 @@ def test_a_corrupt_embedding_is_detected_by_upcycle(lab, tmp_path, capsys):
     assert_refused(["upcycle", lab.public_hf, tmp_path / "out", "--public-embedding", lab.embeddings[0],
                     "--domain-embedding", path], capsys, match=r"e\.safetensors: checksum mismatch",
                    workdir=tmp_path, inputs=(path,))
+
+
+def test_a_truncated_data_file_without_checksums_is_named(lab, tmp_path, capsys):
+    """A checkpoint from another tool has no checksums: a truncated data file is still one line."""
+    copy = lab.copy("owner", tmp_path)
+    (copy / "checksums.json").unlink()
+    data_file = next(copy.glob("*.distcp"))
+    data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
+    assert_refused(["convert", "mcore-to-hf", copy, tmp_path / "hf"], capsys,
+                   match=r"tensor \S+ cannot be read .*a data file is truncated or damaged", workdir=tmp_path,
+                   inputs=(copy,))
