@@ -98,18 +98,20 @@ _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 
 
-def _renameat2_noreplace():
-    """glibc's ``renameat2`` (Linux >= 3.15, glibc >= 2.28), or None where it is missing."""
+def libc_function(name: str, argtypes: list):
+    """A C library function returning ``int`` with errno kept (``ctypes.get_errno``), or None where
+    the C library lacks it: for the Linux calls ``os`` does not expose (renameat2, linkat)."""
     try:
-        function = ctypes.CDLL(None, use_errno=True).renameat2
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (AttributeError, OSError):
         return None
-    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.argtypes = argtypes
     function.restype = ctypes.c_int
     return function
 
 
-_RENAMEAT2 = _renameat2_noreplace()
+# glibc's renameat2 (Linux >= 3.15, glibc >= 2.28)
+_RENAMEAT2 = libc_function("renameat2", [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint])
 
 
 def move_into_place(tmp: Path, final: Path) -> None:

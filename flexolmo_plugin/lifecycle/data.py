@@ -33,7 +33,7 @@ from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from flexolmo_plugin.conversion.atomic import OutputExistsError, fsync_path, write_file_atomically
+from flexolmo_plugin.conversion.atomic import OutputExistsError, fsync_path, libc_function, write_file_atomically
 from flexolmo_plugin.conversion.checksums import checksums_payload, sidecar, verify_checksums
 from flexolmo_plugin.errors import FlexOlmoError
 
@@ -189,19 +189,9 @@ _AT_FDCWD = -100
 _AT_SYMLINK_FOLLOW = 0x400
 
 
-def _libc_linkat():
-    """The C library's ``linkat`` (``os.link`` cannot follow the ``/proc/self/fd`` link of an
-    unnamed file: it calls ``link``, which links the symbolic link itself), or None."""
-    try:
-        function = ctypes.CDLL(None, use_errno=True).linkat
-    except (AttributeError, OSError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-    function.restype = ctypes.c_int
-    return function
-
-
-_LINKAT = _libc_linkat()
+# The C library's linkat: os.link cannot follow the /proc/self/fd link of an unnamed file (it calls
+# link, which links the symbolic link itself).
+_LINKAT = libc_function("linkat", [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int])
 _UNNAMED = _LINKAT is not None and hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
 
 
