@@ -29,7 +29,7 @@ from pathlib import Path
 
 import xxhash
 
-from flexolmo_plugin.errors import FlexOlmoError
+from flexolmo_plugin.errors import FlexOlmoError, FlexOlmoWarning
 
 CHECKSUMS_FILE = "checksums.json"
 ALGORITHM = "xxh3_128"
@@ -44,9 +44,8 @@ class CorruptFileError(FlexOlmoError):
     """A file does not match the checksum recorded when it was written."""
 
 
-class UnverifiedWarning(Warning):
-    """What was read carries no checksums (or verification was switched off).  Not a UserWarning:
-    the CLI silences those (library advisories), and this one a user must see."""
+class UnverifiedWarning(FlexOlmoWarning):
+    """What was read carries no checksums (or verification was switched off)."""
 
 
 @contextlib.contextmanager

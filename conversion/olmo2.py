@@ -41,9 +41,9 @@ class Olmo2AsFlexOlmo:
                  top_k: int | None = None):
         if not num_experts:
             raise CheckpointFormatError("upcycling an OLMo-2 dense model needs --num-experts (e.g. 2)")
-        flex_like = dict(raw, model_type="flex_olmo", num_experts=num_experts,
-                         num_experts_per_tok=num_experts if top_k is None else top_k, norm_topk_prob=False)
-        self.config = FlexOlmoConfig.from_hf(flex_like)
+        # Read as OLMo-2 (its defaults, not FlexOlmo's, for keys config.json omits), refusing what the
+        # FlexOlmo model would not honour.
+        self.config = FlexOlmoConfig.from_hf_olmo2(raw, num_experts=num_experts, top_k=top_k)
         self.checkpoint = checkpoint
         self.reads: Counter[str] = Counter()
         self._cache: dict[str, tuple[int | None, torch.Tensor]] = {}

@@ -18,3 +18,9 @@ class FlexOlmoError(ValueError):
 
 class ConfigError(FlexOlmoError):
     """A configuration that FlexOlmo (or this implementation of it) cannot represent."""
+
+
+class FlexOlmoWarning(Warning):
+    """Something a user must see but that is not a refusal (e.g. inputs read without checksums, an
+    export another runtime reads differently).  Not a UserWarning: the CLI silences those (library
+    advisories) and prints these as one ``warning:`` line each."""

@@ -25,8 +25,8 @@ from flexolmo_plugin.cli import options
 from flexolmo_plugin.cli.commands import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK
 from flexolmo_plugin.cli.options import UsageError
 from flexolmo_plugin.cli.parser import TRAIN_RECIPES, build_parser
-from flexolmo_plugin.conversion.checksums import UnverifiedWarning, verification
-from flexolmo_plugin.errors import FlexOlmoError
+from flexolmo_plugin.conversion.checksums import verification
+from flexolmo_plugin.errors import FlexOlmoError, FlexOlmoWarning
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_CHECK_FAILED", "EXIT_OK", "TRAIN_RECIPES", "build_parser", "describe_os_error",
            "environment_error", "main", "options", "run_command"]
@@ -102,10 +102,11 @@ def _is_part_of(path: Path, output: Path) -> bool:
     return False
 
 
-def _show_unverified(default):
-    """Our "read without checksums" warnings as one ``warning:`` line each; other warnings as before."""
+def _show_flexolmo_warnings(default):
+    """Our own warnings (:class:`~flexolmo_plugin.errors.FlexOlmoWarning`) as one ``warning:`` line each;
+    other warnings as before."""
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, UnverifiedWarning):
+        if issubclass(category, FlexOlmoWarning):
             print(f"warning: {message}", file=sys.stderr)
         else:
             default(message, category, filename, lineno, file, line)
@@ -129,7 +130,7 @@ def run_command(args: argparse.Namespace) -> int:
     """Run the parsed command ``args.func``, turning refusals into one ``error:`` line and exit 2."""
     try:
         with verification(not getattr(args, "no_verify", False)), warnings.catch_warnings():
-            warnings.showwarning = _show_unverified(warnings.showwarning)
+            warnings.showwarning = _show_flexolmo_warnings(warnings.showwarning)
             return args.func(args)
     except FlexOlmoError as error:
         print(f"error: {error}", file=sys.stderr)
