@@ -242,6 +242,48 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+PLAN_PLACEHOLDER_CHECKPOINT = "flexolmo-plan: no init_from given (the recipe's default sizes)"
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Per-GPU memory of a recipe and layout; exit 1 with a warning when it will not fit an 80 GB H100."""
+    _quiet_imports()
+    import inspect
+
+    from flexolmo_plugin.compat import enable_bridge_compat
+    from flexolmo_plugin.recipes import memory, registry
+    from flexolmo_plugin.recipes.train import build_config, silence_absent_transformer_engine_imports
+
+    silence_absent_transformer_engine_imports()
+    enable_bridge_compat()
+    overrides = list(args.overrides)
+    given = {o.partition("=")[0] for o in overrides}
+    parameters = inspect.signature(registry.recipe(args.recipe)).parameters
+    if "recipe.cpu" not in given and "cpu" in parameters:
+        overrides.append("recipe.cpu=false")  # plan the GPU run, also from a machine without CUDA
+    if ("recipe.init_from" not in given and "init_from" in parameters
+            and parameters["init_from"].default is inspect.Parameter.empty
+            and registry.RECIPES[args.recipe].split(":")[0].endswith(".production")):
+        overrides.append(f"recipe.init_from={PLAN_PLACEHOLDER_CHECKPOINT!r}")  # read only when it exists
+    config = build_config(args.recipe, overrides)
+    gpus = args.gpus
+    if gpus is None and {"nodes", "gpus_per_node"} <= set(parameters):
+        values = {name: parameters[name].default for name in ("nodes", "gpus_per_node")}
+        for override in overrides:
+            key, _, value = override.partition("=")
+            if key in ("recipe.nodes", "recipe.gpus_per_node"):
+                values[key.partition(".")[2]] = int(value)
+        gpus = values["nodes"] * values["gpus_per_node"]
+    text, fits = memory.describe(args.recipe, config, gpus)
+    print(text)
+    if not fits:
+        print(f"warning: {args.recipe} will not fit an 80 GB H100 at this layout; reduce the activations "
+              "(model.recompute_granularity=full or selective, a smaller micro-batch) or the per-GPU share of the "
+              "model (more TP or EP, the distributed optimizer over more GPUs)", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The whole lifecycle on this machine: public model, three owners, merge, eval, opt-out, HF export."""
     _quiet_imports()

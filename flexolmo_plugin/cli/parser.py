@@ -206,6 +206,21 @@ def build_parser() -> opt.Parser:
     tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     tr.set_defaults(func=commands.cmd_train_expert)
 
+    plan = sub.add_parser(
+        "plan", help="per-GPU memory estimate of a training recipe; warns when it will not fit an 80 GB H100",
+        description="Builds RECIPE (as 'flexolmo train' would, for GPUs: recipe.cpu=false unless given) and prints "
+                    "the per-GPU bytes of parameters, gradients, optimizer state and one micro-batch's activations "
+                    "for its parallel layout, precision, freezing policy and recompute setting (formulas: "
+                    "flexolmo_plugin.recipes.memory). A production recipe without recipe.init_from is planned with "
+                    "its default sizes. Exit 1 (with a warning) when the total exceeds an 80 GB H100.")
+    plan.add_argument("recipe", metavar="RECIPE", choices=TRAIN_RECIPES)
+    plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                      help="recipe.ARG=VALUE and ConfigContainer overrides, as for 'flexolmo train'")
+    plan.add_argument("--gpus", type=opt.positive_int,
+                      help="GPUs in all (default: the recipe's nodes x gpus_per_node, else the smallest number "
+                           "that holds its model-parallel groups)")
+    plan.set_defaults(func=commands.cmd_plan)
+
     demo = sub.add_parser(
         "demo", help="run the whole FlexOlmo lifecycle on this machine (about 7 minutes on 2 CPU cores)",
         description="Public model trained on public text; three data owners (Python code, C++ headers, licence "
