@@ -8,6 +8,9 @@ construction on hundreds of GPUs) or silently do something else:
 
 * ``fp8-tensorwise`` (per-tensor current scaling) and ``fp8-blockwise`` (1x128 / 128x128 block
   scaling, Megatron's recommendation for MoE on Hopper) run on Hopper (sm_90) and later;
+  ``fp8-blockwise`` also needs cuBLAS 12.9 or later (its block-scaled FP8 GEMM), i.e. a PyTorch
+  built against CUDA >= 12.9 -- Transformer Engine's ``check_fp8_block_scaling_support`` decides on
+  ``torch.version.cuda`` the same way, but only once the first FP8 layer runs;
   ``fp8-mxfp8`` and ``nvfp4`` need Blackwell (sm_100+) tensor cores and are refused on Hopper
   with a message naming the alternatives;
 * FP8 GEMMs need every GEMM dimension on a rank to be a multiple of 16 (Megatron's
@@ -24,6 +27,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from flexolmo_plugin.compat import device_capability
 from flexolmo_plugin.model.config import ConfigError, FlexOlmoConfig
 
@@ -32,6 +37,8 @@ BLACKWELL_ONLY = ("fp8-mxfp8", "nvfp4")
 FP8_ALIGN = 16
 HOPPER = (9, 0)
 BLACKWELL = (10, 0)
+BLOCKWISE_MIN_CUDA = (12, 9)  # cuBLAS's block-scaled FP8 GEMM (TE: check_fp8_block_scaling_support)
+_LOCAL = "local"  # check_container_precision: the CUDA version of this process's PyTorch
 # Bridge preset behind each name (megatron/bridge/training/mixed_precision.py), and the number of
 # BF16 edge layers that preset's authors chose (0 = none).
 _PRESETS = {
@@ -52,12 +59,40 @@ def check_precision_name(precision: str) -> None:
                       f"or {BLACKWELL_ONLY} (Blackwell only)")
 
 
-def check_device_supports(precision: str, capability: tuple[int, int] | None) -> None:
-    """Refuse a precision the GPU (compute capability ``(major, minor)``) cannot run.
+def parse_cuda_version(version: str | None) -> tuple[int, int] | None:
+    """``"12.8"`` -> ``(12, 8)``; None for a CPU-only PyTorch (compared as numbers: 12.10 > 12.9)."""
+    if not version:
+        return None
+    parts = str(version).split(".")
+    try:
+        return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+    except ValueError:
+        raise ConfigError(f"cannot read the CUDA version {version!r}") from None
 
-    ``capability=None`` (no GPU visible, e.g. building a recipe on a login node) checks nothing.
+
+def current_cuda_version() -> tuple[int, int] | None:
+    """The CUDA version PyTorch was built against (``torch.version.cuda``), whose cuBLAS it loads;
+    None for a CPU-only build.  Needs no GPU, so a login node knows it too."""
+    return parse_cuda_version(torch.version.cuda)
+
+
+def check_device_supports(precision: str, capability: tuple[int, int] | None,
+                          cuda_version: tuple[int, int] | None = None) -> None:
+    """Refuse a precision the GPU (compute capability ``(major, minor)``) or the CUDA libraries
+    (``cuda_version``, see :func:`current_cuda_version`) cannot run.
+
+    ``capability=None`` (no GPU visible, e.g. building a recipe on a login node) checks nothing of
+    the GPU; ``cuda_version=None`` checks nothing of the libraries.
     """
     check_precision_name(precision)
+    if precision == "fp8-blockwise" and cuda_version is not None and tuple(cuda_version[:2]) < BLOCKWISE_MIN_CUDA:
+        have = ".".join(map(str, cuda_version[:2]))
+        need = ".".join(map(str, BLOCKWISE_MIN_CUDA))
+        raise ConfigError(
+            f"precision 'fp8-blockwise' needs cuBLAS >= {need} for its block-scaled FP8 GEMMs, but this PyTorch "
+            f"is built against CUDA {have} (torch.version.cuda); Transformer Engine would refuse it at the first "
+            f"FP8 layer. Use a PyTorch / Transformer Engine built against CUDA >= {need}, or 'fp8-tensorwise' or "
+            "'bf16'.")
     if capability is None or precision == "bf16":
         return
     sm = f"sm_{capability[0]}{capability[1]}"
@@ -122,6 +157,12 @@ def mixed_precision_config(precision: str, *, bf16_edge_layers: int | None = Non
     mp.num_layers_at_start_in_bf16 = mp.num_layers_at_end_in_bf16 = edges
     if precision.startswith("fp8"):
         mp.fp8_param_gather = fp8_param_gather  # keeps fp8_param in sync (Bridge's __setattr__)
+    elif precision == "nvfp4":
+        if fp8_param_gather:
+            raise ConfigError("fp8_param_gather applies to the FP8 precisions; 'nvfp4' keeps its weights in BF16")
+        # Bridge's preset stores the weights as FP4 (fp4_param_gather=True); ours keeps them BF16 for
+        # checkpoints, export and the anchor digests, as for FP8: FP4 applies to the GEMMs only.
+        mp.fp4_param_gather = False  # keeps fp4_param in sync (Bridge's __setattr__)
     return mp
 
 
@@ -140,11 +181,40 @@ def precision_of(mixed_precision: Any) -> str:
     return "bf16" if mixed_precision.bf16 else "fp16" if mixed_precision.fp16 else "fp32"
 
 
-def apply_precision(container, precision: str, *, bf16_edge_layers: int | None = None,
-                    fp8_param_gather: bool = False, capability: tuple[int, int] | None = None) -> None:
-    """Set ``container``'s numerics for ``precision`` and check the model and layout accept them."""
+def saved_params_dtype(container) -> torch.dtype:
+    """The dtype the model's weights will have in the run's checkpoints (for ``flexolmo_config.json``).
+
+    Read before ``pretrain()``, when Bridge has not applied the mixed precision yet: its
+    ``runtime_config_update`` resolves ``container.mixed_precision`` (a preset name or a
+    ``MixedPrecisionConfig``) and its ``setup`` copies ``bf16`` / ``fp16`` / ``params_dtype`` onto the
+    model config; the model is then built in ``params_dtype`` and, with bf16 or fp16, wrapped in
+    Megatron's ``Float16Module``, which casts every parameter to bf16 / fp16.  The model weights are
+    saved in that dtype (the optimizer keeps its fp32 copies separately).  FlexOlmo's domain biases
+    stay fp32 under that cast; they are a handful of tensors, not the checkpoint's dtype.
+    """
     model = container.model
-    check_device_supports(precision, capability)
+    bf16, fp16, params_dtype = model.bf16, model.fp16, model.params_dtype
+    mixed = container.mixed_precision
+    if isinstance(mixed, str):
+        from megatron.bridge.training.mixed_precision import get_mixed_precision_config
+
+        mixed = get_mixed_precision_config(mixed)
+    if mixed is not None:  # Bridge's update_config_with_precision_overrides copies these fields over
+        bf16, fp16, params_dtype = mixed.bf16, mixed.fp16, mixed.params_dtype
+    if bf16:
+        return torch.bfloat16
+    if fp16:
+        return torch.float16
+    return params_dtype or torch.float32
+
+
+def apply_precision(container, precision: str, *, bf16_edge_layers: int | None = None,
+                    fp8_param_gather: bool = False, capability: tuple[int, int] | None = None,
+                    cuda_version: tuple[int, int] | None = None) -> None:
+    """Set ``container``'s numerics for ``precision`` and check the model, the layout and (when
+    given) the GPU and CUDA version accept them."""
+    model = container.model
+    check_device_supports(precision, capability, cuda_version)
     if precision == "bf16" and bf16_edge_layers:
         raise ConfigError("bf16_edge_layers only applies to FP8 precisions")
     if precision != "bf16":
@@ -168,8 +238,12 @@ def check_router_fp32(model) -> None:
         raise ConfigError(f"moe_router_dtype={model.moe_router_dtype!r}: FlexOlmo's router must compute in fp32")
 
 
-def check_container_precision(container, capability: tuple[int, int] | None) -> str:
-    """Run-time check of the (possibly overridden) container on this GPU; returns the precision name."""
+def check_container_precision(container, capability: tuple[int, int] | None,
+                              cuda_version: tuple[int, int] | None | str = _LOCAL) -> str:
+    """Run-time check of the (possibly overridden) container on this GPU and with this PyTorch's
+    CUDA (``cuda_version="local"``, the default); returns the precision name."""
+    if cuda_version == _LOCAL:
+        cuda_version = current_cuda_version()
     precision = precision_of(container.mixed_precision)
     if precision in ("fp32", "bf16", "fp16"):
         check_router_fp32(container.model)
@@ -177,6 +251,6 @@ def check_container_precision(container, capability: tuple[int, int] | None) -> 
     if precision not in PRECISIONS and precision not in BLACKWELL_ONLY:
         raise ConfigError(f"mixed precision {precision!r} is not supported by the FlexOlmo recipes; "
                           f"use one of {PRECISIONS + BLACKWELL_ONLY}")
-    check_device_supports(precision, capability)
+    check_device_supports(precision, capability, cuda_version)
     check_router_fp32(container.model)
     return precision

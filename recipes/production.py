@@ -32,6 +32,7 @@ exist yet (built on a login node) is checked when training starts.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +40,13 @@ from flexolmo_plugin.compat import cuda_available
 from flexolmo_plugin.conversion.mcore_io import load_config
 from flexolmo_plugin.model.config import ConfigError, FlexOlmoConfig
 from flexolmo_plugin.model.layout import ParallelLayout
-from flexolmo_plugin.model.spec import transformer_engine_available
+from flexolmo_plugin.model.spec import gradient_accumulation_fusion_available, transformer_engine_available
 from flexolmo_plugin.recipes.phases import training_layout
 from flexolmo_plugin.recipes.precision import (
     apply_precision,
     check_precision_name,
     current_capability,
+    current_cuda_version,
 )
 
 OLMO2_7B = dict(
@@ -60,6 +62,7 @@ OLMO2_7B = dict(
     eos_token_id=100257,
     pad_token_id=100277,
 )
+logger = logging.getLogger(__name__)
 NCCL_TIMEOUT_MINUTES = 60  # process-group creation, checkpoint load; a collective stuck this long is a hang
 
 
@@ -104,17 +107,28 @@ def _resolve(fields: dict, drop: tuple[str, ...] = ()) -> dict:
     return {k: v for k, v in fields.items() if k not in drop}
 
 
-def _gpu_settings(container, layout: ParallelLayout) -> None:
-    """What a GPU cluster run changes relative to the parity-tested CPU settings."""
+def _gpu_settings(container, layout: ParallelLayout, *, transformer_engine: bool | None = None,
+                  grad_accum_fusion: bool | None = None) -> None:
+    """What a GPU cluster run changes relative to the parity-tested CPU settings.
+
+    ``transformer_engine`` / ``grad_accum_fusion``: whether TE and APEX's wgrad-accumulation
+    extension are importable (None: detect them here).
+    """
 
     model = container.model
+    te = transformer_engine_available() if transformer_engine is None else transformer_engine
+    fusion = gradient_accumulation_fusion_available() if grad_accum_fusion is None else grad_accum_fusion
     model.flexolmo_backend = "auto"  # TE linears and attention when transformer-engine is importable
     model.moe_token_dispatcher_type = "alltoall"
     model.bias_activation_fusion = True  # Megatron's fused SwiGLU (no bias needed)
     model.cross_entropy_loss_fusion = True
-    if transformer_engine_available():  # both are TE kernels
-        model.gradient_accumulation_fusion = True
-        model.moe_permute_fusion = True
+    model.moe_permute_fusion = te  # a TE kernel
+    # TE linears fuse wgrad accumulation themselves, but the output layer is Megatron's own
+    # ColumnParallelLinear, which needs APEX's extension for it: only with that extension.
+    model.gradient_accumulation_fusion = fusion
+    logger.info("gradient_accumulation_fusion=%s (APEX fused_weight_gradient_mlp_cuda %s); moe_permute_fusion=%s "
+                "(Transformer Engine %s)", fusion, "importable" if fusion else "not importable", te,
+                "importable" if te else "not importable")
     container.ddp.overlap_grad_reduce = True
     container.ddp.overlap_param_gather = True
     container.dist.distributed_timeout_minutes = NCCL_TIMEOUT_MINUTES
@@ -165,6 +179,7 @@ def _production(
             bf16_edge_layers=bf16_edge_layers,
             fp8_param_gather=fp8_param_gather,
             capability=current_capability(),
+            cuda_version=current_cuda_version(),
         )
     return container
 
@@ -329,6 +344,8 @@ def describe(container) -> dict[str, Any]:
         fp8=getattr(mp, "fp8", None),
         fp8_recipe=getattr(mp, "fp8_recipe", None) if mp else None,
         router_padding=model.moe_router_padding_for_quantization,
+        gradient_accumulation_fusion=model.gradient_accumulation_fusion,
+        moe_permute_fusion=model.moe_permute_fusion,
         router_dtype=model.moe_router_dtype,
         layout={
             f.name: getattr(model, f.name)

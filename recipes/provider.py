@@ -12,7 +12,7 @@ Importing this module imports ``megatron.bridge``: call
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,7 +24,11 @@ from flexolmo_plugin.lifecycle import freezing
 from flexolmo_plugin.model.build import unwrap
 from flexolmo_plugin.model.config import FlexOlmoConfig, from_megatron_fields, gpt_model_fields, megatron_fields
 from flexolmo_plugin.model.layout import ParallelLayout
-from flexolmo_plugin.model.spec import flexolmo_block_spec
+from flexolmo_plugin.model.spec import (
+    flexolmo_block_spec,
+    gradient_accumulation_fusion_available,
+    transformer_engine_available,
+)
 
 
 def flexolmo_transformer_layer_spec(config: FlexOlmoModelProvider, vp_stage: int | None = None):
@@ -73,6 +77,9 @@ class FlexOlmoModelProvider(GPTModelProvider):
     eos_token_id: int | list[int] | None = None
 
     transformer_layer_spec: Any = flexolmo_transformer_layer_spec
+    # Bridge's default turns this on whenever Transformer Engine imports, but GPTModel's output layer
+    # is Megatron's own ColumnParallelLinear, which refuses it without APEX's extension.
+    gradient_accumulation_fusion: bool = field(default_factory=gradient_accumulation_fusion_available)
 
     @classmethod
     def from_flexolmo_config(cls, cfg: FlexOlmoConfig, layout: ParallelLayout | None = None,
@@ -140,6 +147,11 @@ class FlexOlmoModelProvider(GPTModelProvider):
         ]
         if getattr(self, "mtp_num_layers", None):
             problems.append("multi-token prediction layers are not part of FlexOlmo")
+        te = self.flexolmo_backend == "te" or (self.flexolmo_backend == "auto" and transformer_engine_available())
+        if self.use_te_activation_func and not te:
+            problems.append(f"use_te_activation_func=True with flexolmo_backend={self.flexolmo_backend!r} resolving "
+                            "to Megatron's local modules, which have no TE activation: the experts would apply silu "
+                            "to [gate | up] instead of SwiGLU (set it False, or use the 'te' backend)")
         if problems:
             raise ConfigError("not a FlexOlmo configuration: " + "; ".join(problems))
         return config

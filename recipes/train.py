@@ -321,8 +321,11 @@ def write_run_config(config, recipe: str) -> None:
 
     Every flexolmo tool (package-expert, merge, eval, convert, upcycle, from_mcore) then accepts the
     save directory itself and reads its latest complete ``iter_*`` checkpoint.  Written through a
-    temporary file and a rename, so a crash never leaves a torn file.
+    temporary file and a rename, so a crash never leaves a torn file.  The dtype recorded is the one
+    the saved weights will have once Bridge has applied the run's mixed precision (bf16 for a bf16
+    run), not ``model.params_dtype`` as it stands before ``pretrain()``.
     """
+    from flexolmo_plugin.recipes.precision import saved_params_dtype
 
     model = config.model
     flexolmo = model.to_flexolmo_config()
@@ -332,7 +335,7 @@ def write_run_config(config, recipe: str) -> None:
     save_config(
         temporary,
         flexolmo,
-        dtype=model.params_dtype,
+        dtype=saved_params_dtype(config),
         extra={
             "source": {
                 "format": "megatron-bridge",

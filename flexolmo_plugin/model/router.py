@@ -10,6 +10,12 @@ Why a ``TopKRouter`` subclass rather than the stock router:
   conversion tools assemble the ``[E, H]`` router matrix from them.
 * **Optional learned bias** ``min(b_i, 0)`` on non-public experts (paper §3.4): a per-expert
   Parameter, absent for the public expert, clamped so that it can only lower a domain's logit.
+  It stays fp32 under Megatron's ``Float16Module`` (which casts the whole model to bf16/fp16), as
+  Megatron keeps its own ``expert_bias`` fp32: a bias rounded to bf16 would move a domain's logit
+  by up to 2^-9 of its value and swallow small optimizer updates.  Megatron re-casts its bias (a
+  buffer) in every forward; ours is a trained Parameter, so it is kept fp32 at the cast itself
+  (before DDP builds its buffers), which keeps the Parameter, its fp32 gradient buffer and the
+  optimizer's view of it consistent.
 * **Runtime expert mask** (opt-out without a new checkpoint): masked experts get ``-inf`` logits,
   so the softmax runs over the remaining experts -- exactly what physically removing the expert
   and its row computes -- and they are never selected.  Megatron's dropless all-to-all dispatcher
@@ -32,6 +38,7 @@ from torch import nn
 from flexolmo_plugin.errors import ConfigError
 
 SUPPORTED_BALANCING = {"none", "aux_loss", "seq_aux_loss", "global_aux_loss"}
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _check_router_config(config) -> None:
@@ -87,6 +94,23 @@ class DomainEmbeddingRouter(TopKRouter):
         for param in self.parameters():
             param.sequence_parallel = sequence_parallel  # replicated: grads summed over TP under SP
         self._excluded: torch.Tensor | None = None
+
+    def _apply(self, fn, *args, **kwargs):
+        """``Module._apply`` (``.to``, ``.cuda``, ``.bfloat16()``, ``.half()``...) with the domain biases
+        kept fp32: a conversion to a 16-bit float restores their fp32 values (on the new device),
+        as Megatron does for its ``expert_bias``; every other conversion applies to them as usual."""
+        try:
+            biases = list(self.domain_biases or ())
+        except AttributeError:  # called before __init__ has set them
+            biases = []
+        before = [(b.data, None if b.grad is None else b.grad.data) for b in biases]  # _apply rebinds .data
+        result = super()._apply(fn, *args, **kwargs)
+        for bias, (data, grad) in zip(biases, before):
+            if bias.dtype in _HALF_DTYPES and data.dtype == torch.float32:
+                bias.data = data.to(device=bias.device)
+                if grad is not None:
+                    bias.grad = grad.to(device=bias.device)
+        return result
 
     # ------------------------------------------------------------------ routing
     def router_matrix(self) -> torch.Tensor:

@@ -13,11 +13,13 @@ Transformer Engine linears and attention and needs transformer-engine (imported 
 
 from __future__ import annotations
 
+import importlib
 from functools import partial
 from typing import Literal
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.tensor_parallel import layers as megatron_tp_layers
 from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -46,6 +48,26 @@ def transformer_engine_available() -> bool:
     try:
         import transformer_engine.pytorch  # noqa: F401
     except Exception:  # ImportError, or a broken CUDA install raising at import
+        return False
+    return True
+
+
+def gradient_accumulation_fusion_available() -> bool:
+    """Whether Megatron-Core's own linears can fuse weight-gradient accumulation here.
+
+    ``megatron.core.tensor_parallel.layers`` imports APEX's ``fused_weight_gradient_mlp_cuda`` at
+    module level and records the outcome in ``_grad_accum_fusion_available``; its
+    ``ColumnParallelLinear`` -- GPTModel's output layer, a plain Megatron linear even when every
+    other linear is Transformer Engine's -- raises ``RuntimeError`` at construction when
+    ``gradient_accumulation_fusion`` is set without it.  This reads that same flag (and, for a
+    Megatron without the flag, makes the same import).
+    """
+    flag = getattr(megatron_tp_layers, "_grad_accum_fusion_available", None)
+    if flag is not None:
+        return bool(flag)
+    try:
+        importlib.import_module("fused_weight_gradient_mlp_cuda")
+    except ImportError:
         return False
     return True
 
@@ -81,7 +103,11 @@ def flexolmo_layer_spec(*, backend: Backend = "local", domain_bias: bool = False
         submodules=MLPSubmodules(
             linear_fc1=provider.column_parallel_linear(),
             linear_fc2=provider.row_parallel_linear(),
-            activation_func=None,
+            # Used by Megatron's MLP only with use_te_activation_func=True: TE's gated op (SwiGLU for
+            # silu + gated_linear_unit) from the TE backend; the local backend has none, and
+            # PerExpertSequentialMLP refuses use_te_activation_func there (Megatron would apply a
+            # plain silu to [gate | up]).
+            activation_func=provider.activation_func(),
         ),
     )
     moe = partial(
