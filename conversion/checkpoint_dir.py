@@ -1,6 +1,7 @@
 """A Megatron checkpoint directory as our tools find it: which ``iter_*`` a Bridge save directory
-means, the ``flexolmo_config.json`` that describes it, and the checks made before any tensor is read
-(checksums, the pickle allow-list, the stored dtype agreeing with the tensors' own metadata).
+means, the ``flexolmo_config.json`` that describes it (or, for a checkpoint of Bridge's own
+``pretrain()``, its ``run_config.yaml``: :mod:`.bridge_run_config`), and the checks made before any
+tensor is read (checksums, the pickle allow-list, the stored dtype agreeing with the tensors' own metadata).
 
 Kept apart from :mod:`conversion.mcore_io` (which reads and writes the tensors) so that a tool can
 validate and describe a checkpoint without building a model.
@@ -16,6 +17,13 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from flexolmo_plugin.conversion.bridge_run_config import (
+    RUN_CONFIG_FILE,
+    RunConfigError,
+    read_run_config,
+    run_config_dtype,
+    run_config_path,
+)
 from flexolmo_plugin.conversion.checksums import CHECKSUMS_FILE, verify_checksums
 from flexolmo_plugin.conversion.safe_metadata import read_metadata, verify_metadata
 from flexolmo_plugin.errors import FlexOlmoError
@@ -30,17 +38,23 @@ class McoreCheckpointError(FlexOlmoError):
 
 
 # ---------------------------------------------------------------------- configuration beside the checkpoint
-def save_config(directory: Path, config: FlexOlmoConfig, *, dtype: torch.dtype, extra: dict | None = None) -> None:
+def config_payload(config: FlexOlmoConfig, *, dtype: torch.dtype, extra: dict | None = None) -> dict:
+    """The content of ``flexolmo_config.json`` for ``config``."""
     fields = dataclasses.asdict(config)
     fields["expert_names"] = list(config.expert_names) if config.expert_names else None
-    payload = {"format_version": FORMAT_VERSION, "dtype": str(dtype).removeprefix("torch."),
-               "config": fields, **(extra or {})}
+    return {"format_version": FORMAT_VERSION, "dtype": str(dtype).removeprefix("torch."),
+            "config": fields, **(extra or {})}
+
+
+def save_config(directory: Path, config: FlexOlmoConfig, *, dtype: torch.dtype, extra: dict | None = None) -> None:
+    payload = config_payload(config, dtype=dtype, extra=extra)
     (Path(directory) / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
 
 
+OPTIMIZER_PREFIX = "optimizer."  # Megatron's optimizer-state keys in a checkpoint with the model's weights
 TRACKER_FILE = "latest_checkpointed_iteration.txt"  # Megatron / Bridge save directories
 # The files of a torch_dist checkpoint that readers use (besides the *.distcp data files).
-CHECKPOINT_FILES = (".metadata", "metadata.json", "common.pt", CONFIG_FILE)
+CHECKPOINT_FILES = (".metadata", "metadata.json", "common.pt", CONFIG_FILE, RUN_CONFIG_FILE)
 
 
 def resolve_checkpoint(directory: str | os.PathLike) -> Path:
@@ -69,15 +83,28 @@ def _config_path(directory: Path) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
+def has_config(directory: str | os.PathLike) -> bool:
+    """Whether :func:`load_config` finds a description of ``directory`` (its ``flexolmo_config.json``, or
+    the ``run_config.yaml`` of a checkpoint of Bridge's ``pretrain()``), as opposed to, e.g., an HF model."""
+    directory = Path(directory)
+    return directory.is_dir() and (_config_path(directory) is not None
+                                   or run_config_path(resolve_checkpoint(directory)) is not None)
+
+
 def load_config(directory: str | os.PathLike) -> tuple[FlexOlmoConfig, torch.dtype, dict]:
-    """The FlexOlmo configuration and parameter dtype stored beside a converted checkpoint."""
+    """The FlexOlmo configuration and parameter dtype stored beside a checkpoint: its
+    ``flexolmo_config.json``, else the ``run_config.yaml`` Bridge's ``pretrain()`` wrote into it."""
     directory = Path(directory)
     if not directory.is_dir():
         raise McoreCheckpointError(f"{directory} is not a directory")
     path = _config_path(directory)
     if path is None:
-        raise McoreCheckpointError(f"{directory}: no {CONFIG_FILE} (not a checkpoint written by flexolmo convert, "
-                                   "save_mcore, upcycle, merge or a flexolmo training run)")
+        run_config = run_config_path(resolve_checkpoint(directory))
+        if run_config is None:
+            raise McoreCheckpointError(
+                f"{directory}: no {CONFIG_FILE} and no Megatron-Bridge {RUN_CONFIG_FILE} (not a checkpoint written "
+                "by flexolmo convert, save_mcore, upcycle, merge, a flexolmo training run or Bridge's pretrain())")
+        return _load_run_config(directory, run_config)
     try:
         payload = json.loads(path.read_text())
         if payload.get("format_version") != FORMAT_VERSION:
@@ -102,16 +129,34 @@ def load_config(directory: str | os.PathLike) -> tuple[FlexOlmoConfig, torch.dty
 PARAMETER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _load_run_config(directory: Path, path: Path) -> tuple[FlexOlmoConfig, torch.dtype, dict]:
+    """:func:`load_config` for a checkpoint of Bridge's own ``pretrain()``: the configuration from its
+    ``run_config.yaml``, the dtype from the tensors' own metadata (the file's statement if none)."""
+    try:
+        config, model = read_run_config(path)
+    except RunConfigError as error:
+        raise McoreCheckpointError(str(error)) from None
+    dtype = _stored_dtype(directory) or getattr(torch, run_config_dtype(model) or "", None)
+    if dtype not in PARAMETER_DTYPES:
+        raise McoreCheckpointError(f"{path}: parameter dtype {dtype!r} is not one of "
+                                   f"{', '.join(str(d).removeprefix('torch.') for d in PARAMETER_DTYPES)}")
+    source = {"format": "megatron-bridge", "run_config": str(path), "trainable": model.get("trainable"),
+              "init_from": model.get("init_from")}
+    return config, dtype, config_payload(config, dtype=dtype, extra={"source": source})
+
+
 def _stored_dtype(directory: Path) -> torch.dtype | None:
-    """The dtype most of the checkpoint's tensors have, from its own metadata (None if there is no
-    checkpoint yet).  The configuration file is only a description: a dtype there that disagrees
-    with the tensors would make readers cast or reinterpret every weight silently."""
+    """The dtype most of the checkpoint's model tensors have, from its own metadata (None if there is
+    no checkpoint yet).  The configuration file is only a description: a dtype there that disagrees
+    with the tensors would make readers cast or reinterpret every weight silently.  Optimizer state
+    (fp32 moments and main parameters beside bf16 weights) is not the model's dtype."""
     checkpoint = resolve_checkpoint(directory)
     if not (checkpoint / ".metadata").is_file():
         return None
     counts: dict[torch.dtype, int] = {}
-    for _, dtype in checkpoint_tensor_metadata(checkpoint).values():
-        counts[dtype] = counts.get(dtype, 0) + 1
+    for key, (_, dtype) in checkpoint_tensor_metadata(checkpoint).items():
+        if not key.startswith(OPTIMIZER_PREFIX):
+            counts[dtype] = counts.get(dtype, 0) + 1
     return max(counts, key=counts.get) if counts else None
 
 

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from flexolmo_plugin.conversion.atomic import atomic_directory, check_new_output, write_file_atomically
+from flexolmo_plugin.conversion.checkpoint_dir import has_config
 from flexolmo_plugin.conversion.checks import all_finite, file_sha256
 from flexolmo_plugin.conversion.checksums import checksums_payload, sidecar, verify_checksums
 from flexolmo_plugin.conversion.convert import copy_tokenizer_files
@@ -174,7 +175,7 @@ class _PublicModel:
     def __init__(self, directory: Path):
         self.directory = directory
         self._checkpoint = None
-        if (directory / CONFIG_FILE).exists():
+        if has_config(directory):  # a Megatron checkpoint: ours, a training run's, or plain Bridge's
             self.config, self.dtype, _ = load_config(directory)
             reader = CanonicalReader(directory)
             self.read = reader.read
