@@ -15,6 +15,8 @@ Each returns a Bridge ``ConfigContainer`` for ``megatron.bridge.training.pretrai
 field can be overridden afterwards (``flexolmo train-expert`` applies Hydra-style overrides).
 ``cpu=True`` (the default where CUDA is absent) selects the settings measured to run Bridge on CPU:
 fp32, the non-distributed optimizer, fusions off, gloo.  ``save_dir=None`` trains without checkpoints.
+TensorBoard logs go to ``<save_dir>/tb_logs`` (Bridge's recipes' layout; ``logger.tensorboard_dir=...``
+overrides it), W&B is Bridge's own ``logger.wandb_*`` settings.
 """
 
 from __future__ import annotations
@@ -84,7 +86,10 @@ def _container(provider: FlexOlmoModelProvider, *, data_paths, tokenizer_dir, sa
                                           use_distributed_optimizer=not cpu, check_for_nan_in_grad=True,
                                           grad_reduce_in_fp32=True),
         dataset=dataset,
-        logger=LoggerConfig(log_interval=log_interval, tensorboard_dir=None),
+        # as Bridge's own recipes: TensorBoard under the run directory (our routing, TFLOPS/MFU and
+        # Bridge's loss, z-loss and timers); W&B stays off until logger.wandb_project is set
+        logger=LoggerConfig(log_interval=log_interval, log_timers_to_tensorboard=True,
+                            tensorboard_dir=str(Path(save_dir) / "tb_logs") if save_dir else None),
         tokenizer=tokenizer,
         checkpoint=CheckpointConfig(save_interval=save_interval if save_dir else None,
                                     save=str(save_dir) if save_dir else None,

@@ -24,125 +24,20 @@ import inspect
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from flexolmo_plugin.compat import default_device, device_name, enable_bridge_compat
+from flexolmo_plugin.compat import default_device, enable_bridge_compat
 from flexolmo_plugin.conversion.mcore_io import CONFIG_FILE, save_config
 from flexolmo_plugin.errors import ConfigError, FlexOlmoError
-from flexolmo_plugin.model.build import unwrap
 from flexolmo_plugin.recipes import registry
 from flexolmo_plugin.recipes.inputs import check_inputs
+from flexolmo_plugin.recipes.metrics import training_log_callback
 
 RECIPE_PREFIX = "recipe."
-
-
-def training_log_callback(*, print_fn=print):
-    """A Bridge callback logging loss, tokens/s and each expert's share of routed tokens.
-
-    Shares come from forward hooks on the routers (this rank's tokens, all layers pooled), so they
-    show directly whether the owner's expert is being used.  ``callback.history`` keeps
-    ``(iteration, loss, tokens_per_s, shares)`` for programmatic use.
-
-    Model TFLOPS per GPU and MFU use :mod:`flexolmo_plugin.recipes.flops`, which counts no weight-gradient
-    GEMM for frozen weights and weights the experts by this step's routed shares (Bridge's own
-    formula would credit anchored training with work it never does); ``callback.throughput`` keeps
-    ``(iteration, tflops_per_gpu, mfu)``, MFU being None where the GPU's peak is not tabulated.
-    """
-    from megatron.bridge.training.callbacks import Callback
-
-
-    class FlexOlmoTrainingLog(Callback):
-        def __init__(self):
-            self.history: list[tuple[int, float, float, list[float]]] = []
-            self.throughput: list[tuple[int, float, float | None]] = []
-            self._flops = None
-            self.gate_weights: list[tuple[int, list[float]]] = []  # (iteration, mean gate weight per expert)
-            self._handles, self._counts, self._weights, self._names, self._last = [], None, None, (), None
-            self._all_active = False
-
-        def on_train_start(self, context):
-            models = [unwrap(chunk) for chunk in context.model]
-            config = models[0].flexolmo_config
-            self._names = config.expert_names or tuple(f"expert{i}" for i in range(config.num_experts))
-            self._counts = torch.zeros(config.num_experts, dtype=torch.float64)
-            self._weights = torch.zeros(config.num_experts, dtype=torch.float64)
-            self._all_active = config.top_k == config.num_experts
-            self._top_k = config.top_k
-
-            def hook(module, args, output):
-                self._counts += output[1].sum(0).to(torch.float64).cpu()
-                self._weights += output[0].detach().sum(0).to(torch.float64).cpu()
-
-            self._handles = [layer.mlp.router.register_forward_hook(hook)
-                             for model in models for layer in model.decoder.layers]
-            self._flops = _flop_counter(context.state.cfg, config)
-            self._last = time.perf_counter()
-
-        def on_train_step_end(self, context):
-            now = time.perf_counter()
-            cfg = context.state.cfg
-            iteration = context.state.train_state.step + 1  # the counter advances after this event
-            loss = float(context.loss_dict["lm loss"])
-            tokens_per_s = cfg.train.global_batch_size * cfg.model.seq_length / max(now - self._last, 1e-9)
-            total = self._counts.sum().item()
-            shares = (self._counts / total).tolist() if total else [0.0] * len(self._counts)
-            self.history.append((iteration, loss, tokens_per_s, shares))
-            evaluations = total / self._top_k  # token x layer router evaluations this step
-            weights = (self._weights / evaluations).tolist() if evaluations else [0.0] * len(shares)
-            self.gate_weights.append((iteration, weights))
-            tflops, mfu = self._flops(shares if total else None, max(now - self._last, 1e-9))
-            self.throughput.append((iteration, tflops, mfu))
-            if not dist.is_initialized() or dist.get_rank() == 0:
-                gates = ", ".join(f"{n} {100 * w:.1f}%" for n, w in zip(self._names, weights))
-                # with every expert active (top-k = E) every token reaches every expert: the shares say
-                # nothing, the mean gate weights say where the router sends the tokens
-                routed = "" if self._all_active else " | routed tokens: " + ", ".join(
-                    f"{n} {100 * s:.1f}%" for n, s in zip(self._names, shares))
-                utilisation = f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""
-                print_fn(f"[flexolmo] iteration {iteration} | lm loss {loss:.6f} | {tokens_per_s:,.0f} tokens/s | "
-                         f"{tflops:.2f} TFLOPS/GPU{utilisation} | mean gate weight: {gates}{routed}")
-            self._counts.zero_()
-            self._weights.zero_()
-            self._last = time.perf_counter()
-
-        def on_train_end(self, context):
-            for handle in self._handles:
-                handle.remove()
-            self._handles = []
-
-    return FlexOlmoTrainingLog()
-
-
-def _flop_counter(cfg, config):
-    """``(shares, seconds) -> (TFLOPS per GPU, MFU)`` for this run's model, batch and freezing policy.
-
-    Routed shares are this rank's; with data parallelism ranks see statistically identical batches.
-    """
-
-    from flexolmo_plugin.recipes.flops import (
-        Trainable,
-        peak_flops,
-        step_flops,
-        throughput,
-    )
-    from flexolmo_plugin.recipes.precision import precision_of
-
-    model = cfg.model
-    trainable = Trainable.policy(model.trainable, config.num_experts, model.owner_expert)
-    gpus = dist.get_world_size() if dist.is_initialized() else 1
-    peak = peak_flops(device_name(), precision_of(cfg.mixed_precision))
-
-    def measure(shares, seconds):
-        flops = step_flops(config, seq_length=model.seq_length, global_batch_size=cfg.train.global_batch_size,
-                           trainable=trainable, expert_shares=shares).total
-        return throughput(flops, seconds, num_gpus=gpus, peak_flops_per_gpu=peak)
-
-    return measure
 
 
 def warm_up_process_groups(*, print_fn=print) -> list[str]:
