@@ -30,13 +30,38 @@ def _layer_flops(args, trainable_experts) -> float:
     return forward * 2 + tokens * (2 * d * e + k * per_slot * share)  # fwd + dgrad + wgrad
 
 
-def measure(args) -> list[str]:
+def moe_pair(tc, device):
+    """Megatron's stock ``MoELayer`` (``TopKRouter``, ``SequentialMLP``) and FlexOlmo's (router and experts as
+    ``flexolmo_layer_spec`` builds them) from one ``TransformerConfig``, on ``device``, with identical weights
+    (copied where the parameter shapes line up)."""
     import torch
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.mlp import MLPSubmodules
     from megatron.core.transformer.moe.experts import SequentialMLP
     from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
     from megatron.core.transformer.moe.router import TopKRouter
+    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+    from flexolmo_plugin.model.spec import flexolmo_layer_spec
+
+    mlp = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear, activation_func=None)
+    torch.manual_seed(0)
+    stock = MoELayer(tc, submodules=MoESubmodules(experts=partial(SequentialMLP, submodules=mlp), router=TopKRouter))
+    spec = flexolmo_layer_spec(backend="local").submodules.mlp  # a ModuleSpec, a class or a partial
+    ours = build_module(spec, config=tc) if isinstance(spec, (ModuleSpec, type)) else spec(config=tc)
+    stock, ours = stock.to(device), ours.to(device)
+    with torch.no_grad():
+        for e, row in enumerate(ours.router.domain_embeddings):
+            row.copy_(stock.router.weight[e])
+        mine, theirs = list(ours.experts.parameters()), list(stock.experts.parameters())
+        if [p.shape for p in mine] == [p.shape for p in theirs]:
+            for a, b in zip(mine, theirs):
+                a.copy_(b)
+    return stock, ours
+
+
+def measure(args) -> list[str]:
+    import torch
 
     from flexolmo_plugin import compat
     from flexolmo_plugin.model.config import (
@@ -44,26 +69,14 @@ def measure(args) -> list[str]:
         ParallelLayout,
         to_transformer_config,
     )
-    from flexolmo_plugin.model.experts import PerExpertSequentialMLP
     from flexolmo_plugin.model.parallel import ensure_model_parallel
-    from flexolmo_plugin.model.router import DomainEmbeddingRouter
 
     compat.enable_cpu_compat()  # a benchmark is an entry point: CPU shims where CUDA is absent
     ensure_model_parallel()
     config = FlexOlmoConfig(vocab_size=128, hidden_size=args.hidden, intermediate_size=args.ffn, num_layers=1,
                             num_attention_heads=32, num_key_value_heads=32, num_experts=args.experts, top_k=args.topk)
     tc = to_transformer_config(config, ParallelLayout(), params_dtype=torch.bfloat16, bf16=True)
-    mlp = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear, activation_func=None)
-    torch.manual_seed(0)
-    stock = MoELayer(tc, submodules=MoESubmodules(experts=partial(SequentialMLP, submodules=mlp), router=TopKRouter))
-    ours = MoELayer(tc, submodules=MoESubmodules(experts=partial(PerExpertSequentialMLP, submodules=mlp),
-                                                 router=DomainEmbeddingRouter))
-    stock, ours = stock.cuda(), ours.cuda()
-    with torch.no_grad():
-        for e, row in enumerate(ours.router.domain_embeddings):
-            row.copy_(stock.router.weight[e])
-        for a, b in zip(ours.experts.parameters(), stock.experts.parameters()):
-            a.copy_(b)
+    stock, ours = moe_pair(tc, "cuda")
     x = torch.randn(args.seq, args.batch, args.hidden, device="cuda", dtype=torch.bfloat16)
 
     def step(layer):
