@@ -57,6 +57,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "tokenizer.model", "generation_config.json", "added_tokens.json")
 
 
+PROVENANCE_FILE = "provenance.json"  # side file of merged models, carried into HF exports
+
+
 def _numel(shape) -> int:
     n = 1
     for d in shape:
@@ -200,4 +203,6 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dty
         if tokenizer.is_dir():
             for item in tokenizer.iterdir():
                 shutil.copy2(item, tmp / item.name)
+        if (mcore_dir / PROVENANCE_FILE).is_file():  # the merge's provenance record (lifecycle/provenance.py)
+            shutil.copy2(mcore_dir / PROVENANCE_FILE, tmp / PROVENANCE_FILE)
     return ConversionReport(meter.tensors, meter.bytes, time.perf_counter() - start, Path(out_dir))

@@ -156,16 +156,40 @@ def cmd_package_expert(args: argparse.Namespace) -> int:
     from flexolmo_plugin.lifecycle.package import package_expert
 
     path = package_expert(args.owner_dir, args.package_dir, name=args.name, description=args.description,
-                          tokens_trained=args.tokens_trained, expert=args.expert)
-    print(f"packaged expert {args.name!r} -> {path}")
+                          tokens_trained=args.tokens_trained, expert=args.expert, sign_key=args.sign)
+    print(f"packaged expert {args.name!r} -> {path}" + (f" (signed with {args.sign})" if args.sign else ""))
     return EXIT_OK
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """A new Ed25519 key pair for signing expert packages."""
+    from flexolmo_plugin.lifecycle.signing import keygen
+
+    fingerprint, private, public = keygen(args.out)
+    print(f"wrote private key {private} (mode 0600; keep it secret) and public key {public} (send it to the "
+          "coordinator)")
+    print(f"fingerprint (SHA-256 of the raw public key): {fingerprint}")
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Re-check a merged model's provenance record against its tensors (and the owners' registered keys)."""
+    _megatron()
+    from flexolmo_plugin.lifecycle.provenance import verify_model
+    from flexolmo_plugin.lifecycle.signing import load_trusted_keys
+
+    trusted = load_trusted_keys(args.trusted_keys) if args.trusted_keys else None
+    report = verify_model(args.model_dir, trusted)
+    print(report.describe())
+    return EXIT_OK if report.consistent else EXIT_CHECK_FAILED
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     _megatron()
     from flexolmo_plugin.lifecycle.merge import merge_experts
 
-    report = merge_experts(args.public_dir, args.packages, args.out, top_k=args.top_k, progress=not args.quiet)
+    report = merge_experts(args.public_dir, args.packages, args.out, top_k=args.top_k, progress=not args.quiet,
+                           trusted_keys=args.trusted_keys)
     print(f"merged {len(args.packages)} expert(s) onto the public model: {report.summary()}")
     return EXIT_OK
 

@@ -146,7 +146,17 @@ def build_parser() -> opt.Parser:
     pkg.add_argument("--description", default="")
     pkg.add_argument("--tokens-trained", type=opt.non_negative_int)
     pkg.add_argument("--expert", type=opt.positive_int, default=1, help="index of the owner's expert (default 1)")
+    pkg.add_argument("--sign", metavar="KEY", help="sign the manifest with this Ed25519 private key (from "
+                                                   "'flexolmo keygen'); the signature goes to signature.json")
     pkg.set_defaults(func=commands.cmd_package_expert)
+
+    kg = sub.add_parser("keygen", help="owner: a new Ed25519 key pair for signing expert packages",
+                        description="Writes KEY (private key, PEM PKCS#8, unencrypted, mode 0600) and KEY.pub (public "
+                                    "key, PEM) and prints the key's fingerprint (SHA-256 of its 32 raw bytes, hex). "
+                                    "The coordinator registers KEY.pub (or the fingerprint) under the owner's expert "
+                                    "name in the --trusted-keys file of 'flexolmo merge'.")
+    kg.add_argument("--out", required=True, metavar="KEY", help="private key path (must not exist, nor KEY.pub)")
+    kg.set_defaults(func=commands.cmd_keygen)
 
     mrg = sub.add_parser("merge", help="public model + expert packages -> (N+1)-expert FlexOlmo",
                          description="Expert 0 and shared weights from PUBLIC_DIR (e.g. the upcycled [public, public] "
@@ -156,6 +166,10 @@ def build_parser() -> opt.Parser:
     mrg.add_argument("packages", metavar="PKG_DIR", nargs="+")
     mrg.add_argument("--out", required=True, metavar="MCORE_DIR")
     mrg.add_argument("--top-k", type=opt.positive_int)
+    mrg.add_argument("--trusted-keys", metavar="KEYS.json",
+                     help="JSON object {expert name: owner's public key (PEM text of KEY.pub, base64 raw key, or "
+                          "its SHA-256 fingerprint)}: every package must be signed by its name's key (without "
+                          "it a warning says authenticity was not checked)")
     mrg.add_argument("--quiet", action="store_true")
     mrg.set_defaults(func=commands.cmd_merge)
 
@@ -168,6 +182,16 @@ def build_parser() -> opt.Parser:
     optout.add_argument("--out", required=True, metavar="MCORE_DIR2")
     optout.add_argument("--quiet", action="store_true")
     optout.set_defaults(func=commands.cmd_opt_out)
+
+    vf = sub.add_parser("verify", help="re-check a merged model's provenance record against its tensors",
+                        description="Prints the provenance record (provenance.json) of MCORE_DIR and checks it: "
+                                    "every expert present is in the record with the FFN weights recorded at merge "
+                                    "time, every removed one is absent by name and content, the recorded manifests "
+                                    "and signatures agree; with --trusted-keys also that each expert was signed by "
+                                    "its name's registered key. Exit 0 consistent, 1 not, 2 bad input.")
+    vf.add_argument("model_dir", metavar="MCORE_DIR")
+    vf.add_argument("--trusted-keys", metavar="KEYS.json", help="the registry of owners' keys, as for merge")
+    vf.set_defaults(func=commands.cmd_verify)
 
     ev = sub.add_parser("eval", help="per-domain loss / perplexity and gate weights of one or more checkpoints",
                         description="Evaluates each MCORE_DIR on Megatron indexed datasets (from prepare-data), "
@@ -245,4 +269,5 @@ def build_parser() -> opt.Parser:
 
 
 # Commands that read checkpoints or datasets our tools wrote (and verify their checksums).
-VERIFYING_COMMANDS = ("parity", "convert", "upcycle", "package-expert", "merge", "opt-out", "eval", "train")
+VERIFYING_COMMANDS = ("parity", "convert", "upcycle", "package-expert", "merge", "opt-out", "eval", "train",
+                      "verify")

@@ -8,12 +8,17 @@ against another public model stops the merge, naming the first tensor that diffe
 differ by content, not only by name (a copied package with a new name is the same expert twice), and
 every weight written must be finite: the public model's while its anchor is hashed, before anything
 is written, each package's as it streams into the output.
+
+Given the coordinator's registry of owners' keys (``trusted_keys``, :mod:`.signing`), every package must
+carry a valid signature by the key registered for its name; without one, a warning says that
+authenticity was not checked.  The output carries a provenance record (:mod:`.provenance`).
 """
 
 from __future__ import annotations
 
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,13 +33,15 @@ from flexolmo_plugin.conversion.mcore_io import (
     write_checkpoint,
 )
 from flexolmo_plugin.conversion.progress import ConversionReport, ProgressMeter
-from flexolmo_plugin.errors import ConfigError
+from flexolmo_plugin.errors import ConfigError, FlexOlmoWarning
 from flexolmo_plugin.lifecycle.anchor import (
     anchor_hashes,
     combined_digest,
     describe_difference,
 )
 from flexolmo_plugin.lifecycle.package import ExpertPackage, PackageError, load_package
+from flexolmo_plugin.lifecycle.provenance import ExpertDigests, merge_record, write_record
+from flexolmo_plugin.lifecycle.signing import check_trusted, load_trusted_keys
 
 DEFAULT_MAX_ACTIVE = 4  # paper §4.4 / Fig. 3: quality rises up to 4 active experts, then plateaus
 
@@ -70,12 +77,17 @@ def check_distinct(packages: list[ExpertPackage]) -> None:
 
 
 def merge_experts(public_dir: str | os.PathLike, package_dirs: list[str | os.PathLike], out_dir: str | os.PathLike,
-                  *, top_k: int | None = None, progress: bool = False) -> ConversionReport:
-    """Write the (N+1)-expert FlexOlmo checkpoint: public expert 0 plus one expert per package."""
+                  *, top_k: int | None = None, progress: bool = False,
+                  trusted_keys: str | os.PathLike | dict[str, str] | None = None) -> ConversionReport:
+    """Write the (N+1)-expert FlexOlmo checkpoint: public expert 0 plus one expert per package.
+    ``trusted_keys``: the registry file (or its loaded form, name -> fingerprint) every package's
+    signature is checked against."""
     start = time.perf_counter()
     check_new_output(out_dir)
     if not package_dirs:
         raise PackageError("merge needs at least one expert package")
+    registry = trusted_keys if isinstance(trusted_keys, dict) or trusted_keys is None else \
+        load_trusted_keys(trusted_keys)
     num_experts = 1 + len(package_dirs)
     top_k = resolve_top_k(top_k, num_experts)
     public_config, dtype, _ = load_config(public_dir)
@@ -95,6 +107,14 @@ def merge_experts(public_dir: str | os.PathLike, package_dirs: list[str | os.Pat
                 if job.exception() is not None:
                     raise job.exception()
         check_distinct(packages)
+        if registry is not None:
+            for package in packages:
+                check_trusted(package.name, package.signature, registry,
+                              f"package {package.name!r} ({package.directory})")
+        else:
+            warnings.warn("the expert packages' authenticity was not checked (no trusted keys given: "
+                          "--trusted-keys KEYS.json); their signatures, if any, only prove they are intact",
+                          FlexOlmoWarning, stacklevel=2)
         for package in packages:
             package.check_fits(public_config, dtype)
         for package in packages:
@@ -125,9 +145,12 @@ def merge_experts(public_dir: str | os.PathLike, package_dirs: list[str | os.Pat
             return public.read(name)
 
         meter = ProgressMeter(0, progress, "merge")
+        digests = ExpertDigests(config, dtype)
         try:
             with atomic_directory(out_dir) as tmp:
-                write_checkpoint(tmp, config, source, dtype=dtype, expected=set(by_name), on_tensor=meter)
+                write_checkpoint(tmp, config, digests.wrap(source), dtype=dtype, expected=set(by_name),
+                                 on_tensor=meter)
+                write_record(tmp, merge_record(packages, digests, combined_digest(public_anchor)))
                 save_config(tmp, config, dtype=dtype, extra={
                     "source": {"format": "merge", "public": str(Path(public_dir).resolve())},
                     "anchor_sha256": combined_digest(public_anchor),

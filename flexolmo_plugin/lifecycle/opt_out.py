@@ -7,7 +7,8 @@ physically opted-out model computes (top-k permitting).
 
 Every tensor the new checkpoint receives must be finite (checked as it streams, on the read the copy
 needs anyway); the dropped experts' weights are not checked, since removing an expert whose training
-diverged is a legitimate use of opt-out.
+diverged is a legitimate use of opt-out.  The provenance record (:mod:`.provenance`), if the checkpoint
+has one, moves the dropped experts to its ``removed`` list with the time of removal.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from flexolmo_plugin.conversion.mcore_io import (
 from flexolmo_plugin.conversion.progress import ConversionReport, ProgressMeter
 from flexolmo_plugin.lifecycle.anchor import check_finite
 from flexolmo_plugin.lifecycle.package import PackageError
+from flexolmo_plugin.lifecycle.provenance import opt_out_record, read_record, write_record
 from flexolmo_plugin.model.build import unwrap
 
 
@@ -60,6 +62,7 @@ def opt_out(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, drop: l
         top_k = len(keep)
     new = config.replace(num_experts=len(keep), top_k=top_k,
                          expert_names=tuple(config.expert_names[i] for i in keep))
+    record = read_record(mcore_dir, required=False)
     reader = CanonicalReader(mcore_dir)
     keep_bias = [i - 1 for i in keep[1:]]
 
@@ -85,6 +88,8 @@ def opt_out(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, drop: l
         with atomic_directory(out_dir) as tmp:
             write_checkpoint(tmp, new, source, dtype=dtype, expected=set(by_name), on_tensor=meter)
             history = list(payload.get("opted_out", [])) + list(drop)
+            if record is not None:
+                write_record(tmp, opt_out_record(record, list(drop)))
             save_config(
                 tmp,
                 new,

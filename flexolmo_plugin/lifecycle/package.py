@@ -9,7 +9,10 @@ not match, so an expert trained against a different public model can never be me
 Every tensor is checked to be finite on its way into the package (a diverged run must not be
 shared), and again when a merge reads it.  The manifest does not sign itself: its file hashes catch
 corrupt or altered weights, not an edited ``name``, which is why merge also compares packages by
-content (see :attr:`ExpertPackage.content_digest`).
+content (see :attr:`ExpertPackage.content_digest`).  Who produced a package is what its optional
+``signature.json`` says (``--sign KEY``, :mod:`.signing`): an Ed25519 signature of the manifest's exact
+bytes, checked whenever a package is loaded and held against the coordinator's registered keys by
+``merge --trusted-keys``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from flexolmo_plugin.conversion.safetensors_reader import (
 from flexolmo_plugin.conversion.safetensors_writer import ShardedSafetensorsWriter
 from flexolmo_plugin.errors import FlexOlmoError
 from flexolmo_plugin.lifecycle.anchor import anchor_hashes, check_finite, combined_digest
+from flexolmo_plugin.lifecycle.signing import SIGNATURE, load_private_key, read_signature, sign_manifest
 from flexolmo_plugin.model.config import FlexOlmoConfig
 
 FORMAT_VERSION = 1
@@ -87,9 +91,12 @@ def check_name(name: str) -> str:
 
 
 def package_expert(owner_dir: str | os.PathLike, package_dir: str | os.PathLike, *, name: str,
-                   description: str = "", tokens_trained: int | None = None, expert: int = 1) -> Path:
-    """Extract expert ``expert`` of an owner's checkpoint into a verified package directory."""
+                   description: str = "", tokens_trained: int | None = None, expert: int = 1,
+                   sign_key: str | os.PathLike | None = None) -> Path:
+    """Extract expert ``expert`` of an owner's checkpoint into a verified package directory, signed
+    with the Ed25519 private key file ``sign_key`` if given."""
     check_name(name)
+    key = None if sign_key is None else load_private_key(sign_key)  # a bad key stops before any work
     if tokens_trained is not None and (isinstance(tokens_trained, bool) or not isinstance(tokens_trained, int)
                                        or tokens_trained < 0):
         raise PackageError(f"tokens_trained must be a whole number >= 0, got {tokens_trained!r}")
@@ -118,7 +125,10 @@ def package_expert(owner_dir: str | os.PathLike, package_dir: str | os.PathLike,
             "tokens_trained": tokens_trained,
             "files": {p.name: file_sha256(p) for p in sorted(tmp.iterdir())},
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest_bytes = (json.dumps(manifest, indent=2) + "\n").encode()
+        (tmp / MANIFEST).write_bytes(manifest_bytes)
+        if key is not None:
+            (tmp / SIGNATURE).write_text(json.dumps(sign_manifest(key, manifest_bytes), indent=2) + "\n")
     return Path(package_dir)
 
 
@@ -129,6 +139,12 @@ class ExpertPackage:
     directory: Path
     manifest: dict
     tensors: SafetensorsCheckpoint
+    manifest_bytes: bytes = b""  # exactly what a signature covers
+    signature: dict | None = None  # the verified signature.json record; None: unsigned
+
+    @property
+    def manifest_sha256(self) -> str:
+        return hashlib.sha256(self.manifest_bytes).hexdigest()
 
     @property
     def name(self) -> str:
@@ -181,17 +197,19 @@ def load_package(directory: str | os.PathLike) -> ExpertPackage:
     if not path.exists():
         raise PackageError(f"{directory}: no {MANIFEST}: not an expert package")
     try:
-        manifest = json.loads(path.read_text())
+        manifest_bytes = path.read_bytes()
+        manifest = json.loads(manifest_bytes)
         version, files = manifest["format_version"], manifest["files"]
         manifest["name"], manifest["model"], manifest["anchor"]["tensors"], manifest["dtype"]  # noqa: B018
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
         raise PackageError(f"{path}: malformed manifest ({error})") from error
     if version != FORMAT_VERSION:
         raise PackageError(f"{path}: unsupported package format_version {version!r}")
     check_name(manifest["name"])
     if not isinstance(manifest["dtype"], str) or manifest["dtype"] not in _DTYPES:
         raise PackageError(f"{path}: unsupported dtype {manifest['dtype']!r} (expected one of {sorted(_DTYPES)})")
-    present = {p.name for p in directory.iterdir() if p.name != MANIFEST}
+    signature = read_signature(directory, manifest_bytes, f"package {manifest['name']!r} ({directory})")
+    present = {p.name for p in directory.iterdir() if p.name not in (MANIFEST, SIGNATURE)}
     if present != set(files):
         raise PackageError(f"{directory}: files {sorted(present)} differ from the manifest's {sorted(files)}")
     for file_name, digest in files.items():
@@ -212,4 +230,4 @@ def load_package(directory: str | os.PathLike) -> ExpertPackage:
         tensors.close()
         raise PackageError(f"{directory}: tensor {wrong[0]} is {str(tensors.dtype(wrong[0])).removeprefix('torch.')}, "
                            f"the manifest says {manifest['dtype']}")
-    return ExpertPackage(directory, manifest, tensors)
+    return ExpertPackage(directory, manifest, tensors, manifest_bytes, signature)

@@ -53,6 +53,7 @@ CASES = [
     ("convert-mcore-to-hf-with-top-k", f"{EXPORT} --top-k 2", "--num-experts/--top-k only apply to hf-to-mcore"),
     ("merge-top-k-0", f"{MERGE} --top-k 0", f"argument --top-k: {INT_1}0$"),
     ("merge-top-k-negative", f"{MERGE} --top-k -1", f"argument --top-k: {INT_1}-1$"),
+    ("plan-gpus-0", "plan expert-2x7b --gpus 0", f"argument --gpus: {INT_1}0$"),
     *[(f"eval-{flag[2:]}-{value}", f"{EVAL} {flag} {value}", f"argument {flag}: {INT_1}{value}$")
       for flag in ("--seq-len", "--max-tokens") for value in (0, -5)],
     ("eval-seq-len-float", f"{EVAL} --seq-len 8.5", "argument --seq-len: expected an integer, got '8.5'"),
