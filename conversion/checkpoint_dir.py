@@ -54,7 +54,8 @@ def save_config(directory: Path, config: FlexOlmoConfig, *, dtype: torch.dtype, 
 OPTIMIZER_PREFIX = "optimizer."  # Megatron's optimizer-state keys in a checkpoint with the model's weights
 TRACKER_FILE = "latest_checkpointed_iteration.txt"  # Megatron / Bridge save directories
 # The files of a torch_dist checkpoint that readers use (besides the *.distcp data files).
-CHECKPOINT_FILES = (".metadata", "metadata.json", "common.pt", CONFIG_FILE, RUN_CONFIG_FILE)
+# (provenance.json: lifecycle.provenance's record, which `flexolmo verify` reads)
+CHECKPOINT_FILES = (".metadata", "metadata.json", "common.pt", CONFIG_FILE, RUN_CONFIG_FILE, "provenance.json")
 
 
 def resolve_checkpoint(directory: str | os.PathLike) -> Path:

@@ -16,16 +16,20 @@ Every reader in this package opens checkpoints through :func:`read_metadata` or
 from __future__ import annotations
 
 import collections
+import enum
+import io
 import os
 import pickle
+import struct
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint import planner as dcp_planner
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 
 from flexolmo_plugin.errors import FlexOlmoError
 
@@ -57,10 +61,35 @@ class CorruptMetadataError(FlexOlmoError):
     """The checkpoint's metadata cannot be read (truncated or not a torch_dist metadata file)."""
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+# The only objects BUILD (``__setstate__`` / attribute assignment) may act on: instances of the
+# checkpoint's data classes, which the pickle itself created.  Never a class, function, enum member or
+# dtype -- those are process-wide singletons, and setting their attributes would change every later
+# use of them (e.g. ``Path._str``) without running any code of the file.
+_BUILDABLE = tuple(
+    value for (module, _), value in _ALLOWED.items()
+    if module.startswith("torch.distributed.checkpoint") and isinstance(value, type)
+    and not issubclass(value, enum.Enum))
+
+
+class _MetadataUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler (its opcodes can be overridden) with an allow-list of globals and
+    BUILD restricted to fresh instances of the checkpoint's data classes."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
     def __init__(self, file, path: Path):
         super().__init__(file)
         self._path = path
+
+    def load_build(self):
+        target = self.stack[-2] if len(self.stack) >= 2 else None
+        if type(target) not in _BUILDABLE:
+            raise UnsafeCheckpointError(
+                f"{self._path}: sets the state of a {type(target).__name__}, which a torch_dist checkpoint never "
+                "does; refusing to unpickle it")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module: str, name: str):
         if (module, name) in _ALLOWED:
@@ -85,7 +114,8 @@ def read_metadata(directory: str | os.PathLike) -> Metadata:
         raise
     except FileNotFoundError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as error:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            RecursionError, OverflowError, MemoryError, struct.error) as error:
         raise CorruptMetadataError(f"{path}: not a readable torch_dist metadata file ({error})") from None
     if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
         raise CorruptMetadataError(f"{path}: not a torch_dist metadata file (holds {type(metadata).__name__})")
@@ -95,11 +125,12 @@ def read_metadata(directory: str | os.PathLike) -> Metadata:
 
 
 def verify_metadata(directory: str | os.PathLike) -> None:
-    """Refuse the checkpoint unless its ``.metadata`` passes the allow-list and its ``common.pt`` (if
-    any) loads with ``weights_only=True``.  Run before handing the directory to Megatron's or Bridge's
-    own loaders: the first unpickles ``.metadata`` without an allow-list, and torch's refusal of a
-    bad ``common.pt`` is a page of advice to turn the protection off."""
-    read_metadata(directory)
+    """Refuse the checkpoint unless its ``.metadata`` passes the allow-list, and its byte objects (in
+    the ``.distcp`` files) and ``common.pt`` (if any) load with ``weights_only=True``.  Run before
+    handing the directory to Megatron's or Bridge's own loaders: they unpickle ``.metadata`` without
+    an allow-list and byte objects with ``weights_only=False``, and torch's refusal of a bad
+    ``common.pt`` is a page of advice to turn the protection off."""
+    _verify_byte_items(Path(directory), read_metadata(directory))
     common = Path(directory) / COMMON_FILE
     if common.exists():
         try:
@@ -128,3 +159,41 @@ class SafeFileSystemReader(FileSystemReader):
             self._metadata = read_metadata(self._directory)
         self._metadata.storage_meta.load_id = self.load_id
         return self._metadata
+
+
+def _numpy_globals() -> list:
+    """What Megatron's RNG state (numpy's random state: arrays) needs beyond torch's weights-only set:
+    numpy's array reconstruction and dtypes, which build arrays and call nothing else."""
+    core = getattr(np, "_core", None) or np.core
+    dtypes = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
+
+
+def _verify_byte_items(directory: Path, metadata: Metadata) -> None:
+    """Every non-tensor object of the checkpoint (Megatron's ShardedObjects: RNG and rerun state,
+    optimizer settings, TE extra state) is a ``torch.save`` pickle inside a ``.distcp`` file that
+    torch's default load planner reads with ``weights_only=False``: each is checked here with
+    ``weights_only=True`` first (they are small; tensors are not touched)."""
+    for index, info in metadata.storage_data.items():
+        if not isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            continue
+        relative = str(getattr(info, "relative_path", ""))
+        if not relative or Path(relative).name != relative:
+            raise UnsafeCheckpointError(f"{directory / METADATA_FILE}: object {index.fqn} points outside the "
+                                        f"checkpoint ({relative!r})")
+        path = directory / relative
+        with open(path, "rb") as file:
+            file.seek(info.offset)
+            data = file.read(info.length)
+        if len(data) != info.length:
+            raise CorruptMetadataError(f"{path}: truncated (object {index.fqn} lies beyond its end)")
+        try:
+            with torch.serialization.safe_globals(_numpy_globals()):
+                torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise UnsafeCheckpointError(f"{path}: object {index.fqn} holds objects a checkpoint never contains; "
+                                        "refusing to unpickle it (it could run code)") from None
+        except (RuntimeError, EOFError, ValueError, KeyError) as error:
+            detail = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+            raise CorruptMetadataError(f"{path}: object {index.fqn} is not readable ({detail})") from None
+

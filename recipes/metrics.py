@@ -149,7 +149,8 @@ def training_log_callback(*, print_fn=print):
             seconds = max(now - self._last, 1e-9)
             cfg = context.state.cfg
             iteration = context.state.train_state.step + 1  # the counter advances after this event
-            loss = float(context.loss_dict["lm loss"])
+            # only the last pipeline stage has the loss; every rank must still join the reduction below
+            loss = float(context.loss_dict.get("lm loss", float("nan"))) if context.loss_dict else float("nan")
             tokens_per_s = cfg.train.global_batch_size * cfg.model.seq_length / seconds
             local = self._stats.local()
             shares, weights, routed = self._stats.ratios(self._stats.world_sum(local))

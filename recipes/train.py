@@ -31,6 +31,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from flexolmo_plugin.compat import default_device, enable_bridge_compat
+from flexolmo_plugin.conversion.atomic import temporary_name
 from flexolmo_plugin.conversion.mcore_io import CONFIG_FILE, save_config
 from flexolmo_plugin.errors import ConfigError, FlexOlmoError
 from flexolmo_plugin.recipes import registry
@@ -225,8 +226,8 @@ def write_run_config(config, recipe: str) -> None:
     model = config.model
     flexolmo = model.to_flexolmo_config()
     target = Path(config.checkpoint.save)
-    temporary = target / f".{CONFIG_FILE}.tmp"
-    temporary.mkdir(exist_ok=True)
+    temporary = temporary_name(target / CONFIG_FILE)  # unique: ranks of two runs never share it
+    temporary.mkdir()
     save_config(
         temporary,
         flexolmo,
@@ -257,17 +258,22 @@ def run(recipe: str, overrides: list[str], *, callbacks=()):
 
     config = build_config(recipe, overrides)
     check_inputs(config)
-    _init_process_group(config.dist.distributed_backend, config.dist.distributed_timeout_minutes)
-    if dist.get_rank() == 0 and config.checkpoint.save:
-        Path(config.checkpoint.save).mkdir(parents=True, exist_ok=True)
-        write_run_config(config, recipe)
-    dist.barrier()
     from flexolmo_plugin.recipes.precision import (
         check_container_precision,
         current_capability,
     )
 
-    check_container_precision(config, current_capability())  # e.g. mxfp8 overridden in on an H100
+    capability = current_capability()
+    precision = check_container_precision(config, capability)  # e.g. mxfp8 overridden in on an H100
+    if precision not in ("fp32", "bf16", "fp16") and (capability is None
+                                                      or importlib.util.find_spec("transformer_engine") is None):
+        raise ConfigError(f"precision {precision!r} runs on an NVIDIA GPU with Transformer Engine; this machine has "
+                          f"{'no GPU' if capability is None else 'no Transformer Engine'}")
+    _init_process_group(config.dist.distributed_backend, config.dist.distributed_timeout_minutes)
+    if dist.get_rank() == 0 and config.checkpoint.save:
+        Path(config.checkpoint.save).mkdir(parents=True, exist_ok=True)
+        write_run_config(config, recipe)
+    dist.barrier()
     log = training_log_callback()
     try:
         pretrain(config, forward_step, callbacks=[_warm_up_callback(), log, *callbacks])

@@ -173,7 +173,12 @@ def prepare_dataset(input_path: str | os.PathLike, output_prefix: str | os.PathL
             raise DataError(f"{input_path}: no documents")
         builder.finalize(files[1].path)
         _name_together(files, prefix)
-        write_file_atomically(sidecar(prefix), checksums_payload(prefix.parent, final))
+        try:  # a dataset is published with its checksums or not at all
+            write_file_atomically(sidecar(prefix), checksums_payload(prefix.parent, final))
+        except BaseException:
+            for file in files:
+                file.unpublish()
+            raise
     finally:
         if builder is not None:
             builder.data_file.close()  # already closed by finalize unless the run failed

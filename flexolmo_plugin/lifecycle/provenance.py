@@ -158,12 +158,25 @@ class Verification:
         return "\n".join(self.lines + verdict)
 
 
-def _check_entry(entry: dict, trusted: dict[str, str] | None) -> list[str]:
-    """The entry's own consistency: manifest hash, signature, and (given a registry) the signer."""
+def _check_entry(entry: dict, trusted: dict[str, str] | None, anchor_sha256: str | None) -> list[str]:
+    """The entry's own consistency: manifest hash, signature, (given a registry) the signer, and that
+    what the owner signed names this expert and this model's anchor (a signed manifest of another
+    package, or of another public model, must not vouch for this entry)."""
     name, problems = entry["name"], []
-    manifest = entry["manifest"].encode("utf-8")
+    manifest = str(entry["manifest"]).encode("utf-8")
     if hashlib.sha256(manifest).hexdigest() != entry["manifest_sha256"]:
         problems.append(f"{name!r}: the recorded manifest does not hash to the recorded manifest_sha256")
+    try:
+        signed = json.loads(manifest)
+        signed_name, signed_anchor = signed["name"], signed["anchor"]["sha256"]
+    except (ValueError, KeyError, TypeError):
+        problems.append(f"{name!r}: the recorded manifest is not an expert package manifest")
+    else:
+        if signed_name != name:
+            problems.append(f"{name!r}: the recorded manifest is the package of {signed_name!r}")
+        if anchor_sha256 is not None and signed_anchor != anchor_sha256:
+            problems.append(f"{name!r}: the recorded manifest was made for another public model (anchor "
+                            f"{str(signed_anchor)[:16]}…, this model's {anchor_sha256[:16]}…)")
     signature = None
     if entry["owner_fingerprint"] is not None:
         record = {"format_version": 1, "algorithm": "ed25519", "public_key": entry.get("public_key"),
@@ -212,7 +225,7 @@ def verify_model(model_dir: str | os.PathLike, trusted: dict[str, str] | None = 
         owner = "public model" if index == 0 else \
             f"owner key {entry['owner_fingerprint'][:16]}…" if entry["owner_fingerprint"] else "UNSIGNED"
         if index:
-            report.problems.extend(_check_entry(entry, trusted))
+            report.problems.extend(_check_entry(entry, trusted, record.get("anchor_sha256")))
             owner += f", manifest {entry['manifest_sha256'][:16]}…"
         report.lines.append(f"  {name:<16} {owner}; FFN {'matches' if ffn_ok else 'DIFFERS'}; {router}")
     for name in sorted(set(recorded) - set(names)):

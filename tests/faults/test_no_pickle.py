@@ -1,9 +1,11 @@
 """No pickle from a checkpoint is ever executed: a crafted ``.metadata`` (or ``common.pt``) that would
 create a file when unpickled is refused by every command that reads a Megatron checkpoint."""
 
+import io
 import pickle
 
 import pytest
+import torch
 
 from flexolmo_plugin.conversion.safe_metadata import UnsafeCheckpointError, read_metadata
 from tests.faults.harness import assert_refused
@@ -96,4 +98,49 @@ def test_train_refuses_a_crafted_start_or_resume_checkpoint(which, lab, tmp_path
     assert_refused(argv, capsys, match=r"anchor_copy/\.metadata: refers to builtins\.exec.*refusing to unpickle",
                    workdir=tmp_path,
                    inputs=(crafted,))
+    assert not marker.exists()
+
+
+def test_a_pickle_cannot_set_attributes_of_an_allowed_class(tmp_path):
+    """BUILD on an allowed *class* (not an instance) would change it for the whole process without
+    running any code of the file: e.g. every Path naming another file.  Refused; Path untouched."""
+    import pathlib
+
+    # GLOBAL pathlib.PosixPath; state (None, {"_str": "/victim"}); BUILD: setattr(PosixPath, "_str", ...)
+    payload = b"\x80\x04cpathlib\nPosixPath\nN}(\x8c\x04_str\x8c\x07/victimu\x86b."
+    control = tmp_path / "control"
+    control.write_bytes(payload)
+    assert pickle.loads(payload) is pathlib.PosixPath  # plain pickle performs it (then we undo it)
+    del pathlib.PosixPath._str
+    (tmp_path / ".metadata").write_bytes(payload)
+    with pytest.raises(UnsafeCheckpointError, match="sets the state of a type"):
+        read_metadata(tmp_path)
+    assert str(pathlib.Path("x")) == "x"
+
+
+def test_a_crafted_byte_object_in_a_data_file_is_refused(lab, tmp_path, capsys):
+    """Megatron's non-tensor objects (RNG, optimizer settings, TE extra state) are torch.save pickles
+    inside the .distcp files, which torch's load planner reads with weights_only=False: a payload
+    there is refused before any loader sees the checkpoint."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    copy = lab.copy("merged", tmp_path)
+    (copy / "checksums.json").unlink()
+    marker = tmp_path / "code_ran"
+    metadata = read_metadata(copy)
+    index = next(i for i in metadata.storage_data if isinstance(metadata.state_dict_metadata[i.fqn],
+                                                                 BytesStorageMetadata))
+    info = metadata.storage_data[index]
+    data_file = copy / info.relative_path
+    buffer = io.BytesIO()
+    torch.save(_Payload(marker), buffer)
+    offset = data_file.stat().st_size
+    with open(data_file, "ab") as file:
+        file.write(buffer.getvalue())
+    info.offset, info.length = offset, len(buffer.getvalue())
+    metadata.storage_meta = None
+    (copy / ".metadata").write_bytes(pickle.dumps(metadata))
+    assert_refused(["eval", copy, "--data", f"code={lab.dataset}", "--seq-len", 8], capsys,
+                   match=rf"object {index.fqn} holds objects a checkpoint never contains; refusing to unpickle",
+                   workdir=tmp_path, inputs=(copy,))
     assert not marker.exists()

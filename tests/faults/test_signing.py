@@ -195,8 +195,24 @@ def test_verify_fails_when_the_record_and_the_tensors_disagree(lab, world, tmp_p
     assert main(["verify", str(merged)]) == 1
     printed = capsys.readouterr().out
     assert "'code': its FFN weights differ" in printed and "'math' is in the model but not in" in printed, printed
-    # a registry that does not know the owners is a failed check too
-    assert main(["verify", str(merged), "--trusted-keys", str(world.keys)]) == 1
+
+
+def test_verify_rejects_a_record_whose_signed_manifest_is_another_packages(lab, world, tmp_path, capsys):
+    """A signature is only evidence for the package it was made over: 'math' in the record carrying
+    the code owner's signed manifest (valid signature, wrong package) is inconsistent."""
+    merged = tmp_path / "merged"
+    assert run_cli(["merge", lab.anchor, world.code, world.math, "--out", merged, "--quiet"], capsys)[0] == 0
+    record = json.loads((merged / PROVENANCE).read_text())
+    code_entry, math_entry = record["experts"]
+    for field in ("manifest", "manifest_sha256", "signature", "owner_fingerprint", "public_key"):
+        math_entry[field] = code_entry[field]
+    (merged / PROVENANCE).write_text(json.dumps(record))
+    (merged / CHECKSUMS_FILE).unlink()
+    write_directory_checksums(merged)
+    capsys.readouterr()
+    assert main(["verify", str(merged)]) == 1
+    printed = capsys.readouterr().out
+    assert "'math': the recorded manifest is the package of 'code'" in printed, printed
 
 
 def test_verify_refuses_bad_input(lab, tmp_path, capsys):

@@ -208,3 +208,10 @@ def test_a_rebuilt_dataset_trains_on_fresh_indices_and_runs_print_no_traceback(l
     assert "Traceback" not in result.stderr, result.stderr[-6000:]
     caches = sorted(p.name for p in (prefix / "cache").iterdir())
     assert len(caches) == 2 and all(name.startswith("flexolmo-") for name in caches), caches  # one per dataset version
+
+
+def test_a_precision_this_machine_cannot_run_is_refused_before_anything_is_written(lab, tmp_path, capsys):
+    """The precision check used to run after the save directory and its flexolmo_config.json existed."""
+    assert_refused(_train(lab, tmp_path, extra=["mixed_precision=bf16_with_fp8_current_scaling_mixed"]), capsys,
+                   match=r"(?i)fp8", workdir=tmp_path, inputs=(lab.anchor, lab.dataset))
+    assert not (tmp_path / "run").exists()

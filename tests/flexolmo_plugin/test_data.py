@@ -282,3 +282,22 @@ def test_embed_domain_writes_the_format_its_suffix_names(public_model, tmp_path)
     torch.testing.assert_close(load_embedding(tmp_path / "e.npy", 48), load_embedding(tmp_path / "e.safetensors", 48))
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "docs.jsonl", "e.npy", "e.npy.checksums.json", "e.safetensors", "e.safetensors.checksums.json"]
+
+
+def test_a_dataset_whose_checksums_cannot_be_written_is_not_published(tokenizer_dir, tmp_path, monkeypatch):
+    """The .bin/.idx are named first, then their checksum file: if that last write fails (here its
+    name is taken meanwhile, as by a concurrent run), the dataset is taken back, not left unverified."""
+    from flexolmo_plugin.conversion.atomic import OutputExistsError
+    from flexolmo_plugin.lifecycle import data
+
+    src = write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in DOCS])
+    real = data.checksums_payload
+
+    def taken_meanwhile(root, files):
+        (tmp_path / "out.checksums.json").write_text("someone else's")
+        return real(root, files)
+
+    monkeypatch.setattr(data, "checksums_payload", taken_meanwhile)
+    with pytest.raises(OutputExistsError):
+        prepare_dataset(src, tmp_path / "out", tokenizer_dir=tokenizer_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "out.checksums.json"]
