@@ -75,8 +75,9 @@ def _model_section(path: Path) -> dict[str, Any]:
         raise RunConfigError(f"{path}: {path.stat().st_size} bytes; not a Megatron-Bridge run configuration")
     try:
         document = yaml.load(path.read_text(encoding="utf-8"), Loader=_DataLoader)  # noqa: S506 (a SafeLoader)
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise RunConfigError(f"{path}: not readable YAML ({str(error).splitlines()[0]})") from None
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as error:
+        raise RunConfigError(f"{path}: not readable YAML ({(str(error) or type(error).__name__).splitlines()[0]})"
+                             ) from None
     model = document.get("model") if isinstance(document, Mapping) else None
     if not isinstance(model, Mapping):
         raise RunConfigError(f"{path}: no 'model' section (not a Megatron-Bridge run configuration)")

@@ -30,7 +30,7 @@ import stat
 import warnings
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -129,8 +129,9 @@ def parse_public_key(text: str, label: str) -> Ed25519PublicKey:
             key = serialization.load_pem_public_key(text.encode())
         else:
             key = Ed25519PublicKey.from_public_bytes(base64.b64decode(text.strip(), validate=True))
-    except (ValueError, TypeError, binascii.Error) as error:
-        raise SigningError(f"{label}: not an Ed25519 public key ({str(error).splitlines()[0]})") from None
+    except (ValueError, TypeError, binascii.Error, UnsupportedAlgorithm) as error:
+        detail = (str(error) or type(error).__name__).splitlines()[0]
+        raise SigningError(f"{label}: not an Ed25519 public key ({detail})") from None
     if not isinstance(key, Ed25519PublicKey):
         raise SigningError(f"{label}: not an Ed25519 public key")
     return key
@@ -186,9 +187,16 @@ def load_trusted_keys(path: str | os.PathLike) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise SigningError(f"trusted keys {path} does not exist")
+    def unique(pairs):
+        names = [name for name, _ in pairs]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:  # json.loads would silently keep the last one
+            raise SigningError(f"{path}: {repeated[0]!r} is registered more than once")
+        return dict(pairs)
+
     try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raw = json.loads(path.read_text(), object_pairs_hook=unique)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise SigningError(f"{path}: not JSON ({error})") from None
     if not isinstance(raw, dict) or not raw:
         raise SigningError(f"{path}: expected a JSON object mapping each expert name to its owner's public key")
