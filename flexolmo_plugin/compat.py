@@ -98,6 +98,11 @@ def device_name() -> str | None:
     return torch.cuda.get_device_name() if cuda_available() else None
 
 
+def cuda_build_version() -> str | None:
+    """The CUDA version PyTorch was built against (whose cuBLAS it loads); None for a CPU-only build."""
+    return torch.version.cuda
+
+
 # Megatron model settings a CPU run needs: parameters created on the CPU, and every fused kernel off
 # (none of them exists without CUDA).
 CPU_MODEL_SETTINGS = dict(use_cpu_initialization=True, gradient_accumulation_fusion=False, masked_softmax_fusion=False,

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from flexolmo_plugin.compat import device_capability
+from flexolmo_plugin.compat import cuda_build_version, device_capability
 from flexolmo_plugin.model.config import ConfigError, FlexOlmoConfig
 
 PRECISIONS = ("bf16", "fp8-tensorwise", "fp8-blockwise")  # valid on H100
@@ -73,7 +73,7 @@ def parse_cuda_version(version: str | None) -> tuple[int, int] | None:
 def current_cuda_version() -> tuple[int, int] | None:
     """The CUDA version PyTorch was built against (``torch.version.cuda``), whose cuBLAS it loads;
     None for a CPU-only build.  Needs no GPU, so a login node knows it too."""
-    return parse_cuda_version(torch.version.cuda)
+    return parse_cuda_version(cuda_build_version())
 
 
 def check_device_supports(precision: str, capability: tuple[int, int] | None,

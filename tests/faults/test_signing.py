@@ -227,6 +227,7 @@ def test_verify_refuses_bad_input(lab, tmp_path, capsys):
 def test_a_name_registered_twice_in_the_key_file_is_refused(lab, world, tmp_path, capsys):
     """JSON allows a repeated key and json.loads keeps the last: a registry must not."""
     keys = tmp_path / "keys.json"
-    keys.write_text('{"code": "%s", "code": "%s"}' % (world.fingerprints["code"], world.fingerprints["stranger"]))
+    first, second = world.fingerprints["code"], world.fingerprints["stranger"]
+    keys.write_text(f'{{"code": "{first}", "code": "{second}"}}')
     assert_refused(["merge", lab.anchor, world.code, "--out", tmp_path / "merged", "--trusted-keys", keys], capsys,
                    match=r"'code' is registered more than once", workdir=tmp_path, inputs=(world.code,))
