@@ -213,3 +213,43 @@ def make_dense_model(directory: Path | None = None, *, seed: int = 1, vocab_size
     if directory is not None:
         model.save_pretrained(directory)
     return model
+
+
+def upcycled_start(root: Path, expert_names: tuple[str, str]) -> Path:
+    """What an owner starts anchored training from, in ``root``: a tokenizer (``root/tok``, returned),
+    a small random HF OLMo-2 public model (``root/public``, vocabulary 300, width 48), two domain
+    embeddings and the upcycled ``[public, owner]`` checkpoint ``root/init``."""
+    import numpy as np
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    from flexolmo_plugin.lifecycle.upcycle import upcycle
+
+    tokenizer = make_tokenizer(root / "tok")
+    torch.manual_seed(0)
+    Olmo2ForCausalLM(Olmo2Config(vocab_size=300, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
+                                 num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+                                 pad_token_id=1, eos_token_id=2)).save_pretrained(root / "public")
+    generator = torch.Generator().manual_seed(1)
+    for name in ("e0", "e1"):
+        np.save(root / f"{name}.npy", torch.randn(48, generator=generator).numpy())
+    upcycle(root / "public", root / "init", public_embedding=root / "e0.npy", domain_embedding=root / "e1.npy",
+            expert_names=expert_names)
+    return tokenizer
+
+
+def kill_when(proc, ready, *, what: str, timeout: float = 120) -> None:
+    """SIGKILL ``proc`` as soon as ``ready()`` is true (polled every 2 ms): a run killed mid-write, which
+    runs no clean-up.  Fails if the process finished first (it could not be interrupted)."""
+    import signal
+    import time
+
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.002)
+        assert proc.poll() is None, f"{what} finished before it could be interrupted"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

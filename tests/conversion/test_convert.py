@@ -17,7 +17,7 @@ from flexolmo_plugin.conversion.safetensors_reader import (
     CheckpointFormatError,
     SafetensorsCheckpoint,
 )
-from tests.support import hf_reference, make_dense_model, make_hf_model, save_hf_model
+from tests.support import hf_reference, kill_when, make_dense_model, make_hf_model, save_hf_model
 
 IDS = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
 
@@ -224,29 +224,20 @@ def test_not_a_converted_checkpoint_is_refused(tmp_path):
 def test_killed_conversion_leaves_no_output(tmp_path):
     """SIGKILL in the middle of writing: the target never appears (only a hidden .partial dir)."""
     import os
-    import signal
     import subprocess
     import sys
-    import time
 
     src = save_hf_model(make_hf_model(seed=6, num_hidden_layers=12, num_experts=8), tmp_path / "src")
     target = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "flexolmo_plugin", "convert", "hf-to-mcore", str(src),
                              str(target), "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            partial = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
-            if partial and any(partial[0].glob("*.distcp")):
-                break
-            time.sleep(0.005)
-        assert proc.poll() is None, "conversion finished before it could be interrupted"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+
+    def writing() -> bool:
+        partial = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
+        return bool(partial) and any(partial[0].glob("*.distcp"))
+
+    kill_when(proc, writing, what="conversion")
     assert not target.exists()
 
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import flexolmo_plugin as fp
 from flexolmo_plugin.cli import main
 from flexolmo_plugin.lifecycle.data import prepare_dataset
 from flexolmo_plugin.lifecycle.merge import merge_experts
 from flexolmo_plugin.lifecycle.package import package_expert
 from flexolmo_plugin.lifecycle.upcycle import upcycle
+from tests.flexolmo_plugin.experts.helpers import make_owner
 from tests.support import make_dense_model, make_tokenizer
 
 HIDDEN = 48
@@ -70,14 +70,7 @@ def build_lab(root: Path) -> Lab:
         embeddings.append(path)
     upcycle(root / "public_hf", root / "anchor", public_embedding=embeddings[0], domain_embedding=embeddings[1],
             expert_names=("public", "code"), router_bias_init=None)
-    model = fp.from_mcore(root / "anchor")
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for layer in model.decoder.layers:  # what anchored training changes: expert 1 and its row
-            for param in layer.mlp.experts.local_experts[1].parameters():
-                param.add_(0.05 * torch.randn(param.shape, generator=generator))
-            layer.mlp.router.domain_embeddings[1].add_(torch.randn(HIDDEN, generator=generator))
-    fp.save_mcore(model, root / "owner")
+    make_owner(root / "anchor", root / "owner", seed=5)  # what anchored training changes: expert 1, its row
     package_expert(root / "owner", root / "package", name="code", tokens_trained=1000)
     merge_experts(root / "anchor", [root / "package"], root / "merged")
     make_tokenizer(root / "tokenizer")

@@ -2,16 +2,15 @@
 the output is the winner's, whole.  And a run killed with SIGKILL leaves no output at all."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import flexolmo_plugin as fp
 from tests.faults.harness import HIDDEN, digests
+from tests.support import kill_when
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 IDS = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(3))
@@ -56,17 +55,6 @@ def test_killed_merge_leaves_no_output(lab, tmp_path):
     out = tmp_path / "out"
     before = digests(lab.anchor, lab.package)
     proc = _start(["merge", lab.anchor, lab.package, "--out", out, "--quiet"])
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if any(p.name.startswith(".out.partial") for p in tmp_path.iterdir()):
-                break
-            time.sleep(0.002)
-        assert proc.poll() is None, "merge finished before it could be interrupted"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_when(proc, lambda: any(p.name.startswith(".out.partial") for p in tmp_path.iterdir()), what="merge")
     assert not out.exists()
     assert digests(lab.anchor, lab.package) == before

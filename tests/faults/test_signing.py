@@ -11,13 +11,13 @@ import stat
 import pytest
 import torch
 
-import flexolmo_plugin as fp
 from flexolmo_plugin.cli import main
 from flexolmo_plugin.conversion.checksums import CHECKSUMS_FILE, write_directory_checksums
 from flexolmo_plugin.lifecycle.package import load_package, package_expert
 from flexolmo_plugin.lifecycle.provenance import PROVENANCE
 from flexolmo_plugin.lifecycle.signing import SIGNATURE, keygen
-from tests.faults.harness import HIDDEN, assert_refused, run_cli
+from tests.faults.harness import assert_refused, run_cli
+from tests.flexolmo_plugin.experts.helpers import make_owner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,19 +31,6 @@ class World:
     fingerprints: dict
 
 
-def _perturbed_owner(anchor, out, seed):
-    """An owner checkpoint whose expert 1 and router row differ from the public ones."""
-    model = fp.from_mcore(anchor)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in model.decoder.layers:
-            for param in layer.mlp.experts.local_experts[1].parameters():
-                param.add_(0.05 * torch.randn(param.shape, generator=generator))
-            layer.mlp.router.domain_embeddings[1].add_(torch.randn(HIDDEN, generator=generator))
-    fp.save_mcore(model, out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def world(lab, tmp_path_factory):
     root = tmp_path_factory.mktemp("signing")
@@ -51,7 +38,7 @@ def world(lab, tmp_path_factory):
     for who in ("code", "math", "stranger"):
         fingerprints[who], _, _ = keygen(root / f"{who}.key")
     package_expert(lab.owner, root / "code", name="code", sign_key=root / "code.key")
-    math_owner = _perturbed_owner(lab.anchor, root / "math_owner", seed=11)
+    math_owner = make_owner(lab.anchor, root / "math_owner", seed=11)
     package_expert(math_owner, root / "math", name="math", sign_key=root / "math.key")
     keys = root / "keys.json"
     keys.write_text(json.dumps({"code": (root / "code.key.pub").read_text(), "math": fingerprints["math"]}))

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
-from tests.support import make_tokenizer, run_distributed
+from tests.support import run_distributed, upcycled_start
 
 ITERS, SAVE_AT, SEQ = 6, 3, 32
 TEXT = ["def add(a, b): return a + b", "for i in range(10): print(i)", "class Box: pass",
@@ -82,22 +81,10 @@ def _train(rank, world_size, init, prefix, expert_parallel, root=None):
 
 @pytest.fixture(scope="module")
 def owner(tmp_path_factory, megatron_single_process):
-    from transformers import Olmo2Config, Olmo2ForCausalLM
-
     from flexolmo_plugin.lifecycle.data import prepare_dataset
-    from flexolmo_plugin.lifecycle.upcycle import upcycle
 
     root = tmp_path_factory.mktemp("owner")
-    tokenizer = make_tokenizer(root / "tok")
-    torch.manual_seed(0)
-    Olmo2ForCausalLM(Olmo2Config(vocab_size=300, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
-                                 num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
-                                 pad_token_id=1, eos_token_id=2)).save_pretrained(root / "public")
-    generator = torch.Generator().manual_seed(1)
-    for name in ("e0", "e1"):
-        np.save(root / f"{name}.npy", torch.randn(48, generator=generator).numpy())
-    upcycle(root / "public", root / "init", public_embedding=root / "e0.npy", domain_embedding=root / "e1.npy",
-            expert_names=("public", "code"))
+    tokenizer = upcycled_start(root, ("public", "code"))
     (root / "code.jsonl").write_text("".join(json.dumps({"text": TEXT[i % 5]}) + "\n" for i in range(120)))
     prepare_dataset(root / "code.jsonl", root / "code", tokenizer_dir=tokenizer)
     return root, run_distributed(_train, 1, str(root / "init"), str(root / "code"), 1, str(root))[0]
