@@ -6,7 +6,8 @@ Sections (each runs in its own ``try``: one failure leaves the others reported, 
 2. parity vs transformers' ``FlexOlmoForCausalLM`` at one 7B-shaped layer, fp32 and bf16 (our bf16 error
    relative to HF's own bf16 error, both measured against HF in fp32);
 3. an anchored training step through Megatron DDP + Adam (public expert bytes unchanged, owner's changed);
-4. MoE layer forward + backward: ours (full and anchored) vs Megatron's stock ``MoELayer``, same shapes;
+4. MoE layer forward + backward: ours (full and anchored; the expert path selected -- the dense mixture at
+   top-k = E -- and the token dispatcher path) vs Megatron's stock ``MoELayer``, same shapes;
 5. full transformer layer forward + backward: ours vs a stock Megatron MoE layer (local spec), same shapes.
 
 Timings use CUDA events on a GPU and wall-clock timers on CPU; peak memory is
@@ -222,26 +223,37 @@ class Check:
         a = self.args
         tc = to_transformer_config(self.config(), ParallelLayout(), params_dtype=torch.bfloat16)
         stock, ours = moe_pair(tc, self.device)
+        dispatched = moe_pair(tc, self.device)[1]  # the same layer and weights on the token dispatcher path
+        dispatched.set_expert_path("dispatcher")
         x = torch.randn(a.seq, a.batch, a.hidden, device=self.device, dtype=torch.bfloat16)
         with torch.no_grad():
-            diff = (ours(x)[0].float() - stock(x)[0].float()).abs().max().item()
-        full = self.median_ms([("stock", self.fwd_bwd(stock, x)), ("ours", self.fwd_bwd(ours, x))])
-        for p in ours.experts.local_experts[0].parameters():
-            p.requires_grad_(False)
-        anchored = self.median_ms([("anchored", self.fwd_bwd(ours, x))])["anchored"]
+            ref = stock(x)[0].float()
+            diff = max((layer(x)[0].float() - ref).abs().max().item() for layer in (ours, dispatched))
+        full = self.median_ms([("stock", self.fwd_bwd(stock, x)), ("ours", self.fwd_bwd(ours, x)),
+                               ("dispatched", self.fwd_bwd(dispatched, x))])
+        for layer in (ours, dispatched):
+            for p in layer.experts.local_experts[0].parameters():
+                p.requires_grad_(False)
+        anchored = self.median_ms([("ours", self.fwd_bwd(ours, x)), ("dispatched", self.fwd_bwd(dispatched, x))])
         flops_full = _layer_flops(a, [True] * a.experts)
         flops_anchored = _layer_flops(a, [False] + [True] * (a.experts - 1))
+        path = f"`{ours.expert_path}`" + (" (dense mixture: top-k = E)" if ours.expert_path == "dense" else "")
+
+        def row(label, ms, flops):
+            return f"| {label} | {ms:.2f} ms | {full['stock'] / ms:.3f} | {self.tflops(flops, ms)} |"
+
         return [f"Megatron `MoELayer`s from one `TransformerConfig` (bf16, hidden {a.hidden}, FFN {a.ffn}, "
                 f"{a.experts} experts top-{a.topk}, {a.seq * a.batch} tokens), identical weights (outputs differ by "
-                f"{diff:.1e}); ours is the experts path `flexolmo_layer_spec` builds "
-                f"(`{type(ours.experts).__name__}`). Forward + backward, median of {a.steps}.", "",
+                f"{diff:.1e}); ours is the layer `flexolmo_layer_spec` builds (`{type(ours.experts).__name__}` "
+                f"experts, expert path {path}), and the same layer forced onto the token dispatcher. "
+                f"Forward + backward, median of {a.steps}.", "",
                 "| MoE layer | fwd+bwd | vs stock | TFLOP/s |", "|---|---|---|---|",
-                f"| Megatron stock (`TopKRouter`, `{type(stock.experts).__name__}`) | {full['stock']:.2f} ms | 1.000 | "
-                f"{self.tflops(flops_full, full['stock'])} |",
-                f"| FlexOlmo, all experts train | {full['ours']:.2f} ms | {full['stock'] / full['ours']:.3f} | "
-                f"{self.tflops(flops_full, full['ours'])} |",
-                f"| FlexOlmo, anchored (public expert frozen) | {anchored:.2f} ms | {full['stock'] / anchored:.3f} | "
-                f"{self.tflops(flops_anchored, anchored)} |", "",
+                row(f"Megatron stock (`TopKRouter`, `{type(stock.experts).__name__}`)", full["stock"], flops_full),
+                row(f"FlexOlmo, all experts train, path `{ours.expert_path}`", full["ours"], flops_full),
+                row("FlexOlmo, all experts train, token dispatcher", full["dispatched"], flops_full),
+                row(f"FlexOlmo, anchored (public expert frozen), path `{ours.expert_path}`", anchored["ours"],
+                    flops_anchored),
+                row("FlexOlmo, anchored, token dispatcher", anchored["dispatched"], flops_anchored), "",
                 "(vs stock: stock time / this time, > 1 is faster.)"]
 
     def full_layer(self) -> list[str]:

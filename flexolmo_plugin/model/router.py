@@ -21,7 +21,8 @@ Why a ``TopKRouter`` subclass rather than the stock router:
   and its row computes -- and they are never selected.  Megatron's dropless all-to-all dispatcher
   sizes its buffers for exactly top-k selections per token, so with it at least top-k experts
   must remain; the all-gather dispatcher (or a capacity factor) counts real selections and lets
-  top-k shrink to the remaining experts, as physical opt-out does.
+  top-k shrink to the remaining experts, as physical opt-out does; so does the dense mixture path
+  (:mod:`.dense_mixture`, top-k = E), which dispatches nothing.
 
 Everything else -- fp32 gating GEMM, z-loss, aux losses, capacity -- is Megatron's own code path.
 """
@@ -94,6 +95,7 @@ class DomainEmbeddingRouter(TopKRouter):
         for param in self.parameters():
             param.sequence_parallel = sequence_parallel  # replicated: grads summed over TP under SP
         self._excluded: torch.Tensor | None = None
+        self.dense_mixture = False  # the MoE layer runs every expert on every token (no dispatcher)
 
     def _apply(self, fn, *args, **kwargs):
         """``Module._apply`` (``.to``, ``.cuda``, ``.bfloat16()``, ``.half()``...) with the domain biases
@@ -135,10 +137,11 @@ class DomainEmbeddingRouter(TopKRouter):
 
     @property
     def fixed_selection_count(self) -> bool:
-        """Whether the token dispatcher requires exactly top-k selections per token."""
+        """Whether the token dispatcher requires exactly top-k selections per token (never on the dense
+        mixture path, which dispatches nothing: set by :class:`~.dense_mixture.FlexOlmoMoELayer`)."""
         c = self.config
-        return (c.moe_token_dispatcher_type != "allgather" and c.moe_expert_capacity_factor is None
-                and not c.moe_router_padding_for_quantization)
+        return (not self.dense_mixture and c.moe_token_dispatcher_type != "allgather"
+                and c.moe_expert_capacity_factor is None and not c.moe_router_padding_for_quantization)
 
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)

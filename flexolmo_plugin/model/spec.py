@@ -5,7 +5,8 @@ RMSNorms (:mod:`.layer`), full-width q/k norms (:mod:`.attention`) and the domai
 (:mod:`.router`) plugged into Megatron's ``MoELayer`` through ``MoESubmodules(router=...)``.
 Experts are Megatron's ``SequentialMLP`` -- one module per expert, so each expert's parameters can
 be frozen or trained on their own (anchoring needs exactly that) -- checkpointed per expert
-(:mod:`.experts`).
+(:mod:`.experts`).  The MoE layer is Megatron's ``MoELayer`` with the dense mixture path
+(:mod:`.dense_mixture`): with top-k = E every expert runs on every token and no token is dispatched.
 
 ``backend="local"`` uses only Megatron-Core modules (runs on CPU); ``backend="te"`` swaps in
 Transformer Engine linears and attention and needs transformer-engine (imported lazily).
@@ -24,7 +25,7 @@ from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLPSubmodules
-from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.moe_layer import MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
@@ -33,6 +34,7 @@ from megatron.core.transformer.transformer_block import (
 
 from flexolmo_plugin.errors import ConfigError
 from flexolmo_plugin.model.attention import FlexOlmoSelfAttention
+from flexolmo_plugin.model.dense_mixture import FlexOlmoMoELayer, select_expert_path
 from flexolmo_plugin.model.experts import PerExpertSequentialMLP
 from flexolmo_plugin.model.layer import (
     FlexOlmoLayerSubmodules,
@@ -87,12 +89,15 @@ def _backend_modules(backend: Backend):
     raise ConfigError(f"unknown backend {backend!r}; expected 'local', 'te' or 'auto'")
 
 
-def flexolmo_layer_spec(*, backend: Backend = "local", domain_bias: bool = False) -> ModuleSpec:
+def flexolmo_layer_spec(*, backend: Backend = "local", domain_bias: bool = False,
+                        expert_path: str = "auto") -> ModuleSpec:
     """Spec of one FlexOlmo transformer layer.
 
     Args:
         backend: ``"local"`` (Megatron-Core modules), ``"te"`` (Transformer Engine) or ``"auto"``.
         domain_bias: give the router the learned bias of the non-public experts.
+        expert_path: ``"auto"`` (the dense mixture when top-k = E, else the token dispatcher),
+            ``"dense"`` or ``"dispatcher"`` (:func:`~.dense_mixture.select_expert_path`).
 
     Returns:
         A ``ModuleSpec`` for Megatron's ``TransformerBlock``.
@@ -111,12 +116,13 @@ def flexolmo_layer_spec(*, backend: Backend = "local", domain_bias: bool = False
         ),
     )
     moe = partial(
-        MoELayer,
+        FlexOlmoMoELayer,
         submodules=MoESubmodules(
             experts=experts,
             shared_experts=None,
             router=partial(DomainEmbeddingRouter, domain_bias=domain_bias),
         ),
+        expert_path=expert_path,
     )
     attention = ModuleSpec(
         module=FlexOlmoSelfAttention,
@@ -145,7 +151,7 @@ def flexolmo_layer_spec(*, backend: Backend = "local", domain_bias: bool = False
 
 
 def flexolmo_block_spec(transformer_config, *, backend: Backend = "local", domain_bias: bool = False,
-                        vp_stage: int | None = None) -> TransformerBlockSubmodules:
+                        expert_path: str = "auto", vp_stage: int | None = None) -> TransformerBlockSubmodules:
     """Spec of the decoder: FlexOlmo layers plus FlexOlmo's fp32 final RMSNorm.
 
     Passed as ``transformer_layer_spec`` to ``GPTModel`` (a bare layer spec would make Megatron
@@ -153,12 +159,13 @@ def flexolmo_block_spec(transformer_config, *, backend: Backend = "local", domai
 
     Args:
         transformer_config: the Megatron config (its layer count and pipeline split).
-        backend / domain_bias: as in :func:`flexolmo_layer_spec`.
+        backend / domain_bias / expert_path: as in :func:`flexolmo_layer_spec`.
         vp_stage: virtual pipeline stage (pipeline parallelism is not supported yet).
 
     Returns:
         ``TransformerBlockSubmodules`` with one layer spec per local layer.
     """
-    layer = flexolmo_layer_spec(backend=backend, domain_bias=domain_bias)
+    select_expert_path(transformer_config, expert_path)  # refuse a forced path that does not apply, here
+    layer = flexolmo_layer_spec(backend=backend, domain_bias=domain_bias, expert_path=expert_path)
     num_layers = get_num_layers_to_build(transformer_config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=FlexOlmoRMSNorm)

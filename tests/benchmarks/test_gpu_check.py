@@ -29,3 +29,6 @@ def test_gpu_check_dry_run_reports_every_section(tmp_path):
                     "owner's expert changed (every tensor): **True**", "verdict: **ok**"):
         assert verdict in text, verdict
     assert "GPU: none (CPU dry run" in text and "Date: " in text
+    # the MoE section times both expert paths: the dense mixture (selected at top-k = E) and the dispatcher
+    assert "| FlexOlmo, all experts train, path `dense` |" in text
+    assert "| FlexOlmo, anchored, token dispatcher |" in text
