@@ -32,6 +32,7 @@ BENCHMARKS = (
     ("bench_anchored_step.py", "Anchored vs full training step (issue 4)"),
     ("bench_moe_layer.py", "P1: FlexOlmo MoE layer vs Megatron's stock MoE layer"),
     ("bench_moe_paths.py", "Expert paths at top-k = E: dense mixture vs token dispatcher vs stock"),
+    ("bench_norm_memory.py", "Issue 16: RMSNorm activation memory, eager vs memory-lean"),
     ("bench_gpu.py", "GPU: FlexOlmo MoE layer vs Megatron stock MoE layer (bf16)"),
 )
 # bench_gpu.py has no --quick: without CUDA it only prints "not measured: no CUDA"; with one, tiny shapes

@@ -24,22 +24,21 @@ of a rank's sequence-parallel shard, ``q``/``kv`` the local query/key-value widt
 heads, ``f' = f / ETP``, for 16-bit activations:
 
 * attention (only if a gradient reaches it): the q/k/v projection's input ``2h`` (only when the
-  attention weights train: a frozen Megatron/TE linear saves its weight, not its input); the eager
-  FP32 q/k RMSNorms ``4(q+kv)`` (the FP32 upcast of their input, which ``pow`` and the product save)
-  ``+ 4(q+kv)`` (the normalised FP32 tensor, saved for the weight gradient when the norm weights
-  train); fused (flash) core attention ``2(q+2kv)`` (q, k, v after RoPE) ``+ 2q`` (its output, also
-  the output projection's input) ``+ 4a`` (FP32 log-sum-exp); unfused attention adds the softmax
-  output ``2as`` (Korthikanti's ``5as/h`` term without dropout masks: FlexOlmo has no dropout);
-* post-attention and post-MoE RMSNorm (eager FP32, ``h`` wide): ``4h`` (+ ``4h`` when norm weights
-  train) each -- four RMSNorms per layer in all, none of them covered by Megatron's "layernorm"
-  recompute (its input/pre-MLP slots are identities here);
+  attention weights train: a frozen Megatron/TE linear saves its weight, not its input); the q/k
+  RMSNorms ``2(q+kv) + 8`` (16-bit input, FP32 ``rstd``: ``model/norms.py``); fused (flash) core
+  attention ``2(q+2kv)`` (q, k, v after RoPE) ``+ 2q`` (its output, also the output projection's
+  input) ``+ 4a`` (FP32 log-sum-exp); unfused attention adds the softmax output ``2as``
+  (Korthikanti's ``5as/h`` term without dropout masks: FlexOlmo has no dropout);
+* post-attention and post-MoE RMSNorm: ``2h + 4`` each (16-bit input, FP32 ``rstd``; their own
+  backward recomputes the FP32 math -- Megatron's "layernorm" recompute covers only the identity
+  input/pre-MLP slots; eager autograd kept ``8h``: the FP32 upcast and the normalised value);
 * router: its input ``2h`` (Megatron's ``router_gating_linear`` saves it) and FP32 logits,
   probabilities and top-k probabilities ``12E``;
 * experts, per routed token slot of a local expert (``k/E`` of the ``EP · ETP · T_sp`` tokens of
   the expert group reach each expert, i.e. exactly ``k/E`` for top-k = E): fc1's input ``2h`` and
   fc2's input ``2f'`` when that expert trains, the SwiGLU input ``4f'`` (fc1's output, saved by the
   fused weighted SwiGLU) whenever a gradient passes through the expert;
-* the last stage adds the final RMSNorm (``4h``, ``+4h``), the output layer's input ``2h`` when it
+* the last stage adds the final RMSNorm (``2h + 4``), the output layer's input ``2h`` when it
   trains, and the loss: FP32 softmax ``4V/t`` saved by the vocabulary-parallel cross entropy plus
   the BF16 logits ``2V/t`` alive at that point (Korthikanti count ``4sbv/t``); forward-only
   evaluation keeps only this last term.
@@ -69,6 +68,7 @@ GiB = 2**30
 H100_80GB = 81559 * 2**20  # nvidia-smi's total for an H100 80 GB (SXM/PCIe): 81559 MiB
 RESERVE = int(2.5 * GiB)  # CUDA context (~0.5 GiB), NCCL buffers, cuBLAS/TE workspaces
 _BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+_RSTD = 4  # bytes per token of a memory-lean RMSNorm's saved fp32 1/rms (it saves that and its 16-bit input)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -235,11 +235,11 @@ def _layer_activations(config: FlexOlmoConfig, layout: Layout, act: Activations,
     if trainable.attention:
         total += 2 * h * t_sp
     if qkv_live:
-        total += (4 + (4 if trainable.attention else 0)) * (q + kv) * tokens  # eager fp32 q/k norms
+        total += (2 * (q + kv) + 2 * _RSTD) * tokens  # q/k norms: 16-bit input, fp32 rstd
         total += (2 * (q + 2 * kv) + 2 * q) * tokens  # q, k, v after RoPE; attention output
         if "core_attn" not in modules:
             total += 4 * heads * tokens + (0 if act.flash_attention else 2 * heads * act.seq_length * tokens)
-        total += (4 + (4 if trainable.norms else 0)) * h * t_sp  # post-attention norm
+        total += (2 * h + _RSTD) * t_sp  # post-attention norm
     mid_live = qkv_live or trainable.norms
     # MoE
     experts_live = mid_live or trainable.router or any(trainable.experts)
@@ -255,7 +255,7 @@ def _layer_activations(config: FlexOlmoConfig, layout: Layout, act: Activations,
                 if trains:
                     per_slot += 2 * h + (0 if "moe_act" in modules else 2 * f)
                 total += per_slot * slots
-        total += (4 + (4 if trainable.norms else 0)) * h * t_sp  # post-MoE norm
+        total += (2 * h + _RSTD) * t_sp  # post-MoE norm
     return total, experts_live
 
 
@@ -280,7 +280,7 @@ def activation_bytes(config: FlexOlmoConfig, layout: Layout, act: Activations, t
     else:
         stored = sum(per_layer)
     vocab = config.padded_vocab_size / layout.tensor_parallel
-    final = (4 + (4 if trainable.norms else 0)) * h * t_sp if live else 0.0
+    final = (2 * h + _RSTD) * t_sp if live else 0.0
     output_input = 2 * h * t_sp if trainable.output else 0.0
     loss = (4 + 2) * vocab * tokens
     return stored + final + output_input + loss

@@ -10,6 +10,18 @@ so the sum of squares must be all-reduced over the TP group before normalising; 
 must also run in the backward pass, because each rank's loss depends on the shared statistic
 through *different* heads (Megatron's ``reduce_from_tensor_model_parallel_region`` is the
 identity in backward and would drop the other ranks' contributions).
+
+**Memory.**  Autograd of the eager formula keeps two fp32 ``[tokens, width]`` tensors per norm for
+the backward pass (the fp32 upcast, saved by ``pow`` and the product, and the normalised value,
+saved for the weight gradient) -- four norms per layer, ~8 bytes per element on top of 16-bit
+activations, and Megatron's "layernorm" selective recompute cannot reach them (it covers only the
+input / pre-MLP norm slots, identities here).  :class:`_LeanRMSNorm` runs the same fp32 operations
+in the same order (so its output is bitwise the eager one) but saves only the input in its own
+dtype and the per-row ``rstd`` (fp32 ``[tokens, 1]``); the backward recomputes ``x · rstd`` (one
+elementwise product) and applies the closed-form RMSNorm gradient.  It is always on: unlike a
+checkpoint of the norm it never re-runs the reduction or, under TP, the forward all-reduce, and needs
+no recompute setting.  ``memory_lean = False`` on an instance restores autograd of the eager
+formula (the reference for the tests and ``benchmarks/bench_norm_memory.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -37,12 +50,69 @@ class _AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
-def _rms_normalize(x32: torch.Tensor, mean_square: torch.Tensor, eps: float) -> torch.Tensor:
-    return x32 * torch.rsqrt(mean_square + eps)
+def _eager_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, width: int, group) -> torch.Tensor:
+    """OLMo-2's formula through plain autograd (saves the fp32 upcast and the normalised value)."""
+    x32 = x.float()
+    if group is None:
+        mean_square = x32.pow(2).mean(-1, keepdim=True)
+    else:
+        mean_square = _AllReduceSum.apply(x32.pow(2).sum(-1, keepdim=True), group) / width
+    return (weight.float() * (x32 * torch.rsqrt(mean_square + eps))).to(x.dtype)
+
+
+class _LeanRMSNorm(torch.autograd.Function):
+    """The eager formula's forward, op for op; saves ``x`` (own dtype) and fp32 ``rstd`` only.
+
+    With ``n = x·rstd`` and ``g_n = g · w`` (fp32), the gradients are ``dw = Σ_rows g · n`` and
+    ``dx = rstd · (g_n − n · Σ_width(g_n · n) / width)``; under TP the width sum spans all ranks,
+    so that row statistic is all-reduced in backward, as the sum of squares is in forward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, width: int, group) -> torch.Tensor:
+        x32 = x.float()
+        if group is None:
+            mean_square = x32.pow(2).mean(-1, keepdim=True)
+        else:
+            sum_sq = x32.pow(2).sum(-1, keepdim=True)
+            dist.all_reduce(sum_sq, op=dist.ReduceOp.SUM, group=group)
+            mean_square = sum_sq / width
+        rstd = torch.rsqrt(mean_square + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.width, ctx.group = width, group
+        return (weight.float() * (x32 * rstd)).to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.float() * rstd
+        g = grad_out.float()
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (g * normed).reshape(-1, normed.shape[-1]).sum(0).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            g_normed = g * weight.float()
+            dot = (g_normed * normed).sum(-1, keepdim=True)
+            if ctx.group is not None:
+                dist.all_reduce(dot, op=dist.ReduceOp.SUM, group=ctx.group)
+            grad_x = ((g_normed - normed * (dot / ctx.width)) * rstd).to(x.dtype)
+        return grad_x, grad_weight, None, None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, width: int | None = None, group=None,
+             memory_lean: bool = True) -> torch.Tensor:
+    """FlexOlmo's fp32 RMSNorm over the last dim (``width`` features in all, summed over ``group``)."""
+    width = x.shape[-1] if width is None else width
+    if memory_lean:
+        return _LeanRMSNorm.apply(x, weight, eps, width, group)
+    return _eager_rms_norm(x, weight, eps, width, group)
 
 
 class FlexOlmoRMSNorm(nn.Module):
     """Post-sublayer and final RMSNorm (replicated over TP; signature of a Megatron norm builder)."""
+
+    memory_lean = True  # see the module docstring; False = autograd of the eager formula
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-6, **_unused):
         super().__init__()
@@ -53,9 +123,7 @@ class FlexOlmoRMSNorm(nn.Module):
         self.weight.sequence_parallel = bool(config.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = _rms_normalize(x32, x32.pow(2).mean(-1, keepdim=True), self.eps)
-        return (self.weight.float() * normed).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps, memory_lean=self.memory_lean)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
@@ -66,8 +134,12 @@ class FullWidthRMSNorm(nn.Module):
 
     Input ``[..., local_heads, head_dim]`` (what Megatron's attention hands to its q/k norm);
     the weight is this rank's contiguous slice ``[local_heads * head_dim]`` of the full-width
-    weight, so checkpoints store it sharded along axis 0 like a column-parallel output.
+    weight, so checkpoints store it sharded along axis 0 like a column-parallel output.  The flattened
+    input it saves for backward is a copy of Megatron's split q or k, except with one local KV head, where
+    it is a view that keeps the whole fused QKV output (v included) alive: measured, 2·kv bytes per token more.
     """
+
+    memory_lean = True  # see the module docstring; False = autograd of the eager formula
 
     def __init__(self, *, full_width: int, local_width: int, eps: float, params_dtype: torch.dtype,
                  tp_group=None):
@@ -93,14 +165,9 @@ class FullWidthRMSNorm(nn.Module):
         flat = x.reshape(*shape[:-2], shape[-2] * shape[-1])
         if flat.shape[-1] != self.local_width:
             raise ValueError(f"expected {self.local_width} features per token, got {flat.shape[-1]}")
-        x32 = flat.float()
-        if self.is_sharded:
-            sum_sq = _AllReduceSum.apply(x32.pow(2).sum(-1, keepdim=True), self.tp_group)
-            mean_square = sum_sq / self.full_width
-        else:
-            mean_square = x32.pow(2).mean(-1, keepdim=True)
-        out = self.weight.float() * _rms_normalize(x32, mean_square, self.eps)
-        return out.to(x.dtype).reshape(shape)
+        out = rms_norm(flat, self.weight, self.eps, width=self.full_width,
+                       group=self.tp_group if self.is_sharded else None, memory_lean=self.memory_lean)
+        return out.reshape(shape)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
 
