@@ -380,3 +380,79 @@ def canonical_parts(canonical: str, present: dict) -> list[tuple[str, tuple[int,
 def split_keys(key: str) -> tuple[str, str]:
     """The two keys under which Megatron stores the halves of a gated fc1 saved per expert."""
     return f"{key}_w", f"{key}_v"
+
+
+# ---------------------------------------------------------------------- per-parameter view (Megatron-Bridge)
+@dataclass(frozen=True)
+class ParamSource:
+    """One Megatron parameter, named as Megatron-Bridge names it (global layer and expert numbers,
+    whatever the rank holds), with the canonical tensor it is cut from and the HF tensors that make it.
+
+    Bridge converts parameter by parameter, while the table describes canonical tensors; the router
+    is the one place where they differ (one ``Parameter`` per row: ``row`` is the row of ``entry``'s
+    canonical tensor this parameter holds).  ``hf`` is empty for what has no HF tensor: the learned
+    router bias, and the router of the dense OLMo-2 model (one expert, so any row routes everything to it).
+    """
+
+    param: str
+    entry: Entry
+    hf: tuple[str, ...]
+    row: int | None = None
+
+
+def _param_name(entry: Entry, row: int | None) -> str:
+    template = entry.rule.param or entry.rule.megatron
+    return template.format(layer=entry.layer, expert=entry.expert, local_expert=entry.expert, row=row)
+
+
+def param_sources(config: FlexOlmoConfig, *, dense: bool = False) -> Iterator[ParamSource]:
+    """Every parameter a FlexOlmo model with ``config`` can have, generated from :data:`RULES`.
+
+    The learned router bias is included whether or not ``config`` has one (an HF config never says,
+    yet a trained model may carry it, and an exporter must see it to refuse dropping it silently).
+    ``dense``: the HF names are the OLMo-2 dense model's (``config`` must then have one expert).
+    """
+    if dense and config.num_experts != 1:
+        raise FlexOlmoError(f"an OLMo-2 dense model is a FlexOlmo with one expert, not {config.num_experts}")
+    full = config.replace(router_bias=True) if config.num_experts > 1 else config
+    for entry in entries(full):
+        hf = entry.dense() if dense else entry.hf
+        if entry.rule.rows:
+            rows = entry.shape(full)[0]
+            for row in range(rows):
+                yield ParamSource(_param_name(entry, row), entry, hf if entry.rule.role is Role.ROUTER_ROW else (), row)
+        else:
+            yield ParamSource(_param_name(entry, None), entry, hf)
+
+
+def shard(tensor: torch.Tensor, split: Split, rank: int, size: int) -> torch.Tensor:
+    """Rank ``rank``'s part (of ``size``) of a canonical tensor cut as ``split`` says."""
+    if split is Split.NONE or size == 1:
+        return tensor
+    if split is Split.SWIGLU:
+        gate, up = tensor.chunk(2, dim=0)
+        return torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]], dim=0)
+    dim = 0 if split is Split.COLUMN else 1
+    if tensor.shape[dim] % size:
+        raise ValueError(f"dimension {dim} of size {tensor.shape[dim]} does not split over {size} ranks")
+    return tensor.chunk(size, dim=dim)[rank]
+
+
+def unshard(parts: list[torch.Tensor], split: Split) -> torch.Tensor:
+    """Inverse of :func:`shard`: the canonical tensor from every rank's part, in rank order."""
+    if split is Split.NONE or len(parts) == 1:
+        return parts[0]
+    if split is Split.SWIGLU:
+        halves = [part.chunk(2, dim=0) for part in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return torch.cat(parts, dim=0 if split is Split.COLUMN else 1)
+
+
+def other_expert(source: ParamSource, expert: int, *, dense: bool = False) -> ParamSource:
+    """The same FFN parameter of another expert (same layer): expert parallelism gathers experts
+    that another rank holds under the name of the one this rank holds."""
+    rule = source.entry.rule
+    fill = {"layer": source.entry.layer, "expert": expert}
+    entry = Entry(rule, rule.megatron.format(**fill), tuple(h.format(**fill) for h in rule.hf), source.entry.layer,
+                  expert)
+    return ParamSource(_param_name(entry, None), entry, entry.dense() if dense else entry.hf)
