@@ -46,7 +46,8 @@ WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 OUTPUT_ARGUMENT = {
     "convert": "target", "upcycle": "out_dir", "prepare-data": "output_prefix", "embed-domain": "output",
     "select-proxy": "out", "router-mix": "out", "package-expert": "package_dir", "merge": "out",
-    "opt-out": "out", "eval": "plot", "demo": "workdir", "keygen": "out",
+    "opt-out": "out", "eval": "plot", "demo": "workdir", "keygen": "out", "generate": "out",
+    "audit-extraction": "out",
 }
 
 

@@ -86,6 +86,22 @@ def probability(text: str) -> float:
     return value
 
 
+def temperature(text: str) -> float:
+    """A sampling temperature: 0 means greedy decoding; negative or non-finite values mean nothing."""
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = greedy), got {value:g}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (e.g. the audit's sampling temperature, where 0 would mean greedy twice)."""
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value:g}")
+    return value
+
+
 def tolerance(text: str) -> float:
     """A bound on |Δ|: NaN would make every comparison fail (or pass), inf would accept anything."""
     value = _number(text)

@@ -209,7 +209,71 @@ def build_parser() -> opt.Parser:
     ev.add_argument("--seq-len", type=opt.positive_int,
                     help="window length (default: the model's max_position_embeddings)")
     ev.add_argument("--max-tokens", type=opt.positive_int, default=16384, help="per domain")
+    ev.add_argument("--attribution", metavar="FILE.jsonl",
+                    help="write one JSON record per evaluated window: each expert's share of the routing mass "
+                         "(mean gate weight over layers and tokens, normalised to sum 1), named by expert")
     ev.set_defaults(func=commands.cmd_eval)
+
+    gen = sub.add_parser(
+        "generate", help="continue prompts with a checkpoint (greedy or sampled) and attribute each output",
+        description="Generates with Megatron-Core's KV cache on the checkpoint's weights (batched; prompts of "
+                    "different lengths in lock-step). --temperature 0 (default) is greedy, as transformers' "
+                    "do_sample=False; otherwise sampling from softmax(logits/T) within the top-p nucleus, "
+                    "reproducible with --seed. --exclude masks experts at run time (what 'opt-out' computes). "
+                    "Attribution: per output, each expert's share of the routing mass (mean gate weight over "
+                    "layers and the positions that chose the new tokens, normalised to sum 1). The tokenizer is "
+                    "MODEL_DIR/tokenizer (stored by 'convert hf-to-mcore' and 'upcycle') unless --tokenizer.")
+    gen.add_argument("model_dir", metavar="MODEL_DIR", help="Megatron checkpoint (or a training save directory)")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for several)")
+    source.add_argument("--prompts", metavar="FILE.jsonl", help='one {"prompt": TEXT} object per line')
+    gen.add_argument("--prompt-key", default="prompt", help="field of --prompts lines (default 'prompt')")
+    gen.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: MODEL_DIR/tokenizer)")
+    gen.add_argument("--max-new-tokens", type=opt.positive_int, default=64, help="per prompt (default 64)")
+    gen.add_argument("--temperature", type=opt.temperature, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=opt.fraction, help="nucleus sampling mass (default 1.0; needs --temperature)")
+    gen.add_argument("--seed", type=opt.seed,
+                     help="seed of the sampling (needs --temperature; default: random, printed); batch k uses SEED+k")
+    gen.add_argument("--exclude", nargs="+", action="extend", default=[], type=opt.safe_name, metavar="NAME",
+                     help="experts to mask at run time, by name")
+    gen.add_argument("--batch-size", type=opt.positive_int, default=8, help="prompts per batch (default 8)")
+    gen.add_argument("--out", metavar="FILE.jsonl", help="write the completions here (default: print them)")
+    gen.add_argument("--attribution", metavar="FILE.jsonl", help="write one attribution record per output")
+    gen.set_defaults(func=commands.cmd_generate)
+
+    au = sub.add_parser(
+        "audit-extraction", help="how much of an owner's training text models reproduce (paper §5.3 protocol)",
+        description="Before releasing an expert: for a uniform sample of the owner's documents, prompt each model "
+                    "with the first --prefix-tokens tokens and compare its greedy and --samples sampled "
+                    "continuations of --continuation-tokens tokens with the true continuation; a document counts "
+                    "as extracted when the normalised Levenshtein similarity (rapidfuzz) is >= --threshold. "
+                    "Rates with 95%% Wilson intervals for MODEL_DIR, MODEL_DIR with --exclude (the merged model "
+                    "without the owner's expert) and every --compare model (e.g. the owner's 2-expert model and "
+                    "the public model). Defaults are the paper's: 10000 documents, 32-token prefix, 256-token "
+                    "continuation, 10 samples, threshold 0.9.")
+    au.add_argument("model_dir", metavar="MODEL_DIR", help="Megatron checkpoint (e.g. the merged model)")
+    au.add_argument("owner_data", metavar="OWNER_DATA.jsonl", help="the owner's training documents (stay local)")
+    au.add_argument("--compare", nargs="+", action="extend", default=[], metavar="MODEL_DIR",
+                    help="further checkpoints to audit on the same documents (same tokenizer)")
+    au.add_argument("--exclude", nargs="+", action="extend", default=[], type=opt.safe_name, metavar="NAME",
+                    help="also audit MODEL_DIR with these experts masked (run-time opt-out)")
+    au.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: MODEL_DIR/tokenizer)")
+    au.add_argument("--text-key", default="text", help="field of OWNER_DATA lines (default 'text')")
+    au.add_argument("--num-docs", type=opt.positive_int, default=10_000, help="documents audited (default 10000)")
+    au.add_argument("--prefix-tokens", type=opt.positive_int, default=32, help="prompt length (default 32)")
+    au.add_argument("--continuation-tokens", type=opt.positive_int, default=256,
+                    help="generated and compared tokens (default 256)")
+    au.add_argument("--samples", type=opt.non_negative_int, default=10,
+                    help="sampled continuations per document, best of them counts (default 10; 0: greedy only)")
+    au.add_argument("--temperature", type=opt.positive_float, default=1.0, help="of the samples (default 1.0)")
+    au.add_argument("--top-p", type=opt.fraction, default=1.0, help="nucleus of the samples (default 1.0)")
+    au.add_argument("--threshold", type=opt.fraction, default=0.9,
+                    help="similarity at or above which a document is extracted (default 0.9)")
+    au.add_argument("--seed", type=opt.seed, default=0, help="document sample and sampling (default 0)")
+    au.add_argument("--batch-size", type=opt.positive_int, default=16, help="prompts per batch (default 16)")
+    au.add_argument("--out", metavar="REPORT.json", help="also write the report (rates and per-document similarity)")
+    au.add_argument("--quiet", action="store_true", help="no progress bar")
+    au.set_defaults(func=commands.cmd_audit_extraction)
 
     tr = sub.add_parser("train", aliases=["train-expert"],
                         help="train the public model, an owner's expert, or the router (Megatron-Bridge)",
@@ -270,4 +334,4 @@ def build_parser() -> opt.Parser:
 
 # Commands that read checkpoints or datasets our tools wrote (and verify their checksums).
 VERIFYING_COMMANDS = ("parity", "convert", "upcycle", "package-expert", "merge", "opt-out", "eval", "train",
-                      "verify")
+                      "verify", "generate", "audit-extraction")

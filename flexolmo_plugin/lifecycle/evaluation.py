@@ -26,6 +26,7 @@ from torch import nn
 from flexolmo_plugin.conversion.checks import all_finite
 from flexolmo_plugin.errors import FlexOlmoError
 from flexolmo_plugin.lifecycle.data import DataError, verify_dataset
+from flexolmo_plugin.lifecycle.routing import expert_names, gate_mass_per_sequence, router_outputs, shares
 from flexolmo_plugin.model.build import logits, next_token_loss, unwrap
 
 
@@ -95,28 +96,26 @@ def routing_counts(model: nn.Module, weights: torch.Tensor | None = None):
     """Yields a ``[layers, experts]`` tensor that accumulates routed-token counts while active;
     ``weights`` (same shape), when given, accumulates the gate weights the router assigned."""
     inner = unwrap(model)
-    layers = inner.decoder.layers
-    counts = torch.zeros(len(layers), inner.flexolmo_config.num_experts, dtype=torch.float64)
-    handles = []
-    for index, layer in enumerate(layers):
-        def hook(module, args, output, index=index):
-            counts[index] += output[1].sum(0).to(torch.float64).cpu()
-            if weights is not None:
-                weights[index] += output[0].detach().sum(0).to(torch.float64).cpu()
-        handles.append(layer.mlp.router.register_forward_hook(hook))
-    try:
+    counts = torch.zeros(len(inner.decoder.layers), inner.flexolmo_config.num_experts, dtype=torch.float64)
+
+    def accumulate(index: int, probs: torch.Tensor, routing_map: torch.Tensor) -> None:
+        counts[index] += routing_map.sum(0).to(torch.float64).cpu()
+        if weights is not None:
+            weights[index] += probs.sum(0).to(torch.float64).cpu()
+
+    with router_outputs(model, accumulate):
         yield counts
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, datasets: dict[str, str | os.PathLike], *, seq_len: int = 256,
-             max_tokens: int = 16384, batch_size: int = 8, model_name: str | None = None) -> list[DomainResult]:
+             max_tokens: int = 16384, batch_size: int = 8, model_name: str | None = None,
+             attribution: list[dict] | None = None) -> list[DomainResult]:
     """Loss and routing per domain; ``model_name`` (e.g. its checkpoint) names the model in a
-    :class:`NonFiniteLossError`."""
+    :class:`NonFiniteLossError`.  ``attribution``, when given, receives one record per evaluated
+    window: ``{"domain", "window", "tokens", "attribution": {expert: share}}`` (:mod:`.routing`)."""
     results = []
+    names = expert_names(model)
     for name, prefix in datasets.items():
         windows = read_windows(prefix, seq_len=seq_len, max_tokens=max_tokens)
         loss_sum, predicted = 0.0, 0
@@ -125,9 +124,16 @@ def evaluate(model: nn.Module, datasets: dict[str, str | os.PathLike], *, seq_le
         with routing_counts(model, weights) as counts:
             for start in range(0, windows.shape[0], batch_size):
                 batch = windows[start:start + batch_size]
-                loss = next_token_loss(logits(model, batch), batch).item()
+                recorder = (gate_mass_per_sequence(model, batch.shape[0]) if attribution is not None
+                            else contextlib.nullcontext([]))
+                with recorder as forwards:
+                    loss = next_token_loss(logits(model, batch), batch).item()
                 if not math.isfinite(loss):
                     _refuse_non_finite(model, model_name, name, loss)
+                if attribution is not None:
+                    for row, mass in enumerate(forwards[0].sum(0)):
+                        attribution.append({"domain": name, "window": start + row, "tokens": seq_len,
+                                            "attribution": shares(mass, names)})
                 n = batch.shape[0] * (seq_len - 1)
                 loss_sum += loss * n
                 predicted += n
