@@ -16,6 +16,7 @@ from flexolmo_plugin.api import from_mcore
 from flexolmo_plugin.conversion.convert import copy_tokenizer_files, mcore_to_hf
 from flexolmo_plugin.demo.corpus import DOMAINS
 from flexolmo_plugin.demo.sizes import OWNERS
+from flexolmo_plugin.lifecycle.data import load_tokenizer
 from flexolmo_plugin.lifecycle.evaluation import (
     composition_efficiency,
     evaluate,
@@ -24,6 +25,7 @@ from flexolmo_plugin.lifecycle.evaluation import (
     plot_routing,
     read_windows,
 )
+from flexolmo_plugin.lifecycle.generation import encode_prompts, generate, write_jsonl
 from flexolmo_plugin.lifecycle.opt_out import exclude_experts
 from flexolmo_plugin.model.build import logits
 
@@ -99,6 +101,36 @@ def export(demo) -> None:
     result.hf_max_abs_logit = reference.abs().max().item()
     demo.say(f"   transformers FlexOlmoForCausalLM loaded coordinator/final-hf; max |Δlogit| vs Megatron on "
              f"{ids.shape[0]}x{ids.shape[1]} held-out tokens = {result.hf_max_abs_logit_diff:.2e}")
+
+
+ATTRIBUTION_PROMPT_TOKENS = 16
+ATTRIBUTION_NEW_TOKENS = 16
+
+
+def attribute(demo) -> None:
+    """What an owner is credited with at inference: the final model continues one held-out prompt per
+    domain (greedy, as ``flexolmo generate`` does) and each output's routing mass is split among the
+    experts, named by owner (``eval/attribution.jsonl``)."""
+    coordinator, result, out_dir = demo.root / "coordinator", demo.result, demo.root / "eval"
+    tokenizer_dir = demo.root / "data" / "tokenizer"
+    tokenizer = load_tokenizer(tokenizer_dir)
+    texts = [tokenizer.decode(read_windows(demo.root / "data" / f"{d}.eval", seq_len=ATTRIBUTION_PROMPT_TOKENS,
+                                           max_tokens=ATTRIBUTION_PROMPT_TOKENS)[0].tolist()) for d in DOMAINS]
+    prompts_path, records_path = out_dir / "attribution-prompts.jsonl", out_dir / "attribution.jsonl"
+    write_jsonl(prompts_path, [{"prompt": text} for text in texts])
+    demo.command("generate", coordinator / "final", "--tokenizer", tokenizer_dir, "--prompts", prompts_path,
+                 "--max-new-tokens", ATTRIBUTION_NEW_TOKENS, "--attribution", records_path)
+    out = generate(from_mcore(coordinator / "final"), encode_prompts(tokenizer, texts),
+                   max_new_tokens=ATTRIBUTION_NEW_TOKENS, eos_token_id=tokenizer.eos_token_id)
+    records = []
+    for index, (domain, text, tokens, shares) in enumerate(zip(DOMAINS, texts, out.tokens, out.attribution)):
+        completion = tokenizer.decode(tokens, skip_special_tokens=True)
+        records.append({"index": index, "prompt": text, "tokens": len(tokens), "excluded": [], "attribution": shares})
+        result.attribution[domain] = {"prompt": text, "completion": completion,
+                                      "shares": {k: round(v, 4) for k, v in shares.items()}}
+        top = ", ".join(f"{name} {100 * share:.0f}%" for name, share in shares.items())
+        demo.say(f"   {domain:<9} ...{text[-30:]!r} -> {completion[:30]!r}...\n   {'':<9} attribution: {top}")
+    write_jsonl(records_path, records)
 
 
 def checks(result) -> list[tuple[str, bool]]:

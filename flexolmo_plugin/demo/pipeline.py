@@ -55,6 +55,8 @@ class DemoResult:
     hf_max_abs_logit_diff: float = float("nan")
     hf_max_abs_logit: float = float("nan")
     physical_vs_runtime_opt_out: float = float("nan")
+    # one held-out prompt per domain, continued by the final model: the completion and each expert's share of it
+    attribution: dict[str, dict] = field(default_factory=dict)
     step_seconds: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
 

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from flexolmo_plugin.compat import enable_cpu_compat
-from flexolmo_plugin.demo.assess import checks, evaluate_all, export, figures, format_losses
+from flexolmo_plugin.demo.assess import attribute, checks, evaluate_all, export, figures, format_losses
 from flexolmo_plugin.demo.pipeline import Demo, DemoError, DemoResult
 from flexolmo_plugin.demo.sizes import OWNERS
 
@@ -39,6 +39,7 @@ ARTIFACTS = {
     "final model without the first owner (physical opt-out)": f"coordinator/final-without-{OWNERS[0]}/",
     "final model in Hugging Face format": "coordinator/final-hf/",
     "routing heatmaps (gate weights before / after router tuning)": "eval/routing-before.png, eval/routing-after.png",
+    "attribution of one generated output per domain (flexolmo generate --attribution)": "eval/attribution.jsonl",
     "all numbers (JSON) / this summary": "eval/results.json, eval/summary.md",
 }
 
@@ -49,6 +50,9 @@ def write_summary(result: DemoResult, claims: list[tuple[str, bool]], total_s: f
              "## Checks"]
     lines += [f"- [{'x' if ok else ' '}] {text}" for text, ok in claims]
     lines += ["", "## Figures", ""] + [f"- {text}" for text in figures(result)]
+    lines += ["", "## Attribution (final model, one held-out prompt per domain, greedy)", ""]
+    lines += [f"- {domain}: " + ", ".join(f"{name} {100 * share:.0f}%" for name, share in item["shares"].items())
+              for domain, item in result.attribution.items()]
     lines += ["", "## Where everything is", ""]
     lines += [f"- {what}: `{result.workdir / where}`" for what, where in ARTIFACTS.items()]
     lines += ["", "## Time per step (s)", ""] + [f"- {k}: {v}" for k, v in result.step_seconds.items()]
@@ -83,6 +87,8 @@ def run_demo(workdir: str | os.PathLike | None = None, *, size: str = "full", se
               demo.router_tune)
     demo.step("7. evaluate every model on every domain's held-out text", evaluate_all, demo)
     demo.step("8. export the final model to Hugging Face and check it with transformers", export, demo)
+    demo.step("9. generate from the final model: one held-out prompt per domain, attributed to the experts",
+              attribute, demo)
     total = time.perf_counter() - start
     claims = checks(demo.result)
     summary = write_summary(demo.result, claims, total)

@@ -112,4 +112,11 @@ def test_artifacts_and_summary(demos):
     summary = (workdir / "eval" / "summary.md").read_text()
     assert "oracle: best single model per domain" in summary and "composition efficiency" in summary
     assert (workdir / "coordinator" / "final-hf" / "config.json").is_file()
+    attribution = _results(workdir)["attribution"]  # one generated output per domain, credited to the experts
+    assert set(attribution) == {"public", *OWNERS} and "## Attribution" in summary
+    for item in attribution.values():
+        assert item["completion"] and set(item["shares"]) == {"public", *OWNERS}
+        assert abs(sum(item["shares"].values()) - 1) < 1e-3
+    records = [json.loads(x) for x in (workdir / "eval" / "attribution.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == [attribution[d]["prompt"] for d in attribution]
     assert "FlexOlmo demo finished" in done.stdout
