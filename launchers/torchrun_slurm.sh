@@ -5,8 +5,9 @@
 #       public-7b recipe.precision=fp8-blockwise recipe.data_paths=[/data/public] recipe.save_dir=/ckpt/public
 #
 # RECIPE is one of public-7b, expert-2x7b, router-tune-7x7b, inference-7x7b (or public, expert,
-# router-tune); the node count and GPUs per node are passed to the recipe, which checks its layout
-# (TP / EP groups inside a node, DP across nodes).  Run inside the NGC container that has
+# router-tune); the node count and GPUs per node are passed to the production recipes (the "*7b"
+# names of flexolmo_plugin.recipes.registry), which check their layout (TP / EP groups inside a
+# node, DP across nodes); the phase recipes take no cluster shape.  Run inside the NGC container that has
 # Transformer Engine, with this repository installed (pip install -e .: torchrun runs the installed
 # module flexolmo_plugin.recipes.train); set CONTAINER to wrap srun with pyxis (--container-image).
 set -euo pipefail
@@ -28,9 +29,11 @@ export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 
+CLUSTER=()
+case "$RECIPE" in *7b) CLUSTER=("recipe.nodes=$NNODES" "recipe.gpus_per_node=$GPUS_PER_NODE") ;; esac
 CMD=(torchrun --nnodes="$NNODES" --nproc-per-node="$GPUS_PER_NODE" --rdzv-backend=c10d
      --rdzv-endpoint="$HEAD:$PORT" --rdzv-id="${SLURM_JOB_ID:-flexolmo}"
-     -m flexolmo_plugin.recipes.train "$RECIPE" "recipe.nodes=$NNODES" "recipe.gpus_per_node=$GPUS_PER_NODE" "$@")
+     -m flexolmo_plugin.recipes.train "$RECIPE" ${CLUSTER[@]+"${CLUSTER[@]}"} "$@")
 
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
     printf '%q ' "${CMD[@]}"; echo

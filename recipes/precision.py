@@ -18,8 +18,10 @@ construction on hundreds of GPUs) or silently do something else:
   widths per TP rank, and the tokens of a micro-batch per rank;
 * the router GEMM stays fp32 (``moe_router_dtype="fp32"``: FlexOlmo's routing is a softmax over
   domain-embedding scores that is compared across experts, and Megatron never puts the router
-  through TE), and with the all-to-all dispatcher the per-expert padding FP8 needs is done in the
-  routing map (``moe_router_padding_for_quantization``) instead of copying tokens;
+  through TE); ``moe_router_padding_for_quantization`` stays off: our experts are Megatron's
+  ``SequentialMLP``, which pads each expert's tokens for FP8/FP4 itself, so padding in the routing map
+  too is redundant and makes the all-to-all dispatcher's output size data-dependent (an earlier
+  device-to-host sync); at top-k = E (the dense mixture path) there is nothing it could pad;
 * optional BF16 first/last layers (``bf16_edge_layers``), NVIDIA's stabiliser for current scaling.
 """
 
@@ -228,7 +230,7 @@ def apply_precision(container, precision: str, *, bf16_edge_layers: int | None =
             raise ConfigError(f"bf16_edge_layers={edges} at both ends exceeds the {config.num_layers} layers")
     container.mixed_precision = mixed_precision_config(precision, bf16_edge_layers=bf16_edge_layers,
                                                        fp8_param_gather=fp8_param_gather)
-    model.moe_router_padding_for_quantization = precision != "bf16" and model.moe_token_dispatcher_type == "alltoall"
+    model.moe_router_padding_for_quantization = False  # SequentialMLP pads per expert (module docstring)
     check_router_fp32(model)
 
 

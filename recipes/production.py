@@ -26,7 +26,10 @@ expert_parallel=7`` is the alternative on nodes run with 7 ranks.
 which is how the tests run scaled-down copies of each recipe on CPU (``cpu=True``: fp32, gloo).
 ``init_from`` (the upcycled / merged checkpoint) is read when it exists: sizes then come from it, and
 any size given in ``model`` (and the recipe's number of experts) must match it; a path that does not
-exist yet (built on a login node) is checked when training starts.
+exist yet (built on a login node) is checked when training starts.  Every recipe can be called with no
+arguments (as Bridge's recipe runner calls recipes; the container then has the default sizes and no
+start checkpoint, which ``flexolmo train`` refuses for the three that need one) and refined with
+Bridge's ``key=value`` overrides.
 """
 
 from __future__ import annotations
@@ -36,12 +39,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from flexolmo_plugin.compat import cuda_available
 from flexolmo_plugin.conversion.mcore_io import load_config
 from flexolmo_plugin.model.config import ConfigError, FlexOlmoConfig
 from flexolmo_plugin.model.layout import ParallelLayout
 from flexolmo_plugin.model.spec import gradient_accumulation_fusion_available, transformer_engine_available
-from flexolmo_plugin.recipes.phases import training_layout
+from flexolmo_plugin.recipes.phases import OLMO2_7B, RunSettings, training_layout
 from flexolmo_plugin.recipes.precision import (
     apply_precision,
     check_precision_name,
@@ -49,19 +51,6 @@ from flexolmo_plugin.recipes.precision import (
     current_cuda_version,
 )
 
-OLMO2_7B = dict(
-    vocab_size=100352,
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    max_position_embeddings=4096,
-    rope_theta=500000.0,
-    rms_norm_eps=1e-6,
-    eos_token_id=100257,
-    pad_token_id=100277,
-)
 logger = logging.getLogger(__name__)
 NCCL_TIMEOUT_MINUTES = 60  # process-group creation, checkpoint load; a collective stuck this long is a hang
 
@@ -147,28 +136,27 @@ def _production(
     precision: str,
     bf16_edge_layers: int | None,
     fp8_param_gather: bool,
-    run: dict,
-    cpu: bool | None,
+    run: RunSettings,
     eval_only: bool = False,
 ):
     from flexolmo_plugin.recipes.phases import _container
     from flexolmo_plugin.recipes.provider import FlexOlmoModelProvider
 
     check_precision_name(precision)
-    cpu = (not cuda_available()) if cpu is None else cpu
+    cpu = run.on_cpu
     if cpu and precision != "bf16":
         raise ConfigError(f"precision {precision!r} needs GPUs with Transformer Engine; cpu=True runs in fp32")
     config = _shape(shape, imposed, model, init_from)
-    layout.check_cluster(config, global_batch_size=run["global_batch_size"], micro_batch_size=run["micro_batch_size"])
+    layout.check_cluster(config, global_batch_size=run.global_batch_size, micro_batch_size=run.micro_batch_size)
     init = str(Path(init_from).resolve()) if init_from else None
     provider = FlexOlmoModelProvider.from_flexolmo_config(
         config, layout, init_from=init, trainable=trainable, owner_expert=owner_expert
     )
     provider.check_flexolmo()
-    container = _container(provider, cpu=cpu, **run)
+    container = _container(provider, run)
     if eval_only:  # forward-only evaluation of the whole validation split (Bridge's skip_train path)
         container.validation.skip_train = True
-        container.validation.eval_iters = run["train_iters"]
+        container.validation.eval_iters = run.train_iters
         container.validation.eval_interval = 1
         container.dataset.split = "0,100,0"
     if not cpu:
@@ -184,43 +172,6 @@ def _production(
     return container
 
 
-def _run(
-    *,
-    save_dir,
-    data_paths,
-    tokenizer_dir,
-    seq_length,
-    train_iters,
-    global_batch_size,
-    micro_batch_size,
-    lr,
-    min_lr,
-    lr_warmup_iters,
-    weight_decay,
-    save_interval,
-    log_interval,
-    seed,
-    load_dir,
-) -> dict:
-    return dict(
-        save_dir=save_dir,
-        data_paths=data_paths,
-        tokenizer_dir=tokenizer_dir,
-        seq_length=seq_length,
-        train_iters=train_iters,
-        global_batch_size=global_batch_size,
-        micro_batch_size=micro_batch_size,
-        lr=lr,
-        min_lr=min_lr,
-        lr_warmup_iters=lr_warmup_iters,
-        weight_decay=weight_decay,
-        save_interval=save_interval,
-        log_interval=log_interval,
-        seed=seed,
-        load_dir=load_dir,
-    )
-
-
 def flexolmo_public_7b_config(*, precision: str = "bf16", nodes: int = 4, gpus_per_node: int = 8,
                               tensor_parallel: int = 1, save_dir: str | None = None,
                               data_paths: list[str] | None = None, tokenizer_dir: str | None = None,
@@ -231,33 +182,40 @@ def flexolmo_public_7b_config(*, precision: str = "bf16", nodes: int = 4, gpus_p
                               seed: int = 1234, load_dir: str | None = None, bf16_edge_layers: int | None = None,
                               fp8_param_gather: bool = False, cpu: bool | None = None):
     """The public dense model (OLMo-2 7B shape and optimiser) from scratch: a 1-expert FlexOlmo."""
-    run = _run(**{k: v for k, v in locals().items() if k in _RUN_ARGS})
     layout = training_layout(tensor_parallel, nodes=nodes, gpus_per_node=gpus_per_node)
     return _production(shape=dict(num_experts=1, expert_names=("public",)), imposed=dict(top_k=1), model=model,
                        init_from=init_from, trainable="all", owner_expert=1, layout=layout, precision=precision,
-                       bf16_edge_layers=bf16_edge_layers, fp8_param_gather=fp8_param_gather, run=run, cpu=cpu)
+                       bf16_edge_layers=bf16_edge_layers, fp8_param_gather=fp8_param_gather, run=RunSettings(
+        save_dir=save_dir, data_paths=data_paths, tokenizer_dir=tokenizer_dir, seq_length=seq_length,
+        train_iters=train_iters, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size, lr=lr,
+        min_lr=min_lr, lr_warmup_iters=lr_warmup_iters, weight_decay=weight_decay, save_interval=save_interval,
+        log_interval=log_interval, seed=seed, load_dir=load_dir, cpu=cpu))
 
 
-def flexolmo_expert_2x7b_config(*, init_from: str, precision: str = "bf16", nodes: int = 1, gpus_per_node: int = 8,
-                                expert_parallel: int = 2, owner_expert: int = 1, save_dir: str | None = None,
-                                data_paths: list[str] | None = None, tokenizer_dir: str | None = None,
-                                model: dict | None = None, seq_length: int = 4096, train_iters: int = 12000,
-                                global_batch_size: int = 1024, micro_batch_size: int = 1, lr: float = 9e-4,
-                                min_lr: float = 9e-5, lr_warmup_iters: int = 2000, weight_decay: float = 0.0,
-                                save_interval: int = 1000, log_interval: int = 10, seed: int = 1234,
-                                load_dir: str | None = None, bf16_edge_layers: int | None = None,
+def flexolmo_expert_2x7b_config(*, init_from: str | None = None, precision: str = "bf16", nodes: int = 1,
+                                gpus_per_node: int = 8, expert_parallel: int = 2, owner_expert: int = 1,
+                                save_dir: str | None = None, data_paths: list[str] | None = None,
+                                tokenizer_dir: str | None = None, model: dict | None = None, seq_length: int = 4096,
+                                train_iters: int = 12000, global_batch_size: int = 1024, micro_batch_size: int = 1,
+                                lr: float = 9e-4, min_lr: float = 9e-5, lr_warmup_iters: int = 2000,
+                                weight_decay: float = 0.0, save_interval: int = 1000, log_interval: int = 10,
+                                seed: int = 1234, load_dir: str | None = None, bf16_edge_layers: int | None = None,
                                 fp8_param_gather: bool = False, cpu: bool | None = None):
-    """Anchored training of one data owner's expert against the frozen public 7B (paper §3.3.1, §4.4)."""
+    """Anchored training of one data owner's expert against the frozen public 7B (paper §3.3.1, §4.4).
+    ``init_from`` is the upcycled checkpoint (``flexolmo train`` refuses to run without it)."""
     from flexolmo_plugin.recipes.phases import EXPERT_DEFAULTS
 
-    run = _run(**{k: v for k, v in locals().items() if k in _RUN_ARGS})
     layout = training_layout(1, expert_parallel, nodes=nodes, gpus_per_node=gpus_per_node)
     return _production(shape=dict(num_experts=2), imposed=EXPERT_DEFAULTS, model=model, init_from=init_from,
                        trainable="anchored", owner_expert=owner_expert, layout=layout, precision=precision,
-                       bf16_edge_layers=bf16_edge_layers, fp8_param_gather=fp8_param_gather, run=run, cpu=cpu)
+                       bf16_edge_layers=bf16_edge_layers, fp8_param_gather=fp8_param_gather, run=RunSettings(
+        save_dir=save_dir, data_paths=data_paths, tokenizer_dir=tokenizer_dir, seq_length=seq_length,
+        train_iters=train_iters, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size, lr=lr,
+        min_lr=min_lr, lr_warmup_iters=lr_warmup_iters, weight_decay=weight_decay, save_interval=save_interval,
+        log_interval=log_interval, seed=seed, load_dir=load_dir, cpu=cpu))
 
 
-def flexolmo_router_tuning_7x7b_config(*, init_from: str, precision: str = "bf16", nodes: int = 1,
+def flexolmo_router_tuning_7x7b_config(*, init_from: str | None = None, precision: str = "bf16", nodes: int = 1,
                                        gpus_per_node: int = 8, tensor_parallel: int = 2, expert_parallel: int = 1,
                                        save_dir: str | None = None, data_paths: list[str] | None = None,
                                        tokenizer_dir: str | None = None, model: dict | None = None,
@@ -267,68 +225,41 @@ def flexolmo_router_tuning_7x7b_config(*, init_from: str, precision: str = "bf16
                                        save_interval: int = 200, log_interval: int = 10, seed: int = 1234,
                                        load_dir: str | None = None, bf16_edge_layers: int | None = None,
                                        fp8_param_gather: bool = False, cpu: bool | None = None):
-    """Router tuning of the merged 7x7B (§3.3.3): router rows and biases train, all experts active."""
-    run = _run(**{k: v for k, v in locals().items() if k in _RUN_ARGS})
+    """Router tuning of the merged 7x7B (§3.3.3): router rows and biases train, all experts active.
+    ``init_from`` is the merged checkpoint (``flexolmo train`` refuses to run without it)."""
     layout = training_layout(tensor_parallel, expert_parallel, nodes=nodes, gpus_per_node=gpus_per_node)
     return _production(shape=dict(num_experts=7),
                        imposed=dict(top_k="all", router_z_loss_coeff=1e-3, load_balancing_coeff=0.0), model=model,
                        init_from=init_from, trainable="router", owner_expert=1, layout=layout, precision=precision,
-                       bf16_edge_layers=bf16_edge_layers, fp8_param_gather=fp8_param_gather, run=run, cpu=cpu)
+                       bf16_edge_layers=bf16_edge_layers, fp8_param_gather=fp8_param_gather, run=RunSettings(
+        save_dir=save_dir, data_paths=data_paths, tokenizer_dir=tokenizer_dir, seq_length=seq_length,
+        train_iters=train_iters, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size, lr=lr,
+        min_lr=min_lr, lr_warmup_iters=lr_warmup_iters, weight_decay=weight_decay, save_interval=save_interval,
+        log_interval=log_interval, seed=seed, load_dir=load_dir, cpu=cpu))
 
 
-def flexolmo_inference_7x7b_config(*, init_from: str, precision: str = "bf16", nodes: int = 1,
+def flexolmo_inference_7x7b_config(*, init_from: str | None = None, precision: str = "bf16", nodes: int = 1,
                                    gpus_per_node: int = 8, tensor_parallel: int = 2, expert_parallel: int = 1,
                                    data_paths: list[str] | None = None, tokenizer_dir: str | None = None,
                                    model: dict | None = None, seq_length: int = 4096, eval_iters: int = 100,
                                    global_batch_size: int = 256, micro_batch_size: int = 1, log_interval: int = 10,
                                    seed: int = 1234, bf16_edge_layers: int | None = None, cpu: bool | None = None):
-    """Forward-only evaluation of a merged 7x7B checkpoint on ``data_paths`` (loss / perplexity).
+    """Forward-only evaluation of a merged 7x7B checkpoint (``init_from``) on ``data_paths`` (loss /
+    perplexity).
 
     Runs Bridge's ``skip_train`` path over ``eval_iters`` batches.  Bridge builds an optimizer even
     then, so the router-only freezing policy is used: it is the smallest non-empty trainable set
     (a few hundred KB of state) and no step is ever taken.
     """
-    run = _run(
-        save_dir=None,
-        data_paths=data_paths,
-        tokenizer_dir=tokenizer_dir,
-        seq_length=seq_length,
-        train_iters=eval_iters,
-        global_batch_size=global_batch_size,
-        micro_batch_size=micro_batch_size,
-        lr=0.0,
-        min_lr=0.0,
-        lr_warmup_iters=0,
-        weight_decay=0.0,
-        save_interval=1,
-        log_interval=log_interval,
-        seed=seed,
-        load_dir=None,
-    )
+    run = RunSettings(save_dir=None, data_paths=data_paths, tokenizer_dir=tokenizer_dir, seq_length=seq_length,
+                      train_iters=eval_iters, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
+                      lr=0.0, min_lr=0.0, lr_warmup_iters=0, weight_decay=0.0, save_interval=1,
+                      log_interval=log_interval, seed=seed, load_dir=None, cpu=cpu)
     layout = training_layout(tensor_parallel, expert_parallel, nodes=nodes, gpus_per_node=gpus_per_node)
     experts = (model or {}).get("num_experts", 7)  # the released FlexOlmo-7x7B routes to 5 of 7
     return _production(shape=dict(num_experts=7, top_k=min(5, experts)), imposed={}, model=model,
                        init_from=init_from, trainable="router", owner_expert=1, layout=layout, precision=precision,
-                       bf16_edge_layers=bf16_edge_layers, fp8_param_gather=False, run=run, cpu=cpu, eval_only=True)
-
-
-_RUN_ARGS = (
-    "save_dir",
-    "data_paths",
-    "tokenizer_dir",
-    "seq_length",
-    "train_iters",
-    "global_batch_size",
-    "micro_batch_size",
-    "lr",
-    "min_lr",
-    "lr_warmup_iters",
-    "weight_decay",
-    "save_interval",
-    "log_interval",
-    "seed",
-    "load_dir",
-)
+                       bf16_edge_layers=bf16_edge_layers, fp8_param_gather=False, run=run, eval_only=True)
 
 
 def describe(container) -> dict[str, Any]:

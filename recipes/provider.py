@@ -37,7 +37,7 @@ def flexolmo_transformer_layer_spec(config: FlexOlmoModelProvider, vp_stage: int
     Module level (not a lambda) so that bridge can serialise the config to ``run_config.yaml``.
     """
     return flexolmo_block_spec(config, backend=config.flexolmo_backend, domain_bias=config.router_bias,
-                               vp_stage=vp_stage)
+                               expert_path=config.expert_path, vp_stage=vp_stage)
 
 
 # Fields that change the function the model computes: a recipe override of any of them would
@@ -70,6 +70,8 @@ class FlexOlmoModelProvider(GPTModelProvider):
     trainable: str = "all"
     owner_expert: int = 1
     flexolmo_backend: Literal["local", "te", "auto"] = "auto"  # "auto": TE when importable
+    # "auto": the dense mixture path when top-k = number of experts (model/dense_mixture.py), else the dispatcher
+    expert_path: Literal["auto", "dense", "dispatcher"] = "auto"
     max_position_embeddings: int | None = None  # None: seq_length (HF export metadata)
     expert_names: tuple[str, ...] | None = None
     pad_token_id: int | None = None

@@ -34,11 +34,16 @@ from flexolmo_plugin.compat import default_device, enable_bridge_compat
 from flexolmo_plugin.conversion.atomic import temporary_name
 from flexolmo_plugin.conversion.mcore_io import CONFIG_FILE, save_config
 from flexolmo_plugin.errors import ConfigError, FlexOlmoError
+from flexolmo_plugin.model.dense_mixture import describe_expert_path
 from flexolmo_plugin.recipes import registry
 from flexolmo_plugin.recipes.inputs import check_inputs
 from flexolmo_plugin.recipes.metrics import training_log_callback
+from flexolmo_plugin.recipes.registry import RECIPE_PREFIX
 
-RECIPE_PREFIX = "recipe."
+# What a start checkpoint means for each freezing policy that needs one (``trainable="all"`` starts
+# from Megatron's initialisation when it has none).
+NEEDS_START = {"anchored": "the upcycled [public, owner] checkpoint (flexolmo upcycle)",
+               "router": "the merged checkpoint (flexolmo merge)"}
 
 
 def warm_up_process_groups(*, print_fn=print) -> list[str]:
@@ -152,8 +157,22 @@ def _apply_config_overrides(config, overrides: list[str]):
     return config
 
 
+def check_start(recipe: str, config) -> None:
+    """Refuse to train a recipe whose freezing policy needs a start checkpoint without one.
+
+    Recipes build without ``init_from`` (Bridge's idiom: callable with no arguments; ``flexolmo
+    plan`` sizes them), but anchored or router training from Megatron's random initialisation would
+    train an expert or router against a public model that does not exist.
+    """
+    trainable = getattr(config.model, "trainable", "all")
+    if trainable in NEEDS_START and not getattr(config.model, "init_from", None):
+        raise ConfigError(f"recipe {recipe!r} needs {RECIPE_PREFIX}init_from=... ({NEEDS_START[trainable]})")
+
+
 def build_config(recipe: str, overrides: list[str]):
-    """The recipe's ``ConfigContainer`` with ``recipe.*`` arguments and config overrides applied."""
+    """The recipe's ``ConfigContainer`` with ``recipe.*`` arguments and config overrides applied:
+    the recipe function called with the ``recipe.*`` arguments (none: its defaults), then the other
+    ``key=value`` overrides applied by Bridge's ``process_config_with_overrides``."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -257,7 +276,9 @@ def run(recipe: str, overrides: list[str], *, callbacks=()):
     from megatron.bridge.training.pretrain import pretrain
 
     config = build_config(recipe, overrides)
+    check_start(recipe, config)
     check_inputs(config)
+    expert_path = describe_expert_path(config.model, config.model.expert_path)  # refuses a forced path that cannot apply
     from flexolmo_plugin.recipes.precision import (
         check_container_precision,
         current_capability,
@@ -270,6 +291,8 @@ def run(recipe: str, overrides: list[str], *, callbacks=()):
         raise ConfigError(f"precision {precision!r} runs on an NVIDIA GPU with Transformer Engine; this machine has "
                           f"{'no GPU' if capability is None else 'no Transformer Engine'}")
     _init_process_group(config.dist.distributed_backend, config.dist.distributed_timeout_minutes)
+    if dist.get_rank() == 0:
+        print(f"[flexolmo] {expert_path}", flush=True)
     if dist.get_rank() == 0 and config.checkpoint.save:
         Path(config.checkpoint.save).mkdir(parents=True, exist_ok=True)
         write_run_config(config, recipe)

@@ -26,6 +26,7 @@ def build_model(
     sequence_parallel: bool = False,
     backend: Backend = "local",
     dispatcher: str = "alltoall",
+    expert_path: str = "auto",
     **transformer_overrides,
 ):
     """A FlexOlmo ``GPTModel`` for the current ``parallel_state`` layout (random init).
@@ -40,6 +41,8 @@ def build_model(
         backend: ``"local"`` (Megatron-Core modules), ``"te"`` (Transformer Engine) or ``"auto"``.
         dispatcher: Megatron's token dispatcher, ``"alltoall"`` (production default) or
             ``"allgather"`` (lets a run-time expert mask shrink top-k).
+        expert_path: ``"auto"`` (the dense mixture when top-k = number of experts, else the token
+            dispatcher), ``"dense"`` or ``"dispatcher"`` (:mod:`flexolmo_plugin.model.dense_mixture`).
         **transformer_overrides: ``TransformerConfig`` fields that win over the translation.
 
     Returns:
@@ -50,7 +53,8 @@ def build_model(
     transformer_config = to_transformer_config(
         config, layout, params_dtype=params_dtype, dispatcher=dispatcher, **transformer_overrides
     )
-    spec = flexolmo_block_spec(transformer_config, backend=backend, domain_bias=config.router_bias)
+    spec = flexolmo_block_spec(transformer_config, backend=backend, domain_bias=config.router_bias,
+                               expert_path=expert_path)
     model = GPTModel(
         config=transformer_config, transformer_layer_spec=spec, parallel_output=True, **gpt_model_fields(config)
     )

@@ -1,8 +1,9 @@
-"""Launchers: command lines and environment, built without nemo-run or Slurm being present."""
+"""Launchers: NeMo-Run's own dry run (its torchrun command and sbatch script) and the plain Slurm script."""
 
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 import subprocess
 import sys
@@ -21,33 +22,81 @@ def _launcher():
     return module
 
 
-def test_nemo_run_plan_builds_the_torchrun_command_and_nccl_environment():
-    launcher = _launcher()
-    plan = launcher.LaunchPlan(recipe="expert-2x7b", nodes=2, gpus_per_node=8, account="a", partition="p",
-                               overrides=("recipe.init_from=/ckpt/start", "recipe.precision=fp8-blockwise"))
-    command = launcher.torchrun_command(plan, head="node01")
-    assert command[:5] == ["torchrun", "--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d",
-                           "--rdzv-endpoint=node01:29500"]
-    assert command[5:7] == ["-m", "flexolmo_plugin.recipes.train"]
-    assert command[7:] == ["expert-2x7b", "recipe.nodes=2", "recipe.gpus_per_node=8", "recipe.init_from=/ckpt/start",
-                           "recipe.precision=fp8-blockwise"]
-    env = launcher.environment(plan)
-    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+@pytest.fixture(scope="module")
+def launcher():
+    pytest.importorskip("nemo_run")  # in requirements/lock-cpu.txt: present wherever the suite runs from the lock
+    return _launcher()
 
 
-def test_nemo_run_plan_refuses_bad_input_and_missing_nemo_run_is_explained():
-    launcher = _launcher()
-    with pytest.raises(ValueError, match="account and partition"):
-        launcher.LaunchPlan(recipe="public-7b")
-    with pytest.raises(ValueError, match="key=value"):
-        launcher.LaunchPlan(recipe="public-7b", executor="local", overrides=("oops",))
-    with pytest.raises(ValueError, match="on the plan"):
-        launcher.LaunchPlan(recipe="public-7b", executor="local", overrides=("recipe.nodes=3",))
-    if importlib.util.find_spec("nemo_run") is None:
-        with pytest.raises(RuntimeError, match="optional 'nemo-run'"):
-            launcher.submit(launcher.LaunchPlan(recipe="public-7b", executor="local"))
-    assert launcher.main(["public-7b", "--executor", "local", "--dry-run", "recipe.train_iters=5"]) == 0
+def test_nemo_run_slurm_dryrun_writes_a_torchrun_sbatch_script_for_the_container(launcher, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO())  # NeMo-Run's shell commands (invoke) read stdin
+    plan = launcher.LaunchPlan(recipe="expert-2x7b", nodes=2, gpus_per_node=8, account="acct", partition="batch",
+                               container_image="nvcr.io/nvidia/nemo:25.09", time="01:30:00",
+                               container_mounts=("/lustre/ckpt:/ckpt", "/lustre/data:/data:ro"),
+                               job_dir=str(tmp_path / "jobs"), env={"HF_HOME": "/data/hf"},
+                               overrides=("recipe.init_from=/ckpt/start", "recipe.data_paths=[/data/code]"))
+    script = launcher.dryrun(plan, base_dir=str(tmp_path / "nemo"))
+    lines = script.splitlines()
+    for directive in ("--account=acct", "--partition=batch", "--nodes=2", "--gpus-per-node=8",
+                      "--ntasks-per-node=1", "--time=01:30:00", "--job-name=flexolmo-expert-2x7b"):
+        assert f"#SBATCH {directive}" in lines, directive  # one torchrun per node, 8 ranks each
+    for name, value in {**launcher.NCCL_ENV, "HF_HOME": "/data/hf"}.items():
+        assert f"export {name}={value}" in lines
+    (srun,) = [line for line in lines if line.startswith("srun ")]
+    assert "--container-image nvcr.io/nvidia/nemo:25.09" in srun
+    assert " --container-mounts /lustre/ckpt:/ckpt,/lustre/data:/data:ro," in srun
+    command = srun[srun.index(" torchrun ") + 1:]
+    assert "--no-python" not in command  # entrypoint python: torchrun starts the interpreter itself
+    assert "--nnodes 2 --nproc-per-node 8 --node-rank $SLURM_NODEID" in command
+    assert "--rdzv-backend c10d --rdzv-endpoint $head_node_ip:29500" in command
+    assert command.endswith(" -m flexolmo_plugin.recipes.train expert-2x7b recipe.nodes=2 recipe.gpus_per_node=8 "
+                            "recipe.init_from=/ckpt/start 'recipe.data_paths=[/data/code]'")
+    assert not any((tmp_path / "nemo").rglob("*.yaml"))  # the dry run leaves no experiment behind
+
+
+def test_nemo_run_local_dryrun_is_a_torchrun_of_the_installed_module(launcher, tmp_path):
+    plan = launcher.LaunchPlan(recipe="expert", executor="local", gpus_per_node=2, env={"FLEXOLMO_DIRECT_IO": "0"},
+                               overrides=("recipe.init_from=/ckpt/start", "train.train_iters=7"))
+    command = launcher.dryrun(plan, base_dir=str(tmp_path / "nemo"))
+    exports = " ".join(f"{k}={v}" for k, v in {**launcher.NCCL_ENV, "FLEXOLMO_DIRECT_IO": "0"}.items())
+    assert command.startswith(f"env {exports} torchrun ")
+    assert "--no-python" not in command and "--nnodes 1 --nproc-per-node 2" in command
+    # a phase recipe gets no cluster shape (it takes no recipe.nodes argument)
+    assert command.endswith(" -m flexolmo_plugin.recipes.train expert recipe.init_from=/ckpt/start train.train_iters=7")
+
+
+def test_launch_plans_refuse_bad_input_in_one_line(launcher, capsys, monkeypatch, tmp_path):
+    refused = {
+        "unknown recipe 'nope'": dict(recipe="nope", executor="local"),
+        "account and partition": dict(recipe="public-7b"),
+        "key=value": dict(recipe="public-7b", executor="local", overrides=("oops",)),
+        "on the plan": dict(recipe="public-7b", executor="local", overrides=("recipe.nodes=3",)),
+        "nodes must be 1": dict(recipe="public-7b", executor="local", nodes=2),
+        "unquoted": dict(recipe="public", executor="local", env={"A": "two words"}),
+        "container-image": dict(recipe="public", account="a", partition="p", container_mounts=("/x:/y",)),
+        "/host/path:/container/path": dict(recipe="public", account="a", partition="p", container_image="i",
+                                           container_mounts=("data:/data",)),
+    }
+    for message, kwargs in refused.items():
+        with pytest.raises(ValueError, match=message):
+            launcher.LaunchPlan(**kwargs)
+    monkeypatch.delenv("FLEXOLMO_UNSET_FOR_TEST", raising=False)
+    assert launcher.main(["public", "--executor", "local", "--env", "FLEXOLMO_UNSET_FOR_TEST", "--dry-run"]) == 2
     assert launcher.main(["public-7b", "--nodes", "0", "--executor", "local", "--dry-run"]) == 2
+    monkeypatch.setenv("PATH", str(tmp_path))  # no torchrun: a local run is refused before NeMo-Run starts
+    assert launcher.main(["public", "--executor", "local"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err) and "torchrun" in err[-1]
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("FLEXOLMO_PASSED_ON", "/some/where")
+    assert launcher._env_items(["FLEXOLMO_PASSED_ON", "B=1"]) == {"FLEXOLMO_PASSED_ON": "/some/where", "B": "1"}
+
+
+def test_production_recipes_are_the_7b_names_the_shell_launcher_gives_the_cluster_shape():
+    from flexolmo_plugin.recipes.registry import RECIPES
+
+    for name, target in RECIPES.items():
+        assert name.endswith("7b") == target.startswith("flexolmo_plugin.recipes.production:"), name
 
 
 def test_slurm_script_dry_run_passes_the_cluster_shape_to_the_recipe():
@@ -58,6 +107,9 @@ def test_slurm_script_dry_run_passes_the_cluster_shape_to_the_recipe():
     assert "--rdzv-id=77" in out
     assert " -m flexolmo_plugin.recipes.train public-7b " in out
     assert out.rstrip().endswith("public-7b recipe.nodes=4 recipe.gpus_per_node=8 recipe.precision=bf16")
+    phase = subprocess.run(["bash", str(REPO / "launchers" / "torchrun_slurm.sh"), "expert", "recipe.lr=1"], env=env,
+                           capture_output=True, text=True, check=True).stdout
+    assert phase.rstrip().endswith("-m flexolmo_plugin.recipes.train expert recipe.lr=1")
     missing = subprocess.run(["bash", str(REPO / "launchers" / "torchrun_slurm.sh")], env=env, capture_output=True,
                              text=True)
     assert missing.returncode != 0 and "usage" in missing.stderr

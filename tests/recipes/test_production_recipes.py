@@ -1,6 +1,7 @@
 """The production (7B-scale) recipes: valid at full size, and a scaled-down copy of each trains on CPU.
 
-Full size: every recipe x precision builds a ``ConfigContainer`` and goes through Megatron-Bridge's
+Full size: every recipe x precision builds a ``ConfigContainer`` (with no argument but those two:
+no start checkpoint, as a Bridge user or ``flexolmo plan`` builds it) and goes through Megatron-Bridge's
 own ``runtime_config_update`` (mixed-precision setup, data-parallel size for the recipe's cluster,
 Megatron-Core's ``TransformerConfig`` validation) without instantiating a 7B model.  Without
 Transformer Engine, Megatron-Core refuses MoE FP8 at its TE-version check, which comes after its
@@ -37,8 +38,7 @@ def _validate_full_size():
     results = {}
     for name, build in PRODUCTION_RECIPES.items():
         for precision in PRECISIONS:
-            kwargs = {} if name == "public-7b" else {"init_from": "/cluster/ckpt/not-mounted-here"}
-            container = build(precision=precision, cpu=False, **kwargs)
+            container = build(precision=precision, cpu=False)  # no init_from: the recipe's default sizes
             os.environ["WORLD_SIZE"] = str(WORLD[name])  # the recipe's default cluster
             try:
                 runtime_config_update(container)
@@ -78,7 +78,7 @@ def test_every_recipe_is_a_valid_container_at_full_size(full_size, name):
         fp8 = full_size[name, precision]
         assert fp8["outcome"].startswith("Only transformer-engine>=1.7.0 supports MoE FP8"), fp8["outcome"]
         assert fp8["fp8"] == "hybrid" and fp8["fp8_recipe"] == precision.split("-")[1]
-        assert fp8["router_padding"] and fp8["router_dtype"] == "fp32"
+        assert not fp8["router_padding"] and fp8["router_dtype"] == "fp32"  # SequentialMLP pads itself
     assert full_size[name, "fp8-tensorwise"]["edges"] == (True, 1)  # NVIDIA's current-scaling baseline
     assert full_size[name, "fp8-blockwise"]["edges"][0] is False
 

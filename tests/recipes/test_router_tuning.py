@@ -17,6 +17,7 @@ def _tune(rank, world_size, merged, prefix):
     from megatron.bridge.training.callbacks import Callback
 
     from flexolmo_plugin.model.build import unwrap
+    from flexolmo_plugin.model.dense_mixture import moe_layers
     from flexolmo_plugin.recipes.train import run
 
     snapshots = {}
@@ -29,6 +30,7 @@ def _tune(rank, world_size, merged, prefix):
             snapshots["before"] = self._state(context.model[0])
             snapshots["requires_grad"] = {n: p.requires_grad for n, p in unwrap(context.model[0]).named_parameters()}
             snapshots["top_k"] = unwrap(context.model[0]).flexolmo_config.top_k
+            snapshots["paths"] = {layer.expert_path for layer in moe_layers(context.model[0])}
 
         def on_train_end(self, context):
             after = self._state(context.model[0])
@@ -56,6 +58,7 @@ def test_router_tuning_trains_only_router_rows_with_every_expert_active(world, t
     builder.finalize(str(tmp_path / "proxy.idx"))
     result = run_distributed(_tune, 1, str(merged), str(tmp_path / "proxy"), timeout=240)[0]
     assert result["top_k"] == 4  # all experts active
+    assert result["paths"] == {"dense"}  # ... so the provider's default "auto" builds the dense mixture path
     trainable = sorted(n for n, g in result["requires_grad"].items() if g)
     assert trainable and all(".mlp.router.domain_embeddings." in n for n in trainable)
     assert result["moved"] and set(result["moved"]) <= set(trainable)
