@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from flexolmo_plugin.errors import ConfigError, FlexOlmoError
-from flexolmo_plugin.model.config import FlexOlmoConfig, from_megatron_fields, gpt_model_fields, megatron_fields
+from flexolmo_plugin.model.config import FlexOlmoConfig, from_provider_fields, gpt_model_fields, megatron_fields
 
 RUN_CONFIG_FILE = "run_config.yaml"
 PROVIDER_TARGET = "flexolmo_plugin.recipes.provider.FlexOlmoModelProvider"
@@ -120,18 +120,8 @@ def read_run_config(path: Path) -> tuple[FlexOlmoConfig, dict[str, Any]]:
     if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
         raise RunConfigError(f"{path}: model.expert_names is {names!r}, expected a list of names")
     try:
-        config = from_megatron_fields(
-            SimpleNamespace(**{name: value for name, value in model.items() if isinstance(name, str)}),
-            vocab_size=model["vocab_size"],
-            rope_theta=float(model["rotary_base"]),
-            max_position_embeddings=model.get("max_position_embeddings") or model["seq_length"],
-            router_bias=model["router_bias"],
-            make_vocab_size_divisible_by=model["make_vocab_size_divisible_by"],
-            expert_names=None if names is None else tuple(names),
-            pad_token_id=model.get("pad_token_id"),
-            bos_token_id=model.get("bos_token_id"),
-            eos_token_id=model.get("eos_token_id"),
-        )
+        config = from_provider_fields(
+            SimpleNamespace(**{name: value for name, value in model.items() if isinstance(name, str)}))
     except AttributeError as error:  # a field the translation reads that REQUIRED_FIELDS does not list yet
         raise RunConfigError(f"{path}: model.{error.name} is missing (needed to describe the FlexOlmo model)") from None
     except (ConfigError, TypeError, ValueError) as error:

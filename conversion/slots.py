@@ -9,6 +9,10 @@ derived from the mapping table (:mod:`.mapping`: each rule's parameter path and 
 * experts are split over EP ranks in contiguous blocks (``MoELayer.local_expert_indices``) and use
   the expert-TP group, everything else the TP group;
 * router rows and biases are replicated, one Parameter per row.
+
+Megatron-Bridge asks the same question parameter by parameter under Bridge's names (global layer and
+expert numbers): :func:`param_sources` is that view of the table, :func:`shard` / :func:`unshard` the
+one implementation of the TP cut that both :func:`slots` and the bridges use.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ import torch
 from megatron.core import parallel_state as ps
 from torch import nn
 
-from flexolmo_plugin.conversion.mapping import RULES, Role, Rule, Split
+from flexolmo_plugin.conversion.mapping import RULES, Entry, Role, Rule, Split, entries
+from flexolmo_plugin.errors import FlexOlmoError
 from flexolmo_plugin.model.build import unwrap
+from flexolmo_plugin.model.config import FlexOlmoConfig
 
 
 @dataclass(frozen=True)
@@ -36,23 +42,27 @@ class Slot:
     role: Role = Role.SHARED
 
 
-def _chunk(dim: int, rank: int, size: int):
-    def select(t: torch.Tensor) -> torch.Tensor:
-        if t.shape[dim] % size:
-            raise ValueError(f"dimension {dim} of size {t.shape[dim]} does not split over {size} ranks")
-        return t.chunk(size, dim=dim)[rank]
-    return select
-
-
-def _swiglu_chunk(rank: int, size: int):
-    def select(t: torch.Tensor) -> torch.Tensor:
-        gate, up = t.chunk(2, dim=0)
+def shard(tensor: torch.Tensor, split: Split, rank: int, size: int) -> torch.Tensor:
+    """Rank ``rank``'s part (of ``size``) of a canonical tensor cut as ``split`` says."""
+    if split is Split.NONE or size == 1:
+        return tensor
+    if split is Split.SWIGLU:
+        gate, up = tensor.chunk(2, dim=0)
         return torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]], dim=0)
-    return select
+    dim = 0 if split is Split.COLUMN else 1
+    if tensor.shape[dim] % size:
+        raise ValueError(f"dimension {dim} of size {tensor.shape[dim]} does not split over {size} ranks")
+    return tensor.chunk(size, dim=dim)[rank]
 
 
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    return t
+def unshard(parts: list[torch.Tensor], split: Split) -> torch.Tensor:
+    """Inverse of :func:`shard`: the canonical tensor from every rank's part, in rank order."""
+    if split is Split.NONE or len(parts) == 1:
+        return parts[0]
+    if split is Split.SWIGLU:
+        halves = [part.chunk(2, dim=0) for part in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return torch.cat(parts, dim=0 if split is Split.COLUMN else 1)
 
 
 def _row(index: int):
@@ -61,8 +71,7 @@ def _row(index: int):
 
 def _selector(rule: Rule, groups: dict[str, tuple[int, int]]):
     rank, size = groups["etp" if rule.per_expert else "tp"]
-    return {Split.NONE: _whole, Split.COLUMN: _chunk(0, rank, size), Split.ROW: _chunk(1, rank, size),
-            Split.SWIGLU: _swiglu_chunk(rank, size)}[rule.split]
+    return lambda t: shard(t, rule.split, rank, size)
 
 
 def _places(rule: Rule, layer, num_experts: int) -> list[tuple[int | None, dict]]:
@@ -106,3 +115,56 @@ def check_complete(model: nn.Module) -> None:
     missing = [name for name, p in unwrap(model).named_parameters() if id(p) not in covered]
     if missing:
         raise RuntimeError(f"parameters without a canonical mapping: {missing}")
+
+
+# ---------------------------------------------------------------------- per-parameter view (Megatron-Bridge)
+@dataclass(frozen=True)
+class ParamSource:
+    """One Megatron parameter, named as Megatron-Bridge names it (global layer and expert numbers,
+    whatever the rank holds), with the canonical tensor it is cut from and the HF tensors that make it.
+
+    Bridge converts parameter by parameter, while the table describes canonical tensors; the router
+    is the one place where they differ (one ``Parameter`` per row: ``row`` is the row of ``entry``'s
+    canonical tensor this parameter holds).  ``hf`` is empty for what has no HF tensor: the learned
+    router bias, and the router of the dense OLMo-2 model (one expert, so any row routes everything to it).
+    """
+
+    param: str
+    entry: Entry
+    hf: tuple[str, ...]
+    row: int | None = None
+
+
+def _param_name(entry: Entry, row: int | None) -> str:
+    template = entry.rule.param or entry.rule.megatron
+    return template.format(layer=entry.layer, expert=entry.expert, local_expert=entry.expert, row=row)
+
+
+def param_sources(config: FlexOlmoConfig, *, dense: bool = False) -> Iterator[ParamSource]:
+    """Every parameter a FlexOlmo model with ``config`` can have, generated from :data:`RULES`.
+
+    The learned router bias is included whether or not ``config`` has one (an HF config never says,
+    yet a trained model may carry it, and an exporter must see it to refuse dropping it silently).
+    ``dense``: the HF names are the OLMo-2 dense model's (``config`` must then have one expert).
+    """
+    if dense and config.num_experts != 1:
+        raise FlexOlmoError(f"an OLMo-2 dense model is a FlexOlmo with one expert, not {config.num_experts}")
+    full = config.replace(router_bias=True) if config.num_experts > 1 else config
+    for entry in entries(full):
+        hf = entry.dense() if dense else entry.hf
+        if entry.rule.rows:
+            rows = entry.shape(full)[0]
+            for row in range(rows):
+                yield ParamSource(_param_name(entry, row), entry, hf if entry.rule.role is Role.ROUTER_ROW else (), row)
+        else:
+            yield ParamSource(_param_name(entry, None), entry, hf)
+
+
+def other_expert(source: ParamSource, expert: int, *, dense: bool = False) -> ParamSource:
+    """The same FFN parameter of another expert (same layer): expert parallelism gathers experts
+    that another rank holds under the name of the one this rank holds."""
+    rule = source.entry.rule
+    fill = {"layer": source.entry.layer, "expert": expert}
+    entry = Entry(rule, rule.megatron.format(**fill), tuple(h.format(**fill) for h in rule.hf), source.entry.layer,
+                  expert)
+    return ParamSource(_param_name(entry, None), entry, entry.dense() if dense else entry.hf)

@@ -35,17 +35,8 @@ from megatron.bridge.utils.instantiate_utils import register_allowed_target_pref
 from megatron.core.models.gpt.gpt_model import GPTModel
 from transformers import FlexOlmoForCausalLM, Olmo2ForCausalLM
 
-from flexolmo_plugin.conversion.mapping import (
-    ParamSource,
-    Role,
-    Split,
-    other_expert,
-    param_sources,
-    shard,
-    to_hf,
-    to_megatron,
-    unshard,
-)
+from flexolmo_plugin.conversion.mapping import Role, Split, to_hf, to_megatron
+from flexolmo_plugin.conversion.slots import ParamSource, other_expert, param_sources, shard, unshard
 from flexolmo_plugin.errors import ConfigError, FlexOlmoError
 from flexolmo_plugin.model.config import FlexOlmoConfig
 

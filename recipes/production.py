@@ -9,15 +9,18 @@ nodes.  Sizes default to OLMo-2 7B (32 layers, 4096 hidden, 11008 FFN, 32 heads,
 recipe            experts     trains                layout per 8-GPU node
 ================  ==========  ====================  ============================================
 public-7b         1 (dense)   everything            TP1 EP1, DP 8 x nodes, distributed optimizer
-expert-2x7b       2, top-2    owner's FFN + row     EP2 (public / owner expert on 2 GPUs), DP 4/node
+expert-2x7b       2, top-2    owner's FFN + row     EP1 (both experts per GPU, dense mixture), DP 8/node
 router-tune-7x7b  7, top-7    router rows + biases  TP2 = expert-TP2, EP1, DP 4/node
 inference-7x7b    7, top-k    nothing (forward)     TP2 = expert-TP2, EP1, DP 4/node
 ================  ==========  ====================  ============================================
 
 Why these layouts: the dense 7B fits one H100 with the distributed optimizer (BF16 weights and
 FP32 gradients, optimizer state sharded over DP), so TP would only add communication.  Anchored
-training puts each of the two experts on its own GPU of an EP pair: the public expert's GPU does no
-expert weight-gradient work, and every GEMM stays full size.  Seven experts cannot be split over 8
+training keeps both experts on every GPU (EP 1, 71.9 GiB per GPU by ``flexolmo plan``): with top-2 of
+2 every token visits both experts, so the dense mixture path (``model/dense_mixture.py``) computes
+them without any token dispatch, where an EP pair would all-gather and reduce-scatter every layer's
+tokens and leave the public expert's GPU idle during weight gradients (EP 2 also fits, 73.6 GiB:
+``recipe.expert_parallel=2``).  Seven experts cannot be split over 8
 GPUs (EP must divide both 7 and the node), so the 33B merged model uses tensor parallelism 2 for
 both attention and experts (16.6B parameters, 33 GB of BF16 weights per GPU); ``gpus_per_node=7,
 expert_parallel=7`` is the alternative on nodes run with 7 ranks.
@@ -193,7 +196,7 @@ def flexolmo_public_7b_config(*, precision: str = "bf16", nodes: int = 4, gpus_p
 
 
 def flexolmo_expert_2x7b_config(*, init_from: str | None = None, precision: str = "bf16", nodes: int = 1,
-                                gpus_per_node: int = 8, expert_parallel: int = 2, owner_expert: int = 1,
+                                gpus_per_node: int = 8, expert_parallel: int = 1, owner_expert: int = 1,
                                 save_dir: str | None = None, data_paths: list[str] | None = None,
                                 tokenizer_dir: str | None = None, model: dict | None = None, seq_length: int = 4096,
                                 train_iters: int = 12000, global_batch_size: int = 1024, micro_batch_size: int = 1,

@@ -22,7 +22,7 @@ from flexolmo_plugin.conversion.mcore_io import load_model_weights
 from flexolmo_plugin.errors import ConfigError
 from flexolmo_plugin.lifecycle import freezing
 from flexolmo_plugin.model.build import unwrap
-from flexolmo_plugin.model.config import FlexOlmoConfig, from_megatron_fields, gpt_model_fields, megatron_fields
+from flexolmo_plugin.model.config import FlexOlmoConfig, from_provider_fields, gpt_model_fields, megatron_fields
 from flexolmo_plugin.model.layout import ParallelLayout
 from flexolmo_plugin.model.spec import (
     flexolmo_block_spec,
@@ -115,18 +115,7 @@ class FlexOlmoModelProvider(GPTModelProvider):
         """The :class:`FlexOlmoConfig` this provider describes (inverse of ``from_flexolmo_config``)."""
         if self.vocab_size is None or not self.num_moe_experts:
             raise ConfigError("FlexOlmoModelProvider needs vocab_size and num_moe_experts")
-        return from_megatron_fields(
-            self,
-            vocab_size=self.vocab_size,
-            rope_theta=float(self.rotary_base),
-            max_position_embeddings=self.max_position_embeddings or self.seq_length,
-            router_bias=self.router_bias,
-            make_vocab_size_divisible_by=self.make_vocab_size_divisible_by,
-            expert_names=self.expert_names,
-            pad_token_id=self.pad_token_id,
-            bos_token_id=self.bos_token_id,
-            eos_token_id=self.eos_token_id,
-        )
+        return from_provider_fields(self)
 
     @property
     def layout(self) -> ParallelLayout:

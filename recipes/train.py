@@ -278,7 +278,8 @@ def run(recipe: str, overrides: list[str], *, callbacks=()):
     config = build_config(recipe, overrides)
     check_start(recipe, config)
     check_inputs(config)
-    expert_path = describe_expert_path(config.model, config.model.expert_path)  # refuses a forced path that cannot apply
+    # one line for the log; refuses a forced expert path that cannot apply, before anything is written
+    expert_path = describe_expert_path(config.model, config.model.expert_path)
     from flexolmo_plugin.recipes.precision import (
         check_container_precision,
         current_capability,

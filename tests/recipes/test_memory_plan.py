@@ -55,7 +55,7 @@ def _count(model, select=lambda name: True):
 
 CASES = [
     ("public-7b", ()),
-    ("expert-2x7b", (PLACEHOLDER, "recipe.expert_parallel=1")),
+    ("expert-2x7b", (PLACEHOLDER,)),  # its default layout: both experts on every GPU
     ("router-tune-7x7b", (PLACEHOLDER, "recipe.tensor_parallel=1")),
 ]
 
@@ -78,10 +78,10 @@ def test_plan_counts_match_the_models_parameters(recipe, overrides, bridge, mega
 
 
 def test_expert_parallel_rank_holds_the_owner_expert_only(bridge, megatron_single_process):
-    """expert-2x7b at its EP=2 layout: the owner's rank holds everything but the public expert."""
+    """expert-2x7b at EP=2: the owner's rank holds everything but the public expert."""
     from flexolmo_plugin.recipes import memory
 
-    container = _container("expert-2x7b", PLACEHOLDER)
+    container = _container("expert-2x7b", PLACEHOLDER, "recipe.expert_parallel=2")
     model = _meta_model(container)
     trainable, frozen = _count(model, lambda n: ".local_experts.0." not in n)
     _, layout, _, _, estimate = memory.estimate_container(container, 8)
@@ -111,7 +111,7 @@ def test_anchored_plan_fits_and_prints_every_row(bridge, capsys):
     code = main(["plan", "expert-2x7b"])  # no init_from: the recipe's default (OLMo-2 7B) sizes
     out, err = capsys.readouterr()
     assert code == 0, err
-    assert "anchored (owner expert 1)" in out and "EP 2" in out and "8 GPUs" in out
+    assert "anchored (owner expert 1)" in out and "EP 1" in out and "8 GPUs" in out
 
 
 def test_recompute_reduces_activations(bridge):

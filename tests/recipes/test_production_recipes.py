@@ -85,7 +85,7 @@ def test_every_recipe_is_a_valid_container_at_full_size(full_size, name):
 
 @pytest.mark.multiprocess
 def test_layouts_keep_model_parallelism_inside_a_node(full_size):
-    expected = {"public-7b": (1, 1, 32, 1), "expert-2x7b": (1, 2, 8, 2), "router-tune-7x7b": (2, 1, 4, 7),
+    expected = {"public-7b": (1, 1, 32, 1), "expert-2x7b": (1, 1, 8, 2), "router-tune-7x7b": (2, 1, 4, 7),
                 "inference-7x7b": (2, 1, 4, 5)}
     for name, (tp, ep, dp, top_k) in expected.items():
         got = full_size[name, "bf16"]
