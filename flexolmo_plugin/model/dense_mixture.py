@@ -169,13 +169,20 @@ class FlexOlmoMoELayer(MoELayer):
             pad = align - count % align  # zero tokens at weight 0, cut off below (SequentialMLP's own padding)
             tokens = torch.cat([tokens, tokens.new_zeros(pad, tokens.shape[1])])
             local_probs = torch.cat([local_probs, local_probs.new_zeros(pad, local_probs.shape[1])])
+        # An expert opted out at run time gets probability 0 everywhere; it is skipped, not multiplied by 0:
+        # its weights may be anything (a diverged expert is excluded precisely because they are NaN/Inf).
+        excluded = set(self.router.excluded_experts) if getattr(self.router, "_excluded", None) is not None else set()
         output = None
         for i, expert in enumerate(self.experts.local_experts):
+            if first + i in excluded:
+                continue
             out, bias = expert(tokens, local_probs[:, i])  # probabilities applied as the dispatcher applies them
             if bias is not None:
                 raise ConfigError("FlexOlmo experts have no biases")
             out = out.to(probs.dtype)  # sum (and reduce) in fp32, as Megatron's all-gather combine does
             output = out if output is None else output + out
+        if output is None:  # every local expert is opted out: this rank contributes nothing
+            output = tokens.new_zeros(tokens.shape).to(probs.dtype)
         output = output[:count]
         if spread:
             if torch.is_grad_enabled() and not output.requires_grad:

@@ -37,6 +37,9 @@ MIX = "router-mix {docs} {tmp}/missing.json --out {tmp}/mix.jsonl"
 PACKAGE = "package-expert {owner} {tmp}/pkg"
 UPCYCLE = "upcycle {public_hf} {tmp}/up --public-embedding {e0} --domain-embedding {e1}"
 PARITY = "parity {public_hf}"
+GEN = "generate {merged} --prompt hi"
+AUDIT = "audit-extraction {merged} {docs}"
+EXCLUDE = "argument --exclude: {!r} is not a valid name"
 
 # (id COMMAND-OPTION-..., command line, regex of the one error line; a final "$" stands for the end of
 # the message proper, before the pointer to the command's --help)
@@ -94,6 +97,23 @@ CASES = [
     ("parity-tolerance-inf", f"{PARITY} --tolerance inf", f"argument --tolerance: {FINITE}'inf'"),
     ("parity-seed-too-large", f"{PARITY} --seed {2**32}", f"argument --seed: {SEED}{2**32}$"),
     ("demo-seed-negative", "demo --workdir {tmp}/demo --seed -3", f"argument --seed: {SEED}-3$"),
+    ("generate-max-new-tokens-0", f"{GEN} --max-new-tokens 0", f"argument --max-new-tokens: {INT_1}0$"),
+    ("generate-temperature-negative", f"{GEN} --temperature=-1",
+     r"argument --temperature: must be >= 0 \(0 = greedy\), got -1$"),
+    ("generate-temperature-nan", f"{GEN} --temperature nan", f"argument --temperature: {FINITE}'nan'"),
+    ("generate-top-p-0", f"{GEN} --temperature 1 --top-p 0", r"argument --top-p: must be in \(0, 1\], got 0$"),
+    ("generate-seed-negative", f"{GEN} --temperature 1 --seed -1", f"argument --seed: {SEED}-1$"),
+    ("generate-exclude-slash", f"{GEN} --exclude a/b", EXCLUDE.format("a/b")),
+    ("generate-batch-size-0", f"{GEN} --batch-size 0", f"argument --batch-size: {INT_1}0$"),
+    ("audit-extraction-exclude-parent", f"{AUDIT} --exclude ..", re.escape(EXCLUDE.format(".."))),
+    *[(f"audit-extraction-{flag[2:]}-0", f"{AUDIT} {flag} 0", f"argument {flag}: {INT_1}0$")
+      for flag in ("--num-docs", "--prefix-tokens", "--continuation-tokens", "--batch-size")],
+    ("audit-extraction-samples-negative", f"{AUDIT} --samples -1",
+     "argument --samples: must be an integer >= 0, got -1$"),
+    ("audit-extraction-temperature-0", f"{AUDIT} --temperature 0", "argument --temperature: must be > 0, got 0$"),
+    ("audit-extraction-top-p-above-1", f"{AUDIT} --top-p 1.5", r"argument --top-p: must be in \(0, 1\], got 1.5$"),
+    ("audit-extraction-threshold-0", f"{AUDIT} --threshold 0", r"argument --threshold: must be in \(0, 1\], got 0$"),
+    ("audit-extraction-seed-negative", f"{AUDIT} --seed -1", f"argument --seed: {SEED}-1$"),
     # usage mistakes: one line too, exit 2 returned (not raised as SystemExit)
     ("no-command", "", "^error: the following arguments are required: COMMAND"),
     ("unknown-option", f"{MERGE} --topk 2", "^error: unrecognized arguments: --topk 2"),
