@@ -32,6 +32,7 @@ from megatron.core import parallel_state as ps
 
 from flexolmo_plugin.compat import default_device, enable_bridge_compat
 from flexolmo_plugin.conversion.atomic import temporary_name
+from flexolmo_plugin.conversion.checksums import CHECKSUMS_FILE, write_directory_checksums
 from flexolmo_plugin.conversion.mcore_io import CONFIG_FILE, save_config
 from flexolmo_plugin.errors import ConfigError, FlexOlmoError
 from flexolmo_plugin.model.dense_mixture import describe_expert_path
@@ -87,6 +88,28 @@ def _warm_up_callback():
             self.warmed = warm_up_process_groups()
 
     return WarmUp()
+
+
+def _checksums_callback():
+    """``checksums.json`` in every checkpoint this run saves (as in every other output of our tools), so
+    that package / merge / eval / convert verify it instead of warning that it is unverified.
+
+    Bridge fires ``on_checkpoint_save`` after the save and its global barrier, on every rank; global rank 0
+    hashes the whole ``iter_*`` directory (XXH3, a few GB/s: seconds per 7B checkpoint) while the others go
+    on to the next iteration.  It covers the files from that moment on (transfers, later reads), not a
+    write that failed silently before it."""
+    from megatron.bridge.training.callbacks import Callback
+    from megatron.bridge.training.utils.checkpoint_utils import get_checkpoint_name
+
+    class Checksums(Callback):
+        def on_checkpoint_save(self, context):
+            if dist.is_initialized() and dist.get_rank() != 0:
+                return
+            directory = Path(get_checkpoint_name(context.state.cfg.checkpoint.save, context.state.train_state.step))
+            if directory.is_dir() and not (directory / CHECKSUMS_FILE).exists():
+                write_directory_checksums(directory)
+
+    return Checksums()
 
 
 def _recipe_arguments(recipe: str, function, kwargs: dict) -> None:
@@ -300,7 +323,7 @@ def run(recipe: str, overrides: list[str], *, callbacks=()):
     dist.barrier()
     log = training_log_callback()
     try:
-        pretrain(config, forward_step, callbacks=[_warm_up_callback(), log, *callbacks])
+        pretrain(config, forward_step, callbacks=[_warm_up_callback(), _checksums_callback(), log, *callbacks])
     except SystemExit as stop:  # Bridge exits this way at train.exit_interval
         if stop.code not in (0, None):
             raise

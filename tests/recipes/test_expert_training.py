@@ -8,6 +8,7 @@ the project's own checkpoint reader).  Resuming from that checkpoint must reprod
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -101,11 +102,18 @@ def test_anchored_bridge_training_moves_only_the_owners_expert(owner):
 
 @pytest.mark.multiprocess
 def test_saved_checkpoint_keeps_the_anchor_and_shares_the_trained_expert(owner):
+    from flexolmo_plugin.conversion.checkpoint_dir import check_is_checkpoint
     from flexolmo_plugin.conversion.mcore_io import CanonicalReader, load_config
     from flexolmo_plugin.lifecycle.anchor import anchor_hashes
 
     root, _ = owner
     config, _, _ = load_config(root / "init")
+    saved = sorted((root / "full").glob("iter_*"))
+    assert saved
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # our training run's checkpoints carry checksums: verified, no warning
+        for directory in saved:
+            check_is_checkpoint(directory)
     init, final = CanonicalReader(root / "init"), CanonicalReader(root / "full" / f"iter_{ITERS:07d}")
     assert anchor_hashes(config, final.read) == anchor_hashes(config, init.read)
     for layer in range(config.num_layers):
