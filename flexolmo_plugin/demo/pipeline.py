@@ -24,6 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
+from flexolmo_plugin.conversion.atomic import write_file_atomically
 from flexolmo_plugin.conversion.convert import copy_tokenizer_files, mcore_to_hf
 from flexolmo_plugin.demo.corpus import DOMAINS, build_domain, train_tokenizer
 from flexolmo_plugin.demo.sizes import OWNERS, SIZES, DemoSize, sized
@@ -33,6 +34,7 @@ from flexolmo_plugin.lifecycle.merge import merge_experts
 from flexolmo_plugin.lifecycle.opt_out import opt_out
 from flexolmo_plugin.lifecycle.package import package_expert
 from flexolmo_plugin.lifecycle.proxy import router_mix, select_proxy
+from flexolmo_plugin.lifecycle.signing import keygen, public_path
 from flexolmo_plugin.lifecycle.upcycle import save_embedding, upcycle
 
 
@@ -220,9 +222,13 @@ class Demo:
             s.owner_iters)
         package = self.root / "packages" / name
         tokens = s.owner_iters * s.tokens_per_iteration
-        self.command("package-expert", home / "trained", package, "--name", name, "--tokens-trained", tokens)
+        key = home / f"{name}-key"  # the owner's signing key; only key.pub goes to the coordinator
+        self.command("keygen", "--out", key)
+        keygen(key)
+        self.command("package-expert", home / "trained", package, "--name", name, "--tokens-trained", tokens,
+                     "--sign", key)
         package_expert(home / "trained", package, name=name, description=f"demo expert trained on {name} text",
-                       tokens_trained=tokens)
+                       tokens_trained=tokens, sign_key=key)
         proxy = self.root / "packages" / f"{name}-proxy.json"
         public_hf = self.root / "coordinator" / "public-hf"
         self.command("select-proxy", data / f"{name}.train.jsonl", data / "public.pool.jsonl", "--out", proxy,
@@ -243,9 +249,15 @@ class Demo:
         self.upcycle(("public", "public-copy"), coordinator / "public-embedding.safetensors",
                      coordinator / "public-start")
         packages = [self.root / "packages" / name for name in OWNERS]
-        self.command("merge", coordinator / "public-start", *packages, "--out", coordinator / "merged")
-        report = merge_experts(coordinator / "public-start", packages, coordinator / "merged")
-        self.say(f"   merged {len(packages)} verified packages onto the public model: {report.summary()}")
+        # the coordinator's registry of each owner's public key (received from the owner, out of band)
+        trusted = coordinator / "trusted-keys.json"
+        registry = {name: public_path(self.root / "owners" / name / f"{name}-key").read_text() for name in OWNERS}
+        write_file_atomically(trusted, (json.dumps(registry, indent=1) + "\n").encode())
+        self.command("merge", coordinator / "public-start", *packages, "--out", coordinator / "merged",
+                     "--trusted-keys", trusted)
+        report = merge_experts(coordinator / "public-start", packages, coordinator / "merged", trusted_keys=trusted)
+        self.say(f"   merged {len(packages)} packages, each verified (checksums, anchor, the owner's registered "
+                 f"signature) onto the public model: {report.summary()}")
 
     def router_tune(self) -> None:
         """Router tuning on public text plus the owners' proxy selections -- never owner text.  The

@@ -112,6 +112,10 @@ def test_artifacts_and_summary(demos):
     summary = (workdir / "eval" / "summary.md").read_text()
     assert "oracle: best single model per domain" in summary and "composition efficiency" in summary
     assert (workdir / "coordinator" / "final-hf" / "config.json").is_file()
+    for owner in OWNERS:  # every package is signed by its owner and verified against the registered key
+        assert (workdir / "packages" / owner / "signature.json").is_file()
+    assert "authenticity was not checked" not in done.stdout + done.stderr
+    assert "--trusted-keys" in (workdir / "logs" / "demo.log").read_text()
     attribution = _results(workdir)["attribution"]  # one generated output per domain, credited to the experts
     assert set(attribution) == {"public", *OWNERS} and "## Attribution" in summary
     for item in attribution.values():
