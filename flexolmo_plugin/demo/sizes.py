@@ -51,8 +51,8 @@ SIZES = {
     "tiny": DemoSize(
         public_chars=240_000, pool_chars=240_000, train_chars=120_000, eval_chars=24_000, vocab_size=512,
         num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, seq_length=64,
-        global_batch_size=16, public_iters=60, public_lr=5e-3, owner_iters=40, owner_lr=5e-3, owner_public_share=0.25,
-        router_iters=40, router_lr=1e-2, proxy_fraction=0.1, embed_docs=64, eval_tokens=6144),
+        global_batch_size=16, public_iters=60, public_lr=5e-3, owner_iters=80, owner_lr=5e-3, owner_public_share=0.25,
+        router_iters=40, router_lr=1e-2, proxy_fraction=0.1, embed_docs=64, eval_tokens=16384),
 }
 
 

@@ -67,7 +67,8 @@ def _container_checks():
         "unaligned": lambda: flexolmo_expert_2x7b_config(
             init_from="/x", precision="fp8-tensorwise", model={"intermediate_size": 11000}, cpu=False
         ),
-        "cross-node-ep": lambda: flexolmo_expert_2x7b_config(init_from="/x", gpus_per_node=1, cpu=False),
+        "cross-node-ep": lambda: flexolmo_expert_2x7b_config(init_from="/x", gpus_per_node=1, expert_parallel=2,
+                                                             cpu=False),
     }.items():
         try:
             call()
