@@ -6,7 +6,7 @@ import their implementations only when they run.
 
 from __future__ import annotations
 
-from flexolmo_plugin.cli import commands
+from flexolmo_plugin.cli import commands, text_commands
 from flexolmo_plugin.cli import options as opt
 from flexolmo_plugin.cli.commands import DTYPES
 from flexolmo_plugin.recipes.registry import RECIPES
@@ -239,7 +239,7 @@ def build_parser() -> opt.Parser:
     gen.add_argument("--batch-size", type=opt.positive_int, default=8, help="prompts per batch (default 8)")
     gen.add_argument("--out", metavar="FILE.jsonl", help="write the completions here (default: print them)")
     gen.add_argument("--attribution", metavar="FILE.jsonl", help="write one attribution record per output")
-    gen.set_defaults(func=commands.cmd_generate)
+    gen.set_defaults(func=text_commands.cmd_generate)
 
     au = sub.add_parser(
         "audit-extraction", help="how much of an owner's training text models reproduce (paper §5.3 protocol)",
@@ -273,7 +273,7 @@ def build_parser() -> opt.Parser:
     au.add_argument("--batch-size", type=opt.positive_int, default=16, help="prompts per batch (default 16)")
     au.add_argument("--out", metavar="REPORT.json", help="also write the report (rates and per-document similarity)")
     au.add_argument("--quiet", action="store_true", help="no progress bar")
-    au.set_defaults(func=commands.cmd_audit_extraction)
+    au.set_defaults(func=text_commands.cmd_audit_extraction)
 
     tr = sub.add_parser("train", aliases=["train-expert"],
                         help="train the public model, an owner's expert, or the router (Megatron-Bridge)",
