@@ -13,28 +13,20 @@ between the two; the median is reported.  Target: FlexOlmo <= 1.02x stock.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from functools import partial
-from pathlib import Path
 
-from benchmarks.report import load, load_note, write_section
+from benchmarks.report import load, load_note, parse_arguments, write_section
 
 TITLE = "## P1: FlexOlmo MoE layer vs Megatron's stock MoE layer — `benchmarks/bench_moe_layer.py`"
 QUICK = dict(hidden=64, ffn=128, experts=4, topk=2, seq=32, batch=2, steps=2, warmup=1)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    for name, default in (("hidden", 1024), ("ffn", 2816), ("experts", 4), ("topk", 2), ("seq", 512),
-                          ("batch", 4), ("steps", 20), ("warmup", 3)):
-        parser.add_argument(f"--{name}", type=int, default=default)
-    parser.add_argument("--markdown", type=Path, default=None, help="write this benchmark's section here")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, two steps (a smoke test)")
-    args = parser.parse_args()
-    if args.quick:
-        vars(args).update(QUICK)
+    args = parse_arguments(__doc__, (("hidden", 1024), ("ffn", 2816), ("experts", 4), ("topk", 2), ("seq", 512),
+                                     ("batch", 4), ("steps", 20), ("warmup", 3)), QUICK,
+                           quick_help="tiny shapes, two steps (a smoke test)")
     load_before = load()
 
     import torch

@@ -17,12 +17,10 @@ Each at all experts trainable and anchored (expert 0 frozen: no weight gradient 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
-from pathlib import Path
 
-from benchmarks.report import load, load_note, write_section
+from benchmarks.report import load, load_note, parse_arguments, write_section
 
 TITLE = "## Expert paths at top-k = E: dense mixture vs token dispatcher vs stock — `benchmarks/bench_moe_paths.py`"
 QUICK = dict(hidden=64, ffn=96, seq=32, batch=2, steps=2, warmup=1)
@@ -78,15 +76,11 @@ def measure(args, experts: int) -> tuple[list[str], float, list[str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    for name, default in (("hidden", 512), ("ffn", 1408), ("seq", 256), ("batch", 2), ("steps", 8), ("warmup", 2)):
-        parser.add_argument(f"--{name}", type=int, default=default)
-    parser.add_argument("--experts", type=int, nargs="+", default=[2, 4], help="E (top-k = E) values to time")
-    parser.add_argument("--markdown", type=Path, default=None, help="write this benchmark's section here")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, two steps (a smoke test)")
-    args = parser.parse_args()
-    if args.quick:
-        vars(args).update(QUICK)
+    args = parse_arguments(
+        __doc__, (("hidden", 512), ("ffn", 1408), ("seq", 256), ("batch", 2), ("steps", 8), ("warmup", 2)), QUICK,
+        quick_help="tiny shapes, two steps (a smoke test)",
+        extra=lambda parser: parser.add_argument("--experts", type=int, nargs="+", default=[2, 4],
+                                                 help="E (top-k = E) values to time"))
     load_before = load()
 
     import torch

@@ -16,12 +16,10 @@ alternating, median.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
-from pathlib import Path
 
-from benchmarks.report import load, load_note, machine_line, write_section
+from benchmarks.report import load, load_note, machine_line, parse_arguments, write_section
 
 TITLE = "## Issue 16: RMSNorm activation memory, eager vs memory-lean — `benchmarks/bench_norm_memory.py`"
 QUICK = dict(hidden=64, heads=4, seq=32, batch=1, steps=1, warmup=1)
@@ -53,15 +51,8 @@ def _saved_bytes(model, ids, mask) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    for name, default in (("hidden", 512), ("heads", 8), ("seq", 1024), ("batch", 1), ("steps", 5),
-                          ("warmup", 1)):
-        parser.add_argument(f"--{name}", type=int, default=default)
-    parser.add_argument("--markdown", type=Path, default=None, help="write this benchmark's section here")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, one step (a smoke test)")
-    args = parser.parse_args()
-    if args.quick:
-        vars(args).update(QUICK)
+    args = parse_arguments(__doc__, (("hidden", 512), ("heads", 8), ("seq", 1024), ("batch", 1), ("steps", 5),
+                                     ("warmup", 1)), QUICK, quick_help="tiny shapes, one step (a smoke test)")
     load_before = load()
 
     import torch

@@ -7,8 +7,10 @@ keep the conditions they state (machine, versions, load) worded the same way eve
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -89,3 +91,20 @@ def write_section(path: Path | None, lines: list[str]) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
+
+
+def parse_arguments(description: str, sizes: tuple[tuple[str, int], ...], quick: dict, *, quick_help: str,
+                    extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """The command line every benchmark script takes: its integer sizes (``--NAME``), ``--markdown OUT``
+    (its section for run_all) and ``--quick`` (the ``quick`` sizes: a smoke test that measures nothing)."""
+    parser = argparse.ArgumentParser(description=description)
+    for name, default in sizes:
+        parser.add_argument(f"--{name}", type=int, default=default)
+    if extra is not None:
+        extra(parser)
+    parser.add_argument("--markdown", type=Path, default=None, help="write this benchmark's section here")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    args = parser.parse_args()
+    if args.quick:
+        vars(args).update(quick)
+    return args

@@ -171,7 +171,7 @@ class FlexOlmoMoELayer(MoELayer):
             local_probs = torch.cat([local_probs, local_probs.new_zeros(pad, local_probs.shape[1])])
         # An expert opted out at run time gets probability 0 everywhere; it is skipped, not multiplied by 0:
         # its weights may be anything (a diverged expert is excluded precisely because they are NaN/Inf).
-        excluded = set(self.router.excluded_experts) if getattr(self.router, "_excluded", None) is not None else set()
+        excluded = set(self.router.excluded_experts)  # [] without a mask (no host work then)
         output = None
         for i, expert in enumerate(self.experts.local_experts):
             if first + i in excluded:
