@@ -1,7 +1,7 @@
 """Composition ablation (issue #13): the demo with parts of the paper's recipe switched off, over seeds.
 
 Each configuration runs ``flexolmo demo`` (its own process, the given ``--size``) once per seed and
-reads ``eval/results.json``.  Router tuning off is the demo's own "merged, before router tuning" row,
+reads ``eval/results.json``.  "Router step off" is the demo's own "merged, before the router step" row,
 so one run measures both.  Reported per configuration and seed: composition efficiency
 ``(public - model) / (public - oracle)`` of the merged and of the final model, and how many of the
 demo's 15 checks passed.
@@ -19,12 +19,23 @@ import tempfile
 import time
 from pathlib import Path
 
-CONFIGS = {  # name -> demo --set overrides
-    "paper defaults (bias -1.0, public replay 25%)": [],
+CONFIGS = {  # name -> demo --set overrides ({router_iters}: the size's former router-tuning length)
+    "defaults (calibration x6, public weight 4, alignment, no LM router tuning)": [],
+    "paper's rows + LM router tuning (no calibration)": ["router_calibration_scale=none",
+                                                        "router_iters={router_iters}"],
+    "calibration + alignment + LM router tuning": ["router_iters={router_iters}"],
     "no learned bias": ["router_bias_init=none"],
     "no public replay": ["owner_public_share=0"],
-    "neither": ["router_bias_init=none", "owner_public_share=0"],
 }
+ROUTER_ITERS = {"tiny": 40, "full": 60}  # router tuning length of the demo before calibration (2026-12-02)
+OWNERS = ("python", "cpp", "licenses")
+
+
+def gate_checks(results: dict, row: str) -> int:
+    """How many owners' experts have the largest mean gate weight (of the owners' experts) on their domain."""
+    names, routing = results["expert_names"], results["routing"][row]
+    return sum(routing[o][names.index(o)] > max(w for n, w in zip(names, routing[o]) if n not in ("public", o))
+               for o in OWNERS)
 
 
 def efficiency(losses: dict, oracle: dict, row: str) -> float:
@@ -36,15 +47,18 @@ def efficiency(losses: dict, oracle: dict, row: str) -> float:
 def run(size: str, seed: int, overrides: list[str], root: Path) -> dict:
     workdir = root / f"s{seed}-{abs(hash(tuple(overrides))) % 10**6}"
     argv = [sys.executable, "-m", "flexolmo_plugin", "demo", "--size", size, "--seed", str(seed), "--workdir",
-            str(workdir), "--quiet", *[a for o in overrides for a in ("--set", o)]]
+            str(workdir), "--quiet",
+            *[a for o in overrides for a in ("--set", o.format(router_iters=ROUTER_ITERS[size]))]]
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode not in (0, 1):
         raise RuntimeError(f"demo failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
     results = json.loads((workdir / "eval" / "results.json").read_text())
     losses, oracle = results["losses"], results["oracle"]
-    return {"merged": efficiency(losses, oracle, "merged, before router tuning"),
-            "final": efficiency(losses, oracle, "final (router-tuned)"),
+    return {"merged": efficiency(losses, oracle, "merged, before the router step"),
+            "final": efficiency(losses, oracle, "final, after the router step"),
             "checks": sum(ok for _, ok in results["checks"]), "of": len(results["checks"]),
+            "gates merged": gate_checks(results, "merged, before the router step"),
+            "gates final": gate_checks(results, "final, after the router step"),
             "seconds": results["total_seconds"]}
 
 
@@ -58,16 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%d %H:%M %Z")
     lines = [f"## Composition ablation (`--size {args.size}`, seeds {', '.join(map(str, args.seeds))}) — "
              f"`benchmarks/ablation_composition.py`", "", f"Run {started}; one demo per configuration and seed. "
-             "Efficiency = (public − model) / (public − oracle), mean over the four domains; router tuning off = "
-             "the merged model before router tuning.", "",
-             "| configuration | seed | efficiency, router tuning off | efficiency, router tuning on | checks passed |",
-             "|---|---|---|---|---|"]
+             "Efficiency = (public − model) / (public − oracle), mean over the four domains; router step off = "
+             "the merged model before the router step (alignment and/or LM router tuning).", "",
+             "Gate checks: owners whose expert has the largest mean gate weight of the owners' experts on their "
+             "own domain (of 3).", "",
+             "| configuration | seed | efficiency, router step off / on | gate checks, router step off / on | "
+             "checks passed (final) |", "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory(prefix="flexolmo-ablation-") as tmp:
         for name in args.configs:
             for seed in args.seeds:
                 r = run(args.size, seed, CONFIGS[name], Path(tmp))
-                lines.append(f"| {name} | {seed} | {100 * r['merged']:.0f}% | {100 * r['final']:.0f}% | "
-                             f"{r['checks']} / {r['of']} |")
+                lines.append(f"| {name} | {seed} | {100 * r['merged']:.0f}% / {100 * r['final']:.0f}% | "
+                             f"{r['gates merged']} / {r['gates final']} | {r['checks']} / {r['of']} |")
                 print(lines[-1], flush=True)
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")

@@ -124,6 +124,46 @@ def cmd_embed_domain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_calibrate_router(args: argparse.Namespace) -> int:
+    """Owner side: the owner's router rows as a discriminant of its own text against public text."""
+    _megatron()
+    from flexolmo_plugin.api import from_mcore, save_mcore
+    from flexolmo_plugin.conversion.atomic import check_new_output
+    from flexolmo_plugin.conversion.mcore_io import load_config
+    from flexolmo_plugin.lifecycle.evaluation import read_windows
+    from flexolmo_plugin.lifecycle.router_calibration import calibrate_router
+
+    check_new_output(args.out)
+    seq_len = args.seq_len or load_config(args.mcore_dir)[0].max_position_embeddings
+    own, public = (read_windows(prefix, seq_len=seq_len, max_tokens=args.max_tokens)
+                   for prefix in (args.own_data, args.public_data))
+    model = from_mcore(args.mcore_dir)
+    report = calibrate_router(model, own, public, scale=args.scale, regularization=args.regularization,
+                              public_weight=args.public_weight)
+    save_mcore(model, args.out)
+    print(f"{report.summary()} -> {args.out}")
+    return EXIT_OK
+
+
+def cmd_align_router(args: argparse.Namespace) -> int:
+    """Coordinator side: every layer after the first refitted to route as layer 0 does."""
+    _megatron()
+    from flexolmo_plugin.api import from_mcore, save_mcore
+    from flexolmo_plugin.conversion.atomic import check_new_output
+    from flexolmo_plugin.conversion.mcore_io import load_config
+    from flexolmo_plugin.lifecycle.evaluation import read_windows
+    from flexolmo_plugin.lifecycle.router_calibration import align_router
+
+    check_new_output(args.out)
+    seq_len = args.seq_len or load_config(args.mcore_dir)[0].max_position_embeddings
+    windows = read_windows(args.data, seq_len=seq_len, max_tokens=args.max_tokens)
+    model = from_mcore(args.mcore_dir)
+    report = align_router(model, windows, regularization=args.regularization)
+    save_mcore(model, args.out)
+    print(f"{report.summary()} -> {args.out}")
+    return EXIT_OK
+
+
 def cmd_select_proxy(args: argparse.Namespace) -> int:
     """Owner side: identifiers of the public documents most like the owner's (no owner text leaves)."""
     _megatron()

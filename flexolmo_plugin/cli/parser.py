@@ -123,6 +123,44 @@ def build_parser() -> opt.Parser:
     sel.add_argument("--quiet", action="store_true")
     sel.set_defaults(func=commands.cmd_select_proxy)
 
+    cal = sub.add_parser(
+        "calibrate-router", help="owner: router rows that tell the owner's text from public text",
+        description="For each layer in order, fits a logistic regression (own text vs public text, no intercept, "
+                    "balanced) on the router inputs of the owner's [public, own] model and sets the owner's row to "
+                    "r_pub + SCALE * w; r_pub and every other weight stay bit-identical, the learned bias is set to "
+                    "0. Run on the owner's machine after anchored training, before package-expert.")
+    cal.add_argument("mcore_dir", metavar="MODEL_DIR", help="the owner's trained [public, own] checkpoint")
+    cal.add_argument("--own-data", required=True, metavar="PREFIX", help="the owner's indexed dataset (.bin/.idx)")
+    cal.add_argument("--public-data", required=True, metavar="PREFIX", help="a public indexed dataset (.bin/.idx)")
+    cal.add_argument("--out", required=True, metavar="DIR", help="must not exist yet")
+    cal.add_argument("--scale", type=opt.positive_float, default=2.0,
+                     help="multiplies the fitted log-odds direction (default 2.0)")
+    cal.add_argument("--regularization", type=opt.positive_float, default=1.0,
+                     help="inverse L2 strength C of the logistic regression (default 1.0)")
+    cal.add_argument("--public-weight", type=opt.positive_float, default=1.0,
+                     help="weight of the public class against the owner's (a prior for the public expert; default 1)")
+    cal.add_argument("--max-tokens", type=opt.positive_int, default=32768, help="tokens read from each dataset")
+    cal.add_argument("--seq-len", type=opt.positive_int, default=None,
+                     help="window length (default: the model's sequence length)")
+    cal.set_defaults(func=commands.cmd_calibrate_router)
+
+    aln = sub.add_parser(
+        "align-router", help="coordinator: later layers' router rows refitted to route as layer 0 does",
+        description="On a merged model: for each layer after the first, in order, fits a multinomial logistic "
+                    "regression (no intercept, layer 0's routing probabilities as soft targets) on the layer's "
+                    "router inputs over public and proxy text, and sets the owners' rows to r_pub + (beta_e - "
+                    "beta_pub); r_pub and every other weight stay bit-identical, learned biases are set to 0.")
+    aln.add_argument("mcore_dir", metavar="MODEL_DIR", help="the merged checkpoint")
+    aln.add_argument("--data", required=True, metavar="PREFIX",
+                     help="indexed dataset of public + proxy text (e.g. the router-tuning mix)")
+    aln.add_argument("--out", required=True, metavar="DIR", help="must not exist yet")
+    aln.add_argument("--regularization", type=opt.positive_float, default=1.0,
+                     help="inverse L2 strength C of the regression (default 1.0)")
+    aln.add_argument("--max-tokens", type=opt.positive_int, default=32768, help="tokens read from the dataset")
+    aln.add_argument("--seq-len", type=opt.positive_int, default=None,
+                     help="window length (default: the model's sequence length)")
+    aln.set_defaults(func=commands.cmd_align_router)
+
     mix = sub.add_parser("router-mix", help="coordinator: router-tuning data from public text and proxy selections",
                          description="Every source (the public set, each owner's proxy set) contributes the same "
                                      "number of documents (default: the largest proxy set), shuffled, as JSON Lines "
@@ -333,5 +371,5 @@ def build_parser() -> opt.Parser:
 
 
 # Commands that read checkpoints or datasets our tools wrote (and verify their checksums).
-VERIFYING_COMMANDS = ("parity", "convert", "upcycle", "package-expert", "merge", "opt-out", "eval", "train",
-                      "verify", "generate", "audit-extraction")
+VERIFYING_COMMANDS = ("parity", "convert", "upcycle", "calibrate-router", "align-router", "package-expert", "merge",
+                      "opt-out", "eval", "train", "verify", "generate", "audit-extraction")

@@ -1,7 +1,8 @@
 """The demo's evaluation, its checks, and the HF export of the final model.
 
 Every model is evaluated on every domain's held-out text: the public model, each owner's own
-``[public, owner]`` model, the merged model before router tuning, the final (router-tuned) model and
+``[public, owner]`` model, the merged model before the coordinator's router step (alignment and/or router
+tuning), the final model after it and
 the final model with each owner opted out at run time.  The *oracle* is the best single model per
 domain (the public model or one owner's); *composition efficiency* is how much of the oracle's gain
 over the public model the final model captures.
@@ -29,7 +30,7 @@ from flexolmo_plugin.lifecycle.generation import encode_prompts, generate, write
 from flexolmo_plugin.lifecycle.opt_out import exclude_experts
 from flexolmo_plugin.model.build import logits
 
-PUBLIC, MERGED, FINAL = "public model", "merged, before router tuning", "final (router-tuned)"
+PUBLIC, MERGED, FINAL = "public model", "merged, before the router step", "final, after the router step"
 PUBLIC_TEXT_GOAL = 0.02  # the final model may be at most 2% worse than the public model on public text
 EFFICIENCY_GOAL = 0.5
 
@@ -84,8 +85,10 @@ def evaluate_all(demo) -> None:
 
 
 def export(demo) -> None:
-    """The final model has no router bias (dropped before router tuning), so its HF export must
-    compute exactly what the Megatron model computes."""
+    """The final model has no router bias (set to zero by the router step), so its HF export must
+    compute what the Megatron model computes: in fp32, as close to transformers' own float64 result as
+    transformers' fp32 result is (calibrated routers have large logits, whose fp32 rounding the
+    softmax amplifies; a fixed tolerance would blame the export for transformers' own rounding)."""
     coordinator, result = demo.root / "coordinator", demo.result
     demo.command("convert", "mcore-to-hf", coordinator / "final", coordinator / "final-hf")
     mcore_to_hf(coordinator / "final", coordinator / "final-hf")
@@ -93,14 +96,20 @@ def export(demo) -> None:
     ids = torch.cat([read_windows(demo.root / "data" / f"{d}.eval", seq_len=demo.size.seq_length,
                                   max_tokens=2 * demo.size.seq_length) for d in DOMAINS])
     ours = logits(from_mcore(coordinator / "final"), ids).float()
-    hf = AutoModelForCausalLM.from_pretrained(str(coordinator / "final-hf"), dtype=torch.float32,
-                                              local_files_only=True).eval()
-    with torch.no_grad():
-        reference = hf(ids).logits.float()
-    result.hf_max_abs_logit_diff = (ours - reference).abs().max().item()
+    outputs = {}
+    for dtype in (torch.float32, torch.float64):
+        # the per-expert loop: transformers' grouped-GEMM experts have no float64 kernel
+        hf = AutoModelForCausalLM.from_pretrained(str(coordinator / "final-hf"), dtype=dtype, local_files_only=True,
+                                                  experts_implementation="eager").eval()
+        with torch.no_grad():
+            outputs[dtype] = hf(ids).logits.double()
+    reference = outputs[torch.float64]
+    result.hf_max_abs_logit_diff = (ours.double() - reference).abs().max().item()
+    result.hf_fp32_max_abs_logit_diff = (outputs[torch.float32] - reference).abs().max().item()
     result.hf_max_abs_logit = reference.abs().max().item()
-    demo.say(f"   transformers FlexOlmoForCausalLM loaded coordinator/final-hf; max |Δlogit| vs Megatron on "
-             f"{ids.shape[0]}x{ids.shape[1]} held-out tokens = {result.hf_max_abs_logit_diff:.2e}")
+    demo.say(f"   transformers FlexOlmoForCausalLM loaded coordinator/final-hf; on {ids.shape[0]}x{ids.shape[1]} "
+             f"held-out tokens, max |Δlogit| vs transformers in float64: Megatron fp32 "
+             f"{result.hf_max_abs_logit_diff:.2e}, transformers fp32 {result.hf_fp32_max_abs_logit_diff:.2e}")
 
 
 ATTRIBUTION_PROMPT_TOKENS = 16
@@ -159,9 +168,10 @@ def checks(result) -> list[tuple[str, bool]]:
     out.append((f"physical opt-out == run-time exclusion (max |Δloss| {result.physical_vs_runtime_opt_out:.1e})",
                 result.physical_vs_runtime_opt_out <= 1e-5))
     # the same function: fp32 rounding only (relative 1e-5 of the largest logit)
-    tolerance = 1e-5 * max(1.0, result.hf_max_abs_logit)
-    out.append((f"HF export computes the same logits in transformers (max |Δ| {result.hf_max_abs_logit_diff:.1e}, "
-                f"largest |logit| {result.hf_max_abs_logit:.1f})", result.hf_max_abs_logit_diff <= tolerance))
+    tolerance = 2 * result.hf_fp32_max_abs_logit_diff + 1e-6 * max(1.0, result.hf_max_abs_logit)
+    out.append((f"HF export computes the same logits as transformers (vs its float64 result: max |Δ| "
+                f"{result.hf_max_abs_logit_diff:.1e}, transformers' own fp32 {result.hf_fp32_max_abs_logit_diff:.1e})",
+                result.hf_max_abs_logit_diff <= tolerance))
     return out
 
 

@@ -48,7 +48,7 @@ class DemoResult:
     size: str
     seed: int = 0
     losses: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> domain -> loss
-    # mean gate weight per expert on each domain (mean over layers and tokens), before / after router tuning
+    # mean gate weight per expert on each domain (mean over layers and tokens), before / after the router step
     routing: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     expert_names: tuple[str, ...] = ()
     oracle: dict[str, float] = field(default_factory=dict)  # best single model (public or one owner) per domain
@@ -56,6 +56,7 @@ class DemoResult:
     proxies: dict[str, int] = field(default_factory=dict)  # owner -> public documents selected as proxies
     hf_max_abs_logit_diff: float = float("nan")
     hf_max_abs_logit: float = float("nan")
+    hf_fp32_max_abs_logit_diff: float = float("nan")  # transformers fp32 vs transformers float64
     physical_vs_runtime_opt_out: float = float("nan")
     # one held-out prompt per domain, continued by the final model: the completion and each expert's share of it
     attribution: dict[str, dict] = field(default_factory=dict)
@@ -207,8 +208,9 @@ class Demo:
 
     # ------------------------------------------------------------------ a data owner (own data only)
     def owner(self, name: str) -> None:
-        """Everything one data owner does: embedding, upcycle, anchored training (learned bias on),
-        package, and proxy selection from the public text (only public identifiers leave)."""
+        """Everything one data owner does: embedding, upcycle, anchored training (learned bias on), router
+        calibration (unless the size turns it off), package, and proxy selection from the public text
+        (only public identifiers leave)."""
         s, data, home = self.size, self.root / "data", self.root / "owners" / name
         self.embed(name)
         self.upcycle(("public", name), home / f"{name}-embedding.safetensors", home / "start")
@@ -220,14 +222,14 @@ class Demo:
             train_iters=s.owner_iters, lr=s.owner_lr, min_lr=s.owner_lr / 10,
             lr_warmup_iters=max(1, s.owner_iters // 10), save_interval=s.owner_iters, **self.model_overrides()),
             s.owner_iters)
+        trained = self.calibrate(name) if s.router_calibration_scale is not None else home / "trained"
         package = self.root / "packages" / name
         tokens = s.owner_iters * s.tokens_per_iteration
         key = home / f"{name}-key"  # the owner's signing key; only key.pub goes to the coordinator
         self.command("keygen", "--out", key)
         keygen(key)
-        self.command("package-expert", home / "trained", package, "--name", name, "--tokens-trained", tokens,
-                     "--sign", key)
-        package_expert(home / "trained", package, name=name, description=f"demo expert trained on {name} text",
+        self.command("package-expert", trained, package, "--name", name, "--tokens-trained", tokens, "--sign", key)
+        package_expert(trained, package, name=name, description=f"demo expert trained on {name} text",
                        tokens_trained=tokens, sign_key=key)
         proxy = self.root / "packages" / f"{name}-proxy.json"
         public_hf = self.root / "coordinator" / "public-hf"
@@ -240,6 +242,34 @@ class Demo:
         self.say(f"   packaged -> {package.relative_to(self.root)}; proxy data: {len(selection.selected)} public "
                  f"documents (classifier accuracy {100 * selection.cross_validated_accuracy:.0f}%) -> "
                  f"{proxy.relative_to(self.root)}")
+
+    def calibrate(self, name: str) -> Path:
+        """The owner's router rows refitted as a discriminant of its text against public text
+        (``flexolmo calibrate-router``, own process); returns the calibrated checkpoint."""
+        data, home = self.root / "data", self.root / "owners" / name
+        out = home / "calibrated"
+        s = self.size
+        self.run_command(f"calibrate-{name}", "calibrate-router", home / "trained", "--own-data",
+                         data / f"{name}.train", "--public-data", data / "public.train", "--out", out, "--scale",
+                         s.router_calibration_scale,
+                         "--public-weight", s.calibration_public_weight, "--max-tokens", s.calibration_tokens)
+        return out
+
+    def run_command(self, label: str, *argv) -> str:
+        """A ``flexolmo`` command in a process of its own (log: ``logs/<label>.log``); its last line."""
+        argv = [str(a) for a in argv]
+        self.command(*argv)
+        log_path = self.root / "logs" / f"{label}.log"
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+        with open(log_path, "w", encoding="utf-8") as log:
+            code = subprocess.run([sys.executable, "-m", "flexolmo_plugin", *argv], stdout=log,
+                                  stderr=subprocess.STDOUT, env=env, cwd=self.root).returncode
+        lines = open(log_path, encoding="utf-8").read().splitlines()
+        if code != 0:
+            raise DemoError(f"flexolmo {argv[0]} failed (exit {code}); last lines of {log_path}:\n"
+                            + "\n".join(lines[-15:]))
+        self.say(f"   {argv[0]}: {lines[-1].split(' -> ')[0]}")
+        return lines[-1]
 
     # ------------------------------------------------------------------ coordinator
     def merge(self) -> None:
@@ -271,11 +301,19 @@ class Demo:
         self.say("   router-tuning data: " + ", ".join(f"{k} {v}" for k, v in mix.per_source.items()) + " documents")
         self.command("prepare-data", data / "router-mix.jsonl", data / "router-mix", "--tokenizer", data / "tokenizer")
         prepare_dataset(data / "router-mix.jsonl", data / "router-mix", tokenizer_dir=data / "tokenizer")
-        self.train("router-tune", "router-tune", dict(
-            init_from=coordinator / "merged", save_dir=coordinator / "final", data_paths=f"[{data / 'router-mix'}]",
-            train_iters=s.router_iters, lr=s.router_lr, min_lr=s.router_lr / 10,
-            lr_warmup_iters=max(1, s.router_iters // 10), save_interval=s.router_iters, **self.model_overrides()),
-            s.router_iters)
+        start = coordinator / "merged"
+        if s.router_calibration_scale is not None:  # the owners calibrated layer 0's rows; align the others to it
+            start = coordinator / ("aligned" if s.router_iters else "final")
+            self.run_command("align-router", "align-router", coordinator / "merged", "--data", data / "router-mix",
+                             "--out", start, "--max-tokens", s.calibration_tokens)
+        if s.router_iters:
+            self.train("router-tune", "router-tune", dict(
+                init_from=start, save_dir=coordinator / "final", data_paths=f"[{data / 'router-mix'}]",
+                train_iters=s.router_iters, lr=s.router_lr, min_lr=s.router_lr / 10,
+                lr_warmup_iters=max(1, s.router_iters // 10), save_interval=s.router_iters, **self.model_overrides()),
+                s.router_iters)
+        elif start != coordinator / "final":
+            raise DemoError("router_iters=0 needs router calibration (the final model is then the aligned one)")
         dropped = OWNERS[0]
         self.command("opt-out", coordinator / "final", "--drop", dropped, "--out",
                      coordinator / f"final-without-{dropped}")

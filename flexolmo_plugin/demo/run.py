@@ -32,13 +32,13 @@ ARTIFACTS = {
     "router-tuning data (public text + the owners' proxy selections)": "data/router-mix.jsonl",
     "public model (Megatron torch_dist, Bridge save dir)": "coordinator/public/",
     "public model in Hugging Face format (used for embeddings)": "coordinator/public-hf/",
-    "owners' upcycled starts and trained checkpoints": "owners/<name>/start/, owners/<name>/trained/",
+    "owners' upcycled starts, trained and calibrated checkpoints": "owners/<name>/{start,trained,calibrated}/",
     "expert packages (manifest.json + safetensors) and proxy selections": "packages/",
-    "merged model (Megatron), before router tuning": "coordinator/merged/",
-    "final model (router-tuned on public + proxy data)": "coordinator/final/",
+    "merged model (Megatron), before the router step": "coordinator/merged/",
+    "final model (routers aligned / tuned on public + proxy data)": "coordinator/final/",
     "final model without the first owner (physical opt-out)": f"coordinator/final-without-{OWNERS[0]}/",
     "final model in Hugging Face format": "coordinator/final-hf/",
-    "routing heatmaps (gate weights before / after router tuning)": "eval/routing-before.png, eval/routing-after.png",
+    "routing heatmaps (gate weights before / after the router step)": "eval/routing-before.png, eval/routing-after.png",
     "attribution of one generated output per domain (flexolmo generate --attribution)": "eval/attribution.jsonl",
     "all numbers (JSON) / this summary": "eval/results.json, eval/summary.md",
 }
@@ -81,9 +81,11 @@ def run_demo(workdir: str | os.PathLike | None = None, *, size: str = "full", se
               demo.publish_public)
     for owner in OWNERS:
         demo.step(f"4. owner {owner!r}: domain embedding, upcycle [public, {owner}], anchored training with the "
-                  f"learned bias (own process, own data only), package, proxy selection", demo.owner, owner)
+                  f"learned bias (own process, own data only), router calibration, package, proxy selection",
+                  demo.owner, owner)
     demo.step("5. coordinator: verify and merge the packages", demo.merge)
-    demo.step("6. coordinator: router tuning on public text + the owners' proxy selections; opt one owner out",
+    demo.step("6. coordinator: router step (alignment / tuning) on public text + the owners' proxy selections; "
+              "opt one owner out",
               demo.router_tune)
     demo.step("7. evaluate every model on every domain's held-out text", evaluate_all, demo)
     demo.step("8. export the final model to Hugging Face and check it with transformers", export, demo)

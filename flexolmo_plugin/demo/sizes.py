@@ -30,7 +30,12 @@ class DemoSize:
     owner_lr: float
     owner_public_share: float  # share of public text in an owner's training stream (public replay)
     router_bias_init: float | None = -1.0  # the owners' learned router bias at upcycling (None: no bias)
-    router_iters: int  # router tuning on public + proxy data
+    # owner-side router calibration (flexolmo calibrate-router): scale of the fitted log-odds (None: off)
+    router_calibration_scale: float | None = 6.0
+    calibration_public_weight: float = 4.0  # prior of the public expert in the owner's calibration
+    calibration_tokens: int  # tokens of own text and of public text the calibration reads
+    # with calibration: the coordinator aligns the later layers' routers to layer 0 (flexolmo align-router)
+    router_iters: int  # then router tuning (language-model loss) on public + proxy data; 0: none
     router_lr: float
     proxy_fraction: float  # share of the public documents each owner selects as proxies
     embed_docs: int  # documents averaged into each domain embedding (paper: 1000)
@@ -46,13 +51,15 @@ SIZES = {
         public_chars=600_000, pool_chars=600_000, train_chars=420_000, eval_chars=60_000, vocab_size=2048,
         num_layers=4, hidden_size=128, ffn_hidden_size=384, num_attention_heads=4, seq_length=128,
         global_batch_size=16, public_iters=150, public_lr=3e-3, owner_iters=80, owner_lr=3e-3, owner_public_share=0.25,
-        router_iters=60, router_lr=1e-2, proxy_fraction=0.1, embed_docs=200, eval_tokens=8192),
+        calibration_tokens=32768, router_iters=0, router_lr=3e-3, proxy_fraction=0.1, embed_docs=200,
+        eval_tokens=8192),
     # The test suite's size: same pipeline, a smaller model trained for fewer steps.
     "tiny": DemoSize(
         public_chars=240_000, pool_chars=240_000, train_chars=120_000, eval_chars=24_000, vocab_size=512,
         num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, seq_length=64,
         global_batch_size=16, public_iters=60, public_lr=5e-3, owner_iters=80, owner_lr=5e-3, owner_public_share=0.25,
-        router_iters=40, router_lr=1e-2, proxy_fraction=0.1, embed_docs=64, eval_tokens=16384),
+        calibration_tokens=32768, router_iters=0, router_lr=3e-3, proxy_fraction=0.1, embed_docs=64,
+        eval_tokens=16384),
 }
 
 
@@ -69,7 +76,8 @@ def sized(name: str, overrides: dict[str, str] | None = None) -> DemoSize:
         if text.lower() == "none":
             changes[key] = None
             continue
-        kind = float if isinstance(current, float) or key == "router_bias_init" else type(current)
+        kind = float if isinstance(current, float) or key in ("router_bias_init", "router_calibration_scale") \
+            else type(current)
         try:
             changes[key] = kind(text)
         except ValueError as error:

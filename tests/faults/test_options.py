@@ -39,6 +39,8 @@ UPCYCLE = "upcycle {public_hf} {tmp}/up --public-embedding {e0} --domain-embeddi
 PARITY = "parity {public_hf}"
 GEN = "generate {merged} --prompt hi"
 AUDIT = "audit-extraction {merged} {docs}"
+CALIBRATE = "calibrate-router {owner} --own-data {dataset} --public-data {dataset} --out {tmp}/cal"
+ALIGN = "align-router {merged} --data {dataset} --out {tmp}/aligned"
 EXCLUDE = "argument --exclude: {!r} is not a valid name"
 
 # (id COMMAND-OPTION-..., command line, regex of the one error line; a final "$" stands for the end of
@@ -114,6 +116,15 @@ CASES = [
     ("audit-extraction-top-p-above-1", f"{AUDIT} --top-p 1.5", r"argument --top-p: must be in \(0, 1\], got 1.5$"),
     ("audit-extraction-threshold-0", f"{AUDIT} --threshold 0", r"argument --threshold: must be in \(0, 1\], got 0$"),
     ("audit-extraction-seed-negative", f"{AUDIT} --seed -1", f"argument --seed: {SEED}-1$"),
+    *[(f"calibrate-router-{flag[2:]}-{name}", f"{CALIBRATE} {flag}={value}", message.format(flag=flag, value=value))
+      for flag in ("--scale", "--regularization", "--public-weight")
+      for name, value, message in (("0", "0", "argument {flag}: must be > 0, got {value}$"),
+                                   ("negative", "-2", "argument {flag}: must be > 0, got {value}$"),
+                                   ("nan", "nan", "argument {flag}: " + FINITE + "'{value}'"))],
+    *[(f"{command}-{flag[2:]}-0", f"{template} {flag} 0", f"argument {flag}: {INT_1}0$")
+      for command, template in (("calibrate-router", CALIBRATE), ("align-router", ALIGN))
+      for flag in ("--max-tokens", "--seq-len")],
+    ("align-router-regularization-inf", f"{ALIGN} --regularization inf", f"argument --regularization: {FINITE}'inf'"),
     # usage mistakes: one line too, exit 2 returned (not raised as SystemExit)
     ("no-command", "", "^error: the following arguments are required: COMMAND"),
     ("unknown-option", f"{MERGE} --topk 2", "^error: unrecognized arguments: --topk 2"),
