@@ -73,6 +73,17 @@ def _check(model: nn.Module, own: torch.Tensor, public: torch.Tensor, scale: flo
     return names[1]
 
 
+def _router_state(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every router's parameters and a copy of their values (to undo a calibration that fails midway)."""
+    return [(p, p.detach().clone()) for layer in unwrap(model).decoder.layers for p in layer.mlp.router.parameters()]
+
+
+def _restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for param, value in saved:
+            param.copy_(value)
+
+
 def _router_inputs(model: nn.Module, layer: int, windows: torch.Tensor, batch_size: int) -> np.ndarray:
     router = unwrap(model).decoder.layers[layer].mlp.router
     seen: list[torch.Tensor] = []
@@ -95,13 +106,15 @@ def calibrate_router(model: nn.Module, own: torch.Tensor, public: torch.Tensor, 
     against ``public`` ones (``[n, seq]`` each); ``regularization`` is scikit-learn's ``C``.
 
     Raises:
-        ConfigError: not a two-expert owner model, empty or malformed windows, scale or
-            regularization not a finite positive number, or non-finite router inputs.
+        ConfigError: not a two-expert owner model, empty or malformed windows, scale, regularization or
+            public weight not a finite positive number, or non-finite router inputs (the model is then
+            left as it was).
     """
     expert = _check(model, own, public, scale, regularization, public_weight)
     was_training = model.training
     model.eval()
     layers = []
+    saved = _router_state(model)
     try:
         for index, layer in enumerate(unwrap(model).decoder.layers):
             x_own, x_public = (_router_inputs(model, index, w, batch_size) for w in (own, public))
@@ -125,6 +138,9 @@ def calibrate_router(model: nn.Module, own: torch.Tensor, public: torch.Tensor, 
                     bias.zero_()
             layers.append(LayerCalibration(layer=index, accuracy=float(weights.sum()), row_change=change,
                                            offset_norm=offset.norm().item()))
+    except BaseException:
+        _restore(saved)
+        raise
     finally:
         model.train(was_training)
     return CalibrationReport(expert=expert, own_tokens=own.numel(), public_tokens=public.numel(), scale=float(scale),
@@ -204,6 +220,7 @@ def align_router(model: nn.Module, windows: torch.Tensor, *, regularization: flo
     was_training = model.training
     model.eval()
     report = []
+    saved = _router_state(model)
     try:
         target = _routing_probs(model, 0, windows, batch_size)
         for index in range(1, len(layers)):
@@ -220,6 +237,9 @@ def align_router(model: nn.Module, windows: torch.Tensor, *, regularization: flo
             fitted = _routing_probs(model, index, windows, batch_size)
             kl = (target * (np.log(np.clip(target, 1e-12, None)) - np.log(np.clip(fitted, 1e-12, None)))).sum(1)
             report.append(float(kl.mean()))
+    except BaseException:
+        _restore(saved)
+        raise
     finally:
         model.train(was_training)
     return AlignmentReport(tokens=int(windows.numel()), layers=report)

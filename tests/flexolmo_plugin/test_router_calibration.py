@@ -218,3 +218,16 @@ def test_align_refusals(bad):
     with pytest.raises(ConfigError):
         align_router(model, bad.get("windows", windows(3, VOCAB)), regularization=bad.get("regularization", 1.0))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_a_failure_midway_leaves_the_model_as_it_was():
+    """Non-finite router inputs at layer 1 are found after layer 0 was already refitted: undone."""
+    model = owner_model()
+    with torch.no_grad():
+        model.decoder.layers[1].self_attention.linear_proj.weight.fill_(float("nan"))
+    state = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    with pytest.raises(ConfigError, match="layer 1: non-finite router inputs"):
+        calibrate_router(model, windows(50, VOCAB), windows(3, 17))
+    assert all(torch.equal(v, model.state_dict()[k]) or torch.isnan(v).all() for k, v in state.items())
+    r0 = model.decoder.layers[0].mlp.router.domain_embeddings[1]
+    assert torch.equal(r0, state["decoder.layers.0.mlp.router.domain_embeddings.1"])
