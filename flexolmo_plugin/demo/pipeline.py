@@ -249,10 +249,10 @@ class Demo:
         data, home = self.root / "data", self.root / "owners" / name
         out = home / "calibrated"
         s = self.size
-        self.run_command(f"calibrate-{name}", "calibrate-router", home / "trained", "--own-data",
-                         data / f"{name}.train", "--public-data", data / "public.train", "--out", out, "--scale",
-                         s.router_calibration_scale,
-                         "--public-weight", s.calibration_public_weight, "--max-tokens", s.calibration_tokens)
+        self.run_command(f"calibrate-{name}", "calibrate-router", home / "trained",
+                         "--own-data", data / f"{name}.train", "--public-data", data / "public.train", "--out", out,
+                         "--scale", s.router_calibration_scale, "--public-weight", s.calibration_public_weight,
+                         "--max-tokens", s.calibration_tokens)
         return out
 
     def run_command(self, label: str, *argv) -> str:
@@ -312,8 +312,6 @@ class Demo:
                 train_iters=s.router_iters, lr=s.router_lr, min_lr=s.router_lr / 10,
                 lr_warmup_iters=max(1, s.router_iters // 10), save_interval=s.router_iters, **self.model_overrides()),
                 s.router_iters)
-        elif start != coordinator / "final":
-            raise DemoError("router_iters=0 needs router calibration (the final model is then the aligned one)")
         dropped = OWNERS[0]
         self.command("opt-out", coordinator / "final", "--drop", dropped, "--out",
                      coordinator / f"final-without-{dropped}")

@@ -63,6 +63,9 @@ SIZES = {
 }
 
 
+OPTIONAL = ("router_bias_init", "router_calibration_scale")  # fields that --set FIELD=none switches off
+
+
 def sized(name: str, overrides: dict[str, str] | None = None) -> DemoSize:
     """``SIZES[name]`` with fields replaced from ``NAME=VALUE`` strings (``--set`` of ``flexolmo demo``,
     used by the composition ablation); ``none`` means None."""
@@ -74,12 +77,23 @@ def sized(name: str, overrides: dict[str, str] | None = None) -> DemoSize:
             raise ConfigError(f"--set {key}: not a demo size field ({', '.join(sorted(fields))})")
         current = getattr(base, key)
         if text.lower() == "none":
+            if key not in OPTIONAL:
+                raise ConfigError(f"--set {key}=none: only {', '.join(OPTIONAL)} can be switched off")
             changes[key] = None
             continue
-        kind = float if isinstance(current, float) or key in ("router_bias_init", "router_calibration_scale") \
-            else type(current)
+        kind = float if isinstance(current, float) or key in OPTIONAL else type(current)
         try:
             changes[key] = kind(text)
         except ValueError as error:
             raise ConfigError(f"--set {key}={text}: {error}") from None
-    return dataclasses.replace(base, **changes)
+    size = dataclasses.replace(base, **changes)
+    if size.router_iters < 0:
+        raise ConfigError(f"--set router_iters={size.router_iters}: must be >= 0")
+    if size.router_calibration_scale is not None and not size.router_calibration_scale > 0:
+        raise ConfigError(f"--set router_calibration_scale={size.router_calibration_scale}: must be > 0 (or none)")
+    if not size.calibration_public_weight > 0:
+        raise ConfigError(f"--set calibration_public_weight={size.calibration_public_weight}: must be > 0")
+    if size.router_iters == 0 and size.router_calibration_scale is None:
+        raise ConfigError("router_calibration_scale=none needs router_iters > 0: without calibration and alignment "
+                          "the coordinator's router step is LM router tuning")
+    return size

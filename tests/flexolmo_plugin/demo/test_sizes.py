@@ -20,3 +20,15 @@ def test_unknown_fields_and_bad_values_are_refused():
         sized("tiny", {"no_such_field": "1"})
     with pytest.raises(ConfigError, match="owner_iters=many"):
         sized("tiny", {"owner_iters": "many"})
+
+
+def test_router_step_settings_are_checked_before_any_work():
+    assert sized("tiny", {"router_calibration_scale": "none", "router_iters": "40"}).router_calibration_scale is None
+    assert sized("full", {"router_iters": "60"}).router_iters == 60  # alignment, then LM router tuning
+    for overrides, match in (({"router_calibration_scale": "none"}, "needs router_iters > 0"),
+                             ({"router_iters": "-1"}, "router_iters=-1: must be >= 0"),
+                             ({"router_calibration_scale": "0"}, "must be > 0"),
+                             ({"calibration_public_weight": "-4"}, "must be > 0"),
+                             ({"router_iters": "none"}, "only router_bias_init, router_calibration_scale")):
+        with pytest.raises(ConfigError, match=match):
+            sized("tiny", overrides)
