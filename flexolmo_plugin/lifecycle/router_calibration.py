@@ -158,18 +158,13 @@ class AlignmentReport:
                 f"after fitting (nats): {kl}")
 
 
-def _routing_probs(model: nn.Module, layer: int, windows: torch.Tensor, batch_size: int) -> np.ndarray:
+def _routing_probs(model: nn.Module, layer: int, inputs: np.ndarray) -> np.ndarray:
+    """The layer's routing probabilities (softmax over every expert) for router inputs already collected:
+    a layer's router input depends only on the layers before it, so no further forward is needed."""
     router = unwrap(model).decoder.layers[layer].mlp.router
-    seen: list[torch.Tensor] = []
-    handle = router.register_forward_hook(lambda module, args, output: seen.append(
-        torch.softmax(module.gating(args[0].reshape(-1, args[0].shape[-1])).float(), dim=-1).detach().cpu()))
-    try:
-        with torch.no_grad():
-            for batch in windows.split(batch_size):
-                logits(model, batch)
-    finally:
-        handle.remove()
-    return torch.cat(seen).double().numpy()
+    with torch.no_grad():
+        device = router.domain_embeddings[0].device
+        return torch.softmax(router.gating(torch.from_numpy(inputs).to(device)).float(), dim=-1).double().cpu().numpy()
 
 
 def _fit_soft_softmax(features: np.ndarray, target: np.ndarray, regularization: float) -> torch.Tensor:
@@ -222,7 +217,7 @@ def align_router(model: nn.Module, windows: torch.Tensor, *, regularization: flo
     report = []
     saved = _router_state(model)
     try:
-        target = _routing_probs(model, 0, windows, batch_size)
+        target = _routing_probs(model, 0, _router_inputs(model, 0, windows, batch_size))
         for index in range(1, len(layers)):
             features = _router_inputs(model, index, windows, batch_size)
             if not (np.isfinite(features).all() and np.isfinite(target).all()):
@@ -234,7 +229,7 @@ def align_router(model: nn.Module, windows: torch.Tensor, *, regularization: flo
                     rows[expert].copy_((rows[0].float() + beta[expert] - beta[0]).to(rows[expert].dtype))
                 for bias in layers[index].mlp.router.domain_biases or ():
                     bias.zero_()
-            fitted = _routing_probs(model, index, windows, batch_size)
+            fitted = _routing_probs(model, index, features)
             kl = (target * (np.log(np.clip(target, 1e-12, None)) - np.log(np.clip(fitted, 1e-12, None)))).sum(1)
             report.append(float(kl.mean()))
     except BaseException:
