@@ -15,7 +15,9 @@ cover.  Every Python installation that can run this package carries such text:
 
 Documents are chunks of at most ``chunk_chars`` characters cut at line boundaries, shuffled with a
 fixed seed, and split into a training and a held-out evaluation part, so every run of the demo sees
-the same data.
+the same data -- as long as the installed text is the same.  This project's own installed metadata
+is left out: it holds the README (``long_description``), which quotes the demo's own numbers, so with
+it every edit of the README changed the public text and every number of the next demo run.
 """
 
 from __future__ import annotations
@@ -72,9 +74,18 @@ def _cpp_sources() -> Iterator[tuple[str, str]]:
     return _files([p for p in include.rglob("*.h") if p.is_file()])
 
 
-def _license_sources() -> Iterator[tuple[str, str]]:
+OWN_DISTRIBUTION = "flexolmo_megatron"  # this project, as named in ``<name>-<version>.dist-info``
+
+
+def _dist_infos() -> list[Path]:
+    """The installed packages' ``*.dist-info`` folders, except this project's own (see the module docstring)."""
     roots = {Path(sysconfig.get_paths()[key]) for key in ("purelib", "platlib")}
-    paths = [p for root in roots for p in root.glob("*.dist-info/**/*")
+    return [d for root in roots for d in root.glob("*.dist-info")
+            if d.name.split("-")[0].lower().replace(".", "_") != OWN_DISTRIBUTION]
+
+
+def _license_sources() -> Iterator[tuple[str, str]]:
+    paths = [p for d in _dist_infos() for p in d.glob("**/*")
              if p.is_file() and any(word in p.name.upper() for word in ("LICEN", "COPYING", "NOTICE"))]
     system = Path("/usr/share/common-licenses")
     if system.is_dir():
@@ -88,8 +99,7 @@ def _numpy_files(pattern: str) -> Iterator[tuple[str, str]]:
 
 
 def _metadata_sources() -> Iterator[tuple[str, str]]:
-    roots = {Path(sysconfig.get_paths()[key]) for key in ("purelib", "platlib")}
-    return _files([p for root in roots for p in root.glob("*.dist-info/METADATA")])
+    return _files([d / "METADATA" for d in _dist_infos() if (d / "METADATA").is_file()])
 
 
 SOURCES = {"public": _public_sources, "python": _python_sources, "cpp": _cpp_sources, "licenses": _license_sources}
