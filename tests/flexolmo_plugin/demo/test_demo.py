@@ -3,13 +3,13 @@ its own process on Megatron-Bridge, proxies are selected owner-side, the coordin
 only public text) -- for two seeds, and twice for one of them (determinism).
 
 Issue #13 is open: of the demo's checks, these tests require the ones that held in every reduced run
-measured with the current defaults (owner-side router calibration + coordinator alignment, 2026-12-02,
-seeds 0-2, docs/composition.md): the final model beats the public model on the mean and on every owner's
-domain; opting each owner out hurts its own domain most; the cpp and licenses experts have the largest
-owner gate weight on their own text; physical opt-out == run-time exclusion; the HF export is exact.
-Not asserted, with the measured reason: "beats every single owner model" (seed 1 misses the single
-python model by 0.029 nats) and "the python expert has the largest owner gate weight on python text"
-(seed 2: 6.7% vs cpp 9.2%); so the demo may exit 1."""
+measured with the current defaults (owner-side router calibration + coordinator alignment; seeds 0-2,
+2026-12-02, after this project's README was taken out of the demo text, docs/composition.md): the final
+model beats the public model on the mean and on every owner's domain; opting each owner out hurts its
+own domain most; the cpp and licenses experts have the largest owner gate weight on their own text;
+physical opt-out == run-time exclusion; the HF export is exact.  Not asserted, with the measured reason:
+"beats every single owner model" (seed 1 misses the single python model by 0.013 nats) and "the python
+expert has the largest owner gate weight on python text" (seed 0: 7.7% vs cpp 8.3%); so the demo may exit 1."""
 
 from __future__ import annotations
 
