@@ -45,7 +45,7 @@ WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 # reports).
 OUTPUT_ARGUMENT = {
     "convert": "target", "upcycle": "out_dir", "prepare-data": "output_prefix", "embed-domain": "output",
-    "select-proxy": "out", "calibrate-router": "out", "align-router": "out", "router-mix": "out",
+    "select-proxy": "out", "calibrate-router": "out", "align-router": "out", "scale-router": "out", "router-mix": "out",
     "package-expert": "package_dir", "merge": "out", "opt-out": "out", "eval": "plot", "demo": "workdir",
     "keygen": "out", "generate": "out", "audit-extraction": "out",
 }

@@ -164,6 +164,25 @@ def cmd_align_router(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_scale_router(args: argparse.Namespace) -> int:
+    """Coordinator side: one logit scale per owner expert, kept only if held-out mix text improves."""
+    _megatron()
+    from flexolmo_plugin.api import from_mcore, save_mcore
+    from flexolmo_plugin.conversion.atomic import check_new_output
+    from flexolmo_plugin.conversion.mcore_io import load_config
+    from flexolmo_plugin.lifecycle.evaluation import read_windows
+    from flexolmo_plugin.lifecycle.router_scaling import scale_router
+
+    check_new_output(args.out)
+    seq_len = args.seq_len or load_config(args.mcore_dir)[0].max_position_embeddings
+    windows = read_windows(args.data, seq_len=seq_len, max_tokens=args.max_tokens)
+    model = from_mcore(args.mcore_dir)
+    report = scale_router(model, windows, grid=args.grid, sweeps=args.sweeps)
+    save_mcore(model, args.out)
+    print(f"{report.summary()} -> {args.out}")
+    return EXIT_OK
+
+
 def cmd_select_proxy(args: argparse.Namespace) -> int:
     """Owner side: identifiers of the public documents most like the owner's (no owner text leaves)."""
     _megatron()

@@ -102,6 +102,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def scale_grid(text: str) -> tuple[float, ...]:
+    """Comma-separated logit scales (``1,2,3,4,6,9``): finite, >= 0, at least one."""
+    values = []
+    for part in text.split(","):
+        value = _number(part.strip())
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"scales must be >= 0, got {value:g}")
+        values.append(value)
+    return tuple(values)
+
+
 def tolerance(text: str) -> float:
     """A bound on |Δ|: NaN would make every comparison fail (or pass), inf would accept anything."""
     value = _number(text)

@@ -161,6 +161,24 @@ def build_parser() -> opt.Parser:
                      help="window length (default: the model's sequence length)")
     aln.set_defaults(func=commands.cmd_align_router)
 
+    scl = sub.add_parser(
+        "scale-router", help="coordinator: one logit scale per owner expert, chosen on public + proxy text",
+        description="Sets every layer's owner rows to r_pub + alpha_e (r_e - r_pub), alpha_e chosen per owner expert "
+                    "by coordinate search over --grid on the language-model loss of alternate windows of the data, "
+                    "and keeps them only if the other windows' loss improves (otherwise the output is the input "
+                    "model, unchanged).  r_pub and every other weight stay bit-identical; no bias is added.")
+    scl.add_argument("mcore_dir", metavar="MODEL_DIR", help="the merged (and aligned) checkpoint")
+    scl.add_argument("--data", required=True, metavar="PREFIX",
+                     help="indexed dataset of public + proxy text (e.g. the router-tuning mix)")
+    scl.add_argument("--out", required=True, metavar="DIR", help="must not exist yet")
+    scl.add_argument("--grid", type=opt.scale_grid, default=(1.0, 2.0, 3.0, 4.0, 6.0, 9.0),
+                     help="comma-separated scales to try (default 1,2,3,4,6,9)")
+    scl.add_argument("--sweeps", type=opt.positive_int, default=2, help="passes over the experts (default 2)")
+    scl.add_argument("--max-tokens", type=opt.positive_int, default=65536, help="tokens read from the dataset")
+    scl.add_argument("--seq-len", type=opt.positive_int, default=None,
+                     help="window length (default: the model's sequence length)")
+    scl.set_defaults(func=commands.cmd_scale_router)
+
     mix = sub.add_parser("router-mix", help="coordinator: router-tuning data from public text and proxy selections",
                          description="Every source (the public set, each owner's proxy set) contributes the same "
                                      "number of documents (default: the largest proxy set), shuffled, as JSON Lines "
@@ -371,5 +389,5 @@ def build_parser() -> opt.Parser:
 
 
 # Commands that read checkpoints or datasets our tools wrote (and verify their checksums).
-VERIFYING_COMMANDS = ("parity", "convert", "upcycle", "calibrate-router", "align-router", "package-expert", "merge",
-                      "opt-out", "eval", "train", "verify", "generate", "audit-extraction")
+VERIFYING_COMMANDS = ("parity", "convert", "upcycle", "calibrate-router", "align-router", "scale-router",
+                      "package-expert", "merge", "opt-out", "eval", "train", "verify", "generate", "audit-extraction")

@@ -182,7 +182,8 @@ def figures(result) -> list[str]:
     return [f"composition efficiency {100 * result.efficiency:.0f}% (goal >= {100 * EFFICIENCY_GOAL:.0f}%, "
             f"moonshot 80%)",
             f"final vs public model on public text: {100 * (final / public - 1):+.1f}% loss (goal <= "
-            f"+{100 * PUBLIC_TEXT_GOAL:.0f}%)"]
+            f"+{100 * PUBLIC_TEXT_GOAL:.0f}%)"] + ([f"router scaling: {result.router_scaling}"] if result.router_scaling
+                                                  else [])
 
 
 def format_losses(table: dict[str, dict[str, float]], best: dict[str, float] | None = None) -> str:

@@ -54,6 +54,7 @@ class DemoResult:
     oracle: dict[str, float] = field(default_factory=dict)  # best single model (public or one owner) per domain
     efficiency: float = float("nan")  # (public - final) / (public - oracle), mean over domains
     proxies: dict[str, int] = field(default_factory=dict)  # owner -> public documents selected as proxies
+    router_scaling: str = ""  # flexolmo scale-router's report (the chosen logit scales), if it ran
     hf_max_abs_logit_diff: float = float("nan")
     hf_max_abs_logit: float = float("nan")
     hf_fp32_max_abs_logit_diff: float = float("nan")  # transformers fp32 vs transformers float64
@@ -268,7 +269,7 @@ class Demo:
         if code != 0:
             raise DemoError(f"flexolmo {argv[0]} failed (exit {code}); last lines of {log_path}:\n"
                             + "\n".join(lines[-15:]))
-        self.say(f"   {argv[0]}: {lines[-1].split(' -> ')[0]}")
+        self.say(f"   {argv[0]}: {lines[-1].rsplit(' -> ', 1)[0]}")
         return lines[-1]
 
     # ------------------------------------------------------------------ coordinator
@@ -290,8 +291,9 @@ class Demo:
                  f"signature) onto the public model: {report.summary()}")
 
     def router_tune(self) -> None:
-        """Router tuning on public text plus the owners' proxy selections -- never owner text.  The
-        learned biases are dropped here and the rows re-tuned, so the final model exports to HF exactly."""
+        """The coordinator's router step on public text plus the owners' proxy selections -- never owner
+        text: alignment of the later layers, per-expert logit scales, LM router tuning (each as the size
+        says).  The learned biases are dropped here, so the final model exports to HF exactly."""
         s, data, coordinator = self.size, self.root / "data", self.root / "coordinator"
         proxies = [self.root / "packages" / f"{name}-proxy.json" for name in OWNERS]
         self.command("router-mix", data / "public.pool.jsonl", *proxies, "--public-sample", data / "public.train.jsonl",
@@ -301,17 +303,25 @@ class Demo:
         self.say("   router-tuning data: " + ", ".join(f"{k} {v}" for k, v in mix.per_source.items()) + " documents")
         self.command("prepare-data", data / "router-mix.jsonl", data / "router-mix", "--tokenizer", data / "tokenizer")
         prepare_dataset(data / "router-mix.jsonl", data / "router-mix", tokenizer_dir=data / "tokenizer")
+        stages = [name for name, on in (("aligned", s.router_calibration_scale is not None),
+                                        ("scaled", s.router_scaling_sweeps > 0), ("tuned", s.router_iters > 0)) if on]
         start = coordinator / "merged"
-        if s.router_calibration_scale is not None:  # the owners calibrated layer 0's rows; align the others to it
-            start = coordinator / ("aligned" if s.router_iters else "final")
-            self.run_command("align-router", "align-router", coordinator / "merged", "--data", data / "router-mix",
-                             "--out", start, "--max-tokens", s.calibration_tokens)
-        if s.router_iters:
-            self.train("router-tune", "router-tune", dict(
-                init_from=start, save_dir=coordinator / "final", data_paths=f"[{data / 'router-mix'}]",
-                train_iters=s.router_iters, lr=s.router_lr, min_lr=s.router_lr / 10,
-                lr_warmup_iters=max(1, s.router_iters // 10), save_interval=s.router_iters, **self.model_overrides()),
-                s.router_iters)
+        for stage in stages:  # each stage reads the previous one's output; the last one writes "final"
+            out = coordinator / ("final" if stage == stages[-1] else stage)
+            if stage == "aligned":  # the owners calibrated layer 0's rows; align the others to it
+                self.run_command("align-router", "align-router", start, "--data", data / "router-mix",
+                                 "--out", out, "--max-tokens", s.calibration_tokens)
+            elif stage == "scaled":
+                line = self.run_command("scale-router", "scale-router", start, "--data", data / "router-mix",
+                                        "--out", out, "--sweeps", s.router_scaling_sweeps)
+                self.result.router_scaling = line.rsplit(" -> ", 1)[0]
+            else:
+                self.train("router-tune", "router-tune", dict(
+                    init_from=start, save_dir=out, data_paths=f"[{data / 'router-mix'}]",
+                    train_iters=s.router_iters, lr=s.router_lr, min_lr=s.router_lr / 10,
+                    lr_warmup_iters=max(1, s.router_iters // 10), save_interval=s.router_iters,
+                    **self.model_overrides()), s.router_iters)
+            start = out
         dropped = OWNERS[0]
         self.command("opt-out", coordinator / "final", "--drop", dropped, "--out",
                      coordinator / f"final-without-{dropped}")

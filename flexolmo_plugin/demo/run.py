@@ -35,7 +35,7 @@ ARTIFACTS = {
     "owners' upcycled starts, trained and calibrated checkpoints": "owners/<name>/{start,trained,calibrated}/",
     "expert packages (manifest.json + safetensors) and proxy selections": "packages/",
     "merged model (Megatron), before the router step": "coordinator/merged/",
-    "final model (routers aligned / tuned on public + proxy data)": "coordinator/final/",
+    "final model (routers aligned / scaled / tuned on public + proxy data)": "coordinator/final/",
     "final model without the first owner (physical opt-out)": f"coordinator/final-without-{OWNERS[0]}/",
     "final model in Hugging Face format": "coordinator/final-hf/",
     "routing heatmaps (gate weights before / after the router step)": "eval/routing-before.png, eval/routing-after.png",
@@ -84,8 +84,8 @@ def run_demo(workdir: str | os.PathLike | None = None, *, size: str = "full", se
                   f"learned bias (own process, own data only), router calibration, package, proxy selection",
                   demo.owner, owner)
     demo.step("5. coordinator: verify and merge the packages", demo.merge)
-    demo.step("6. coordinator: router step (alignment / tuning) on public text + the owners' proxy selections; "
-              "opt one owner out",
+    demo.step("6. coordinator: router step (alignment / scaling / tuning) on public text + the owners' proxy "
+              "selections; opt one owner out",
               demo.router_tune)
     demo.step("7. evaluate every model on every domain's held-out text", evaluate_all, demo)
     demo.step("8. export the final model to Hugging Face and check it with transformers", export, demo)

@@ -35,6 +35,8 @@ class DemoSize:
     calibration_public_weight: float = 4.0  # prior of the public expert in the owner's calibration
     calibration_tokens: int  # tokens of own text and of public text the calibration reads
     # with calibration: the coordinator aligns the later layers' routers to layer 0 (flexolmo align-router)
+    # then one logit scale per owner expert (flexolmo scale-router), kept only if held-out mix text improves
+    router_scaling_sweeps: int = 2  # coordinate-search passes; 0: no scaling
     router_iters: int  # then router tuning (language-model loss) on public + proxy data; 0: none
     router_lr: float
     proxy_fraction: float  # share of the public documents each owner selects as proxies
@@ -87,13 +89,14 @@ def sized(name: str, overrides: dict[str, str] | None = None) -> DemoSize:
         except ValueError as error:
             raise ConfigError(f"--set {key}={text}: {error}") from None
     size = dataclasses.replace(base, **changes)
-    if size.router_iters < 0:
-        raise ConfigError(f"--set router_iters={size.router_iters}: must be >= 0")
+    for key in ("router_iters", "router_scaling_sweeps"):
+        if getattr(size, key) < 0:
+            raise ConfigError(f"--set {key}={getattr(size, key)}: must be >= 0")
     if size.router_calibration_scale is not None and not size.router_calibration_scale > 0:
         raise ConfigError(f"--set router_calibration_scale={size.router_calibration_scale}: must be > 0 (or none)")
     if not size.calibration_public_weight > 0:
         raise ConfigError(f"--set calibration_public_weight={size.calibration_public_weight}: must be > 0")
-    if size.router_iters == 0 and size.router_calibration_scale is None:
-        raise ConfigError("router_calibration_scale=none needs router_iters > 0: without calibration and alignment "
-                          "the coordinator's router step is LM router tuning")
+    if size.router_iters == 0 and size.router_calibration_scale is None and size.router_scaling_sweeps == 0:
+        raise ConfigError("router_calibration_scale=none needs router_iters > 0 or router_scaling_sweeps > 0: without "
+                          "calibration and alignment the coordinator's router step is scaling or LM router tuning")
     return size

@@ -41,6 +41,7 @@ GEN = "generate {merged} --prompt hi"
 AUDIT = "audit-extraction {merged} {docs}"
 CALIBRATE = "calibrate-router {owner} --own-data {dataset} --public-data {dataset} --out {tmp}/cal"
 ALIGN = "align-router {merged} --data {dataset} --out {tmp}/aligned"
+SCALE = "scale-router {merged} --data {dataset} --out {tmp}/scaled"
 EXCLUDE = "argument --exclude: {!r} is not a valid name"
 
 # (id COMMAND-OPTION-..., command line, regex of the one error line; a final "$" stands for the end of
@@ -122,8 +123,12 @@ CASES = [
                                    ("negative", "-2", "argument {flag}: must be > 0, got {value}$"),
                                    ("nan", "nan", "argument {flag}: " + FINITE + "'{value}'"))],
     *[(f"{command}-{flag[2:]}-0", f"{template} {flag} 0", f"argument {flag}: {INT_1}0$")
-      for command, template in (("calibrate-router", CALIBRATE), ("align-router", ALIGN))
+      for command, template in (("calibrate-router", CALIBRATE), ("align-router", ALIGN), ("scale-router", SCALE))
       for flag in ("--max-tokens", "--seq-len")],
+    ("scale-router-sweeps-0", f"{SCALE} --sweeps 0", f"argument --sweeps: {INT_1}0$"),
+    ("scale-router-grid-negative", f"{SCALE} --grid 1,-3", "argument --grid: scales must be >= 0, got -3$"),
+    ("scale-router-grid-inf", f"{SCALE} --grid 1,inf", f"argument --grid: {FINITE}'inf'"),
+    ("scale-router-grid-empty", f"{SCALE} --grid=", "argument --grid: expected a number, got ''"),
     ("align-router-regularization-inf", f"{ALIGN} --regularization inf", f"argument --regularization: {FINITE}'inf'"),
     # usage mistakes: one line too, exit 2 returned (not raised as SystemExit)
     ("no-command", "", "^error: the following arguments are required: COMMAND"),
