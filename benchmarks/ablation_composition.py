@@ -21,6 +21,7 @@ from pathlib import Path
 
 CONFIGS = {  # name -> demo --set overrides ({router_iters}: the size's former router-tuning length)
     "defaults (calibration x6, public weight 4, alignment, no LM router tuning)": [],
+    "calibration + alignment + logit scaling": ["router_scaling_sweeps=2"],
     "paper's rows + LM router tuning (no calibration)": ["router_calibration_scale=none",
                                                         "router_iters={router_iters}"],
     "calibration + alignment + LM router tuning": ["router_iters={router_iters}"],

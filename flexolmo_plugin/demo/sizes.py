@@ -35,8 +35,9 @@ class DemoSize:
     calibration_public_weight: float = 4.0  # prior of the public expert in the owner's calibration
     calibration_tokens: int  # tokens of own text and of public text the calibration reads
     # with calibration: the coordinator aligns the later layers' routers to layer 0 (flexolmo align-router)
-    # then one logit scale per owner expert (flexolmo scale-router), kept only if held-out mix text improves
-    router_scaling_sweeps: int = 2  # coordinate-search passes; 0: no scaling
+    # then one logit scale per owner expert (flexolmo scale-router), kept only if held-out mix text improves;
+    # coordinate-search passes, 0: off (the default: a mixed result, docs/composition.md)
+    router_scaling_sweeps: int = 0
     router_iters: int  # then router tuning (language-model loss) on public + proxy data; 0: none
     router_lr: float
     proxy_fraction: float  # share of the public documents each owner selects as proxies

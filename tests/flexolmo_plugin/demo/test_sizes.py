@@ -25,8 +25,8 @@ def test_unknown_fields_and_bad_values_are_refused():
 def test_router_step_settings_are_checked_before_any_work():
     assert sized("tiny", {"router_calibration_scale": "none", "router_iters": "40"}).router_calibration_scale is None
     assert sized("full", {"router_iters": "60"}).router_iters == 60  # alignment, then LM router tuning
-    assert sized("tiny", {"router_calibration_scale": "none"}).router_scaling_sweeps == 2  # scaling only
-    no_step = {"router_calibration_scale": "none", "router_scaling_sweeps": "0"}
+    assert sized("tiny", {"router_calibration_scale": "none", "router_scaling_sweeps": "2"}).router_scaling_sweeps == 2
+    no_step = {"router_calibration_scale": "none"}
     for overrides, match in ((no_step, "needs router_iters > 0 or router_scaling_sweeps > 0"),
                              ({"router_iters": "-1"}, "router_iters=-1: must be >= 0"),
                              ({"router_scaling_sweeps": "-1"}, "router_scaling_sweeps=-1: must be >= 0"),
