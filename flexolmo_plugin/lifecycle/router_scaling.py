@@ -17,10 +17,10 @@ of one half of the windows (alternate windows), and **kept only if the other hal
 otherwise the model is left bit-identical.  r_pub, the experts and every other weight are untouched,
 and no bias is added, so a model whose Hugging Face export was exact stays exact.
 
-Measured (docs/composition.md, 2026-12-02): a mixed result, so the demo leaves it off by default.  It
-turned one seed's merged model from worse than the public model into better than it and every single
-owner model, but on another seed it lowered the held-out mix loss while raising the loss on the owner
-domains, because the mix holds little text like one owner's (the search weights text, not domains).
+Measured (docs/composition.md, 2026-12-02): a mixed result, so the demo leaves it off by default.  On
+one seed it turned a final model worse than the public model into a better one (6.284 -> 6.204, public
+6.232), but on another it lowered the held-out mix loss while raising the loss on the owner domains:
+the cpp owner's proxies (numpy's C sources, a quarter of the mix) do not stand in for its C++ text.
 Scales of 6-9 on top of the owners' calibration make routing nearly hard, and the router's fp32
 rounding then moves the logits visibly (one run: 7.4e-3 vs transformers' own 2.7e-3).
 """
