@@ -145,42 +145,41 @@ def cmd_calibrate_router(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_align_router(args: argparse.Namespace) -> int:
-    """Coordinator side: every layer after the first refitted to route as layer 0 does."""
+def _router_step_on_mix(args: argparse.Namespace, step) -> int:
+    """A coordinator router step (align-router, scale-router): ``step(model, windows)`` on the model read
+    from ``args.mcore_dir`` and windows of ``args.data`` (public + proxy text); the model is saved to ``args.out``."""
     _megatron()
     from flexolmo_plugin.api import from_mcore, save_mcore
     from flexolmo_plugin.conversion.atomic import check_new_output
     from flexolmo_plugin.conversion.mcore_io import load_config
     from flexolmo_plugin.lifecycle.evaluation import read_windows
-    from flexolmo_plugin.lifecycle.router_calibration import align_router
 
     check_new_output(args.out)
     seq_len = args.seq_len or load_config(args.mcore_dir)[0].max_position_embeddings
     windows = read_windows(args.data, seq_len=seq_len, max_tokens=args.max_tokens)
     model = from_mcore(args.mcore_dir)
-    report = align_router(model, windows, regularization=args.regularization)
+    report = step(model, windows)
     save_mcore(model, args.out)
     print(f"{report.summary()} -> {args.out}")
     return EXIT_OK
+
+
+def cmd_align_router(args: argparse.Namespace) -> int:
+    """Coordinator side: every layer after the first refitted to route as layer 0 does."""
+    def step(model, windows):
+        from flexolmo_plugin.lifecycle.router_calibration import align_router
+        return align_router(model, windows, regularization=args.regularization)
+
+    return _router_step_on_mix(args, step)
 
 
 def cmd_scale_router(args: argparse.Namespace) -> int:
     """Coordinator side: one logit scale per owner expert, kept only if held-out mix text improves."""
-    _megatron()
-    from flexolmo_plugin.api import from_mcore, save_mcore
-    from flexolmo_plugin.conversion.atomic import check_new_output
-    from flexolmo_plugin.conversion.mcore_io import load_config
-    from flexolmo_plugin.lifecycle.evaluation import read_windows
-    from flexolmo_plugin.lifecycle.router_scaling import scale_router
+    def step(model, windows):
+        from flexolmo_plugin.lifecycle.router_scaling import scale_router
+        return scale_router(model, windows, grid=args.grid, sweeps=args.sweeps)
 
-    check_new_output(args.out)
-    seq_len = args.seq_len or load_config(args.mcore_dir)[0].max_position_embeddings
-    windows = read_windows(args.data, seq_len=seq_len, max_tokens=args.max_tokens)
-    model = from_mcore(args.mcore_dir)
-    report = scale_router(model, windows, grid=args.grid, sweeps=args.sweeps)
-    save_mcore(model, args.out)
-    print(f"{report.summary()} -> {args.out}")
-    return EXIT_OK
+    return _router_step_on_mix(args, step)
 
 
 def cmd_select_proxy(args: argparse.Namespace) -> int:

@@ -14,6 +14,18 @@ from flexolmo_plugin.recipes.registry import RECIPES
 TRAIN_RECIPES = tuple(RECIPES)  # listing them needs no Megatron-Bridge import
 
 
+def _mix_step_arguments(parser: opt.Parser, *, model_help: str, max_tokens: int) -> None:
+    """The arguments every coordinator router step on public + proxy text takes (align-router, scale-router)."""
+    parser.add_argument("mcore_dir", metavar="MODEL_DIR", help=model_help)
+    parser.add_argument("--data", required=True, metavar="PREFIX",
+                        help="indexed dataset of public + proxy text (e.g. the router-tuning mix)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="must not exist yet")
+    parser.add_argument("--max-tokens", type=opt.positive_int, default=max_tokens,
+                        help="tokens read from the dataset")
+    parser.add_argument("--seq-len", type=opt.positive_int, default=None,
+                        help="window length (default: the model's sequence length)")
+
+
 def build_parser() -> opt.Parser:
     """The ``flexolmo`` parser; every option value is checked here, at parse time (see :mod:`.options`)."""
     parser = opt.Parser(
@@ -150,15 +162,9 @@ def build_parser() -> opt.Parser:
                     "regression (no intercept, layer 0's routing probabilities as soft targets) on the layer's "
                     "router inputs over public and proxy text, and sets the owners' rows to r_pub + (beta_e - "
                     "beta_pub); r_pub and every other weight stay bit-identical, learned biases are set to 0.")
-    aln.add_argument("mcore_dir", metavar="MODEL_DIR", help="the merged checkpoint")
-    aln.add_argument("--data", required=True, metavar="PREFIX",
-                     help="indexed dataset of public + proxy text (e.g. the router-tuning mix)")
-    aln.add_argument("--out", required=True, metavar="DIR", help="must not exist yet")
+    _mix_step_arguments(aln, model_help="the merged checkpoint", max_tokens=32768)
     aln.add_argument("--regularization", type=opt.positive_float, default=1.0,
                      help="inverse L2 strength C of the regression (default 1.0)")
-    aln.add_argument("--max-tokens", type=opt.positive_int, default=32768, help="tokens read from the dataset")
-    aln.add_argument("--seq-len", type=opt.positive_int, default=None,
-                     help="window length (default: the model's sequence length)")
     aln.set_defaults(func=commands.cmd_align_router)
 
     scl = sub.add_parser(
@@ -167,16 +173,10 @@ def build_parser() -> opt.Parser:
                     "by coordinate search over --grid on the language-model loss of alternate windows of the data, "
                     "and keeps them only if the other windows' loss improves (otherwise the output is the input "
                     "model, unchanged).  r_pub and every other weight stay bit-identical; no bias is added.")
-    scl.add_argument("mcore_dir", metavar="MODEL_DIR", help="the merged (and aligned) checkpoint")
-    scl.add_argument("--data", required=True, metavar="PREFIX",
-                     help="indexed dataset of public + proxy text (e.g. the router-tuning mix)")
-    scl.add_argument("--out", required=True, metavar="DIR", help="must not exist yet")
+    _mix_step_arguments(scl, model_help="the merged (and aligned) checkpoint", max_tokens=65536)
     scl.add_argument("--grid", type=opt.scale_grid, default=(1.0, 2.0, 3.0, 4.0, 6.0, 9.0),
                      help="comma-separated scales to try (default 1,2,3,4,6,9)")
     scl.add_argument("--sweeps", type=opt.positive_int, default=2, help="passes over the experts (default 2)")
-    scl.add_argument("--max-tokens", type=opt.positive_int, default=65536, help="tokens read from the dataset")
-    scl.add_argument("--seq-len", type=opt.positive_int, default=None,
-                     help="window length (default: the model's sequence length)")
     scl.set_defaults(func=commands.cmd_scale_router)
 
     mix = sub.add_parser("router-mix", help="coordinator: router-tuning data from public text and proxy selections",
