@@ -104,12 +104,14 @@ def export(demo) -> None:
         with torch.no_grad():
             outputs[dtype] = hf(ids).logits.double()
     reference = outputs[torch.float64]
-    result.hf_max_abs_logit_diff = (ours.double() - reference).abs().max().item()
-    result.hf_fp32_max_abs_logit_diff = (outputs[torch.float32] - reference).abs().max().item()
+    ours_error, hf_error = (ours.double() - reference).abs(), (outputs[torch.float32] - reference).abs()
+    result.hf_max_abs_logit_diff, result.hf_fp32_max_abs_logit_diff = ours_error.max().item(), hf_error.max().item()
+    result.hf_mean_abs_logit_diff, result.hf_fp32_mean_abs_logit_diff = ours_error.mean().item(), hf_error.mean().item()
     result.hf_max_abs_logit = reference.abs().max().item()
     demo.say(f"   transformers FlexOlmoForCausalLM loaded coordinator/final-hf; on {ids.shape[0]}x{ids.shape[1]} "
-             f"held-out tokens, max |Δlogit| vs transformers in float64: Megatron fp32 "
-             f"{result.hf_max_abs_logit_diff:.2e}, transformers fp32 {result.hf_fp32_max_abs_logit_diff:.2e}")
+             f"held-out tokens, |Δlogit| vs transformers in float64, mean / max: Megatron fp32 "
+             f"{result.hf_mean_abs_logit_diff:.2e} / {result.hf_max_abs_logit_diff:.2e}, transformers fp32 "
+             f"{result.hf_fp32_mean_abs_logit_diff:.2e} / {result.hf_fp32_max_abs_logit_diff:.2e}")
 
 
 ATTRIBUTION_PROMPT_TOKENS = 16
@@ -168,11 +170,15 @@ def checks(result) -> list[tuple[str, bool]]:
                     f"({100 * mine:.1f}% vs {rival[1]} {100 * rival[0]:.1f}%)", mine > rival[0]))
     out.append((f"physical opt-out == run-time exclusion (max |Δloss| {result.physical_vs_runtime_opt_out:.1e})",
                 result.physical_vs_runtime_opt_out <= 1e-5))
-    # the same function: fp32 rounding only (relative 1e-5 of the largest logit)
-    tolerance = 2 * result.hf_fp32_max_abs_logit_diff + 1e-6 * max(1.0, result.hf_max_abs_logit)
-    out.append((f"HF export computes the same logits as transformers (vs its float64 result: max |Δ| "
-                f"{result.hf_max_abs_logit_diff:.1e}, transformers' own fp32 {result.hf_fp32_max_abs_logit_diff:.1e})",
-                result.hf_max_abs_logit_diff <= tolerance))
+    # the same function: fp32 rounding only.  Judged on the mean over all logits, which is stable from run
+    # to run (Megatron / transformers ratio 0.90-1.09 in six demos, 2026-12-03); the maximum is set by the
+    # one token nearest a routing tie, which large router logits amplify (ratio 0.56-3.0 in the same six),
+    # so a check on it passes or fails by chance.  A conversion error moves every logit: the mean shows it.
+    tolerance = 2 * result.hf_fp32_mean_abs_logit_diff + 1e-7 * max(1.0, result.hf_max_abs_logit)
+    out.append((f"HF export computes the same logits as transformers (vs its float64 result, mean |Δ| "
+                f"{result.hf_mean_abs_logit_diff:.1e}, transformers' own fp32 {result.hf_fp32_mean_abs_logit_diff:.1e}; "
+                f"max {result.hf_max_abs_logit_diff:.1e} / {result.hf_fp32_max_abs_logit_diff:.1e})",
+                result.hf_mean_abs_logit_diff <= tolerance))
     return out
 
 

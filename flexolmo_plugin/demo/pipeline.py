@@ -58,6 +58,8 @@ class DemoResult:
     hf_max_abs_logit_diff: float = float("nan")
     hf_max_abs_logit: float = float("nan")
     hf_fp32_max_abs_logit_diff: float = float("nan")  # transformers fp32 vs transformers float64
+    hf_mean_abs_logit_diff: float = float("nan")  # Megatron fp32 vs transformers float64, mean over logits
+    hf_fp32_mean_abs_logit_diff: float = float("nan")  # transformers fp32 vs transformers float64, mean
     physical_vs_runtime_opt_out: float = float("nan")
     # one held-out prompt per domain, continued by the final model: the completion and each expert's share of it
     attribution: dict[str, dict] = field(default_factory=dict)
