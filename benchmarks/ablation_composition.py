@@ -20,7 +20,10 @@ import time
 from pathlib import Path
 
 CONFIGS = {  # name -> demo --set overrides ({router_iters}: the size's former router-tuning length)
-    "defaults (calibration x6, public weight 4, alignment, no LM router tuning)": [],
+    "defaults (the size's calibration scale / public weight, alignment, no LM router tuning)": [],
+    "calibration x6, public weight 4 (the full size's)": ["router_calibration_scale=6", "calibration_public_weight=4"],
+    "calibration x2, public weight 1 (the reduced size's)": ["router_calibration_scale=2",
+                                                             "calibration_public_weight=1"],
     "calibration + alignment + logit scaling": ["router_scaling_sweeps=2"],
     "paper's rows + LM router tuning (no calibration)": ["router_calibration_scale=none",
                                                         "router_iters={router_iters}"],

@@ -176,7 +176,8 @@ def checks(result) -> list[tuple[str, bool]]:
     # so a check on it passes or fails by chance.  A conversion error moves every logit: the mean shows it.
     tolerance = 2 * result.hf_fp32_mean_abs_logit_diff + 1e-7 * max(1.0, result.hf_max_abs_logit)
     out.append((f"HF export computes the same logits as transformers (vs its float64 result, mean |Δ| "
-                f"{result.hf_mean_abs_logit_diff:.1e}, transformers' own fp32 {result.hf_fp32_mean_abs_logit_diff:.1e}; "
+                f"{result.hf_mean_abs_logit_diff:.1e}, transformers' own fp32 "
+                f"{result.hf_fp32_mean_abs_logit_diff:.1e}; "
                 f"max {result.hf_max_abs_logit_diff:.1e} / {result.hf_fp32_max_abs_logit_diff:.1e})",
                 result.hf_mean_abs_logit_diff <= tolerance))
     return out

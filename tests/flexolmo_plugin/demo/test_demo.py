@@ -2,14 +2,10 @@
 its own process on Megatron-Bridge, proxies are selected owner-side, the coordinator's router step sees
 only public text) -- for two seeds, and twice for one of them (determinism).
 
-Issue #13 is open: of the demo's checks, these tests require the ones that held in every reduced run
-measured with the current defaults (owner-side router calibration + coordinator alignment; seeds 0-2,
-2026-12-02, after this project's README was taken out of the demo text, docs/composition.md): the final
-model beats the public model on the mean and on every owner's domain; opting each owner out hurts its
-own domain most; the cpp and licenses experts have the largest owner gate weight on their own text;
-physical opt-out == run-time exclusion; the HF export is exact.  Not asserted, with the measured reason:
-"beats every single owner model" (seed 1 misses the single python model by 0.013 nats) and "the python
-expert has the largest owner gate weight on python text" (seed 0: 7.7% vs cpp 8.3%); so the demo may exit 1."""
+Every one of the demo's 15 checks is asserted, for two seeds: with the reduced size's calibration
+(scale 2, public weight 1) seeds 0-5 each passed all 15 on the 2-core VM (2026-12-03, docs/composition.md);
+the narrowest margin in the two seeds run here is seed 1's "beats every single owner model" (+0.008 nats
+over the single python model; seed 0: +0.039), so a change that costs the composition anything shows here."""
 
 from __future__ import annotations
 
@@ -48,21 +44,15 @@ def _results(workdir):
     return json.loads((workdir / "eval" / "results.json").read_text())
 
 
-RELIABLE = ("beats the public model", "opting python out raises", "opting cpp out raises",
-            "opting licenses out raises", "on cpp text the cpp expert", "on licenses text the licenses expert",
-            "physical opt-out", "HF export")
-
-
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("seed", SEEDS)
-def test_demo_runs_and_its_reliable_checks_pass(demos, seed):
+def test_demo_passes_every_check(demos, seed):
     workdir, done = demos[seed]
-    assert done.returncode in (0, 1), done.stdout[-3000:] + done.stderr[-3000:]  # 1: a check failed
-    assert "FlexOlmo demo finished" in done.stdout
+    assert "FlexOlmo demo finished" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
     checks = _results(workdir)["checks"]
     assert len(checks) == 15
-    failed = [text for text, ok in checks if not ok and any(key in text for key in RELIABLE)]
-    assert not failed, failed
+    assert not [text for text, ok in checks if not ok]
+    assert done.returncode == 0
 
 
 @pytest.mark.multiprocess
