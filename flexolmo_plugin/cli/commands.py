@@ -116,9 +116,10 @@ def cmd_embed_domain(args: argparse.Namespace) -> int:
     width = model_width(args.for_model) if args.for_model else None
     docs = sample_documents(args.docs, num_docs=args.num_docs, seed=args.seed, text_key=args.text_key)
     vector = embed_documents(args.model, docs, method=args.method, max_tokens=args.max_tokens,
-                             expected_width=width, progress=not args.quiet)
+                             expected_width=width, normalize=not args.no_normalize, progress=not args.quiet)
     save_embedding(args.output, vector, {"documents": str(len(docs)), "embedder": str(args.model),
-                                         "method": args.method, "seed": str(args.seed)})
+                                         "method": args.method, "seed": str(args.seed),
+                                         "normalized": str(not args.no_normalize).lower()})
     print(f"wrote {args.output}: mean of {len(docs)} documents, width {vector.numel()}, "
           f"L2 norm {vector.norm().item():.4f}")
     return EXIT_OK

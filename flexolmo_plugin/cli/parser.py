@@ -104,6 +104,9 @@ def build_parser() -> opt.Parser:
     emb.add_argument("--model", required=True, metavar="DIR", help="local embedder or public model directory")
     emb.add_argument("--method", choices=["auto", "encoder", "public-model"], default="auto")
     emb.add_argument("--for-model", metavar="DIR", help="check the width against this model's hidden size")
+    emb.add_argument("--no-normalize", action="store_true",
+                     help="average the raw document embeddings instead of unit-length ones (the paper's embedder "
+                          "outputs unit vectors; raw hidden-state means make router logits and z-loss large)")
     emb.add_argument("--num-docs", type=opt.positive_int, default=1000)
     emb.add_argument("--max-tokens", type=opt.positive_int, default=512)
     emb.add_argument("--seed", type=opt.seed, default=0)

@@ -194,12 +194,14 @@ class Demo:
         public_hf = self.root / "coordinator" / "public-hf"
         out = self.root / ("coordinator" if name == "public" else f"owners/{name}") / f"{name}-embedding.safetensors"
         out.parent.mkdir(parents=True, exist_ok=True)
+        unit = self.size.unit_document_embeddings
         self.command("embed-domain", docs_path, out, "--model", public_hf, "--num-docs", self.size.embed_docs,
-                     "--seed", self.seed)
+                     "--max-tokens", self.size.seq_length, "--seed", self.seed, *(() if unit else ("--no-normalize",)))
         docs = sample_documents(docs_path, num_docs=self.size.embed_docs, seed=self.seed)
-        vector = embed_documents(public_hf, docs, method="public-model", max_tokens=self.size.seq_length)
+        vector = embed_documents(public_hf, docs, method="public-model", max_tokens=self.size.seq_length,
+                                 normalize=unit)
         save_embedding(out, vector, {"documents": str(len(docs)), "embedder": str(public_hf), "method": "public-model",
-                                     "seed": str(self.seed)})
+                                     "seed": str(self.seed), "normalized": str(unit).lower()})
         self.say(f"   {name:<9} domain embedding: mean of {len(docs)} documents -> {out.relative_to(self.root)}")
 
     def upcycle(self, names: tuple[str, str], domain_embedding: Path, out: Path) -> None:

@@ -65,12 +65,13 @@ def test_document_sample_is_uniform_sized_and_seeded(tmp_path):
         sample_documents(write_jsonl(tmp_path / "empty.jsonl", [{"text": ""}]))
 
 
-def _reference_mean(model, tokenizer, docs, hidden_of):
+def _reference_mean(model, tokenizer, docs, hidden_of, *, unit=True):
     vectors = []
     for doc in docs:  # one at a time: no padding, plain token mean
         batch = tokenizer(doc, return_tensors="pt")
         with torch.no_grad():
-            vectors.append(hidden_of(model(**batch, output_hidden_states=True))[0].mean(0))
+            vector = hidden_of(model(**batch, output_hidden_states=True))[0].mean(0)
+        vectors.append(vector / vector.norm() if unit else vector)
     return torch.stack(vectors).mean(0)
 
 
@@ -99,8 +100,14 @@ def test_public_model_embedding_uses_its_final_hidden_states(tokenizer_dir, tmp_
     model.save_pretrained(tmp_path / "public")
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp_path / "public")
     got = embed_documents(tmp_path / "public", DOCS)  # auto-detects the public model
-    ref = _reference_mean(model, AutoTokenizer.from_pretrained(tokenizer_dir), DOCS, lambda o: o.hidden_states[-1])
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ref = _reference_mean(model, tokenizer, DOCS, lambda o: o.hidden_states[-1])
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    assert got.norm() <= 1 + 1e-5  # a mean of unit vectors
+    raw = embed_documents(tmp_path / "public", DOCS, normalize=False)
+    raw_ref = _reference_mean(model, tokenizer, DOCS, lambda o: o.hidden_states[-1], unit=False)
+    torch.testing.assert_close(raw, raw_ref, rtol=1e-4, atol=1e-5)
+    assert raw.norm() > 1.5 * got.norm()  # final hidden states after RMSNorm are far longer than 1
 
 
 def test_embed_domain_cli_writes_a_loadable_router_row(tokenizer_dir, tmp_path):
@@ -116,6 +123,14 @@ def test_embed_domain_cli_writes_a_loadable_router_row(tokenizer_dir, tmp_path):
     assert main(["embed-domain", str(docs), str(tmp_path / "e.safetensors"), "--model", str(tmp_path / "enc"),
                  "--quiet"]) == EXIT_OK
     assert load_embedding(tmp_path / "e.safetensors", 48).shape == (48,)
+    assert main(["embed-domain", str(docs), str(tmp_path / "raw.safetensors"), "--model", str(tmp_path / "enc"),
+                 "--no-normalize", "--quiet"]) == EXIT_OK
+    unit, raw = load_embedding(tmp_path / "e.safetensors", 48), load_embedding(tmp_path / "raw.safetensors", 48)
+    assert unit.norm() <= 1 + 1e-5 and raw.norm() > 2  # BERT's last hidden states are LayerNorm-ed: norm ~ sqrt(48)
+    from safetensors import safe_open
+    for name, flag in (("e", "true"), ("raw", "false")):
+        with safe_open(str(tmp_path / f"{name}.safetensors"), "pt") as handle:
+            assert handle.metadata()["normalized"] == flag
     assert main(["embed-domain", str(tmp_path / "missing.jsonl"), str(tmp_path / "f.safetensors"),
                  "--model", str(tmp_path / "enc"), "--quiet"]) == EXIT_BAD_INPUT
 

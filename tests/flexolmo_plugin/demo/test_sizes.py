@@ -13,6 +13,8 @@ def test_overrides_keep_the_field_types_and_none_switches_the_bias_off():
     assert size.owner_iters == 7 and isinstance(size.owner_iters, int) and size.router_lr == 0.5
     assert sized("tiny", {"router_bias_init": "-2"}).router_bias_init == -2.0
     assert sized("tiny") == SIZES["tiny"]
+    assert sized("full", {"unit_document_embeddings": "False"}).unit_document_embeddings is False
+    assert sized("full", {"unit_document_embeddings": "true"}).unit_document_embeddings is True
 
 
 def test_unknown_fields_and_bad_values_are_refused():
@@ -20,6 +22,8 @@ def test_unknown_fields_and_bad_values_are_refused():
         sized("tiny", {"no_such_field": "1"})
     with pytest.raises(ConfigError, match="owner_iters=many"):
         sized("tiny", {"owner_iters": "many"})
+    with pytest.raises(ConfigError, match="unit_document_embeddings=0: must be true or false"):
+        sized("tiny", {"unit_document_embeddings": "0"})  # bool("0") would be True
 
 
 def test_router_step_settings_are_checked_before_any_work():
