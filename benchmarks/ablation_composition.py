@@ -30,7 +30,9 @@ CONFIGS = {  # name -> demo --set overrides ({router_iters}: the size's former r
     "calibration + alignment + LM router tuning": ["router_iters={router_iters}"],
     "no learned bias": ["router_bias_init=none"],
     "no public replay": ["owner_public_share=0"],
-    "raw-mean domain embeddings (no unit-length documents)": ["unit_document_embeddings=false"],
+    # one of these two equals the defaults: the full size uses unit-length rows, the reduced size raw means
+    "unit-length domain embeddings": ["unit_document_embeddings=true"],
+    "raw-mean domain embeddings": ["unit_document_embeddings=false"],
 }
 ROUTER_ITERS = {"tiny": 40, "full": 60}  # router tuning length of the demo before calibration (2026-12-02)
 OWNERS = ("python", "cpp", "licenses")
