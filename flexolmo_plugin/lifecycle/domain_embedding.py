@@ -15,7 +15,7 @@ used (``flexolmo upcycle``) and, with ``expected_width`` (see :func:`model_width
 Each document's embedding is scaled to unit length before the mean (``normalize=True``, the
 default), as the paper's embedder outputs are: its shipped domain embeddings have L2 norms 0.41-0.55.
 Why it matters: the router reads the un-normalised residual stream, so a row as long as a raw mean
-of final hidden states (norm 5-6 in the demo's full-size public model) starts the router logits in
+of final hidden states (norm 5.4-6.5 in the demo's full-size public model) starts the router logits in
 the tens and makes the router z-loss (coefficient 1e-3) a large part of the owner's loss; its
 gradient flows through the residual stream into the owner's experts in earlier layers, which learn
 to shrink the later routers' inputs on *all* text.  Measured (docs/composition.md, 2026-12-03): full
