@@ -17,8 +17,8 @@ default), as the paper's embedder outputs are: its shipped domain embeddings hav
 Why it matters: the router reads the un-normalised residual stream, so a row as long as a raw mean
 of final hidden states (norm 5.4-6.5 in the demo's full-size public model) starts the router logits in
 the tens and makes the router z-loss (coefficient 1e-3) a large part of the owner's loss; its
-gradient flows through the residual stream into the owner's experts in earlier layers, which learn
-to shrink the later routers' inputs on *all* text.  Measured (docs/composition.md, 2026-12-03): full
+gradient flows through the residual stream into the owner's experts in earlier layers, which can
+lower it by shrinking the later routers' inputs, on *all* text.  Measured (docs/composition.md, 2026-12-03): full
 demo seed 3, Megatron's logged z-loss 2,035 -> 46 at the first log, the python owner's final training
 loss 6.18 -> 5.98, and the owners' models 1.6-3.8% instead of 4-8% worse than the public model on
 public text.
