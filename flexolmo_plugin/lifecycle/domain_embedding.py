@@ -18,10 +18,10 @@ Why it matters: the router reads the un-normalised residual stream, so a row as 
 of final hidden states (norm 5.4-6.5 in the demo's full-size public model) starts the router logits in
 the tens and makes the router z-loss (coefficient 1e-3) a large part of the owner's loss; its
 gradient flows through the residual stream into the owner's experts in earlier layers, which can
-lower it by shrinking the later routers' inputs, on *all* text.  Measured (docs/composition.md, 2026-12-03): full
-demo seed 3, Megatron's logged z-loss 2,035 -> 46 at the first log, the python owner's final training
-loss 6.18 -> 5.98, and the owners' models 1.6-3.8% instead of 4-8% worse than the public model on
-public text.
+lower it by shrinking the later routers' inputs, on *all* text.  Measured (docs/composition.md,
+2026-12-03): full demo seed 3, Megatron's logged z-loss 2,035 -> 46 at the first log, the python
+owner's final training loss 6.18 -> 5.98, and the owners' models 1.6-3.8% instead of 4-8% worse than
+the public model on public text.
 """
 
 from __future__ import annotations
@@ -180,9 +180,10 @@ def _finish(vectors: torch.Tensor, expected_width: int | None, model_dir: Path, 
         raise DataError(f"{model_dir}: every document embedding was NaN/Inf")
     if normalize:
         norms = vectors.norm(dim=-1, keepdim=True)
-        vectors = vectors[norms.squeeze(-1) > 0] / norms[norms.squeeze(-1) > 0]  # a zero vector has no direction
-        if vectors.shape[0] == 0:
+        keep = norms.squeeze(-1) > 0  # a zero vector has no direction
+        if not keep.any():
             raise DataError(f"{model_dir}: every document embedding was zero; nothing to normalise")
+        vectors = vectors[keep] / norms[keep]
     mean = vectors.mean(0)
     if expected_width is not None and mean.numel() != expected_width:
         raise DataError(f"{model_dir} produces {mean.numel()}-dimensional embeddings, but the FlexOlmo model's "

@@ -110,6 +110,16 @@ def test_public_model_embedding_uses_its_final_hidden_states(tokenizer_dir, tmp_
     assert raw.norm() > 1.5 * got.norm()  # final hidden states after RMSNorm are far longer than 1
 
 
+def test_unit_length_mean_skips_zero_documents_and_refuses_all_zero(tmp_path):
+    from flexolmo_plugin.lifecycle.domain_embedding import _finish
+
+    vectors = torch.tensor([[3.0, 4.0], [0.0, 0.0], [0.0, 2.0]])
+    torch.testing.assert_close(_finish(vectors, 2, tmp_path, normalize=True), torch.tensor([0.3, 0.9]))
+    torch.testing.assert_close(_finish(vectors, 2, tmp_path, normalize=False), torch.tensor([1.0, 2.0]))
+    with pytest.raises(DataError, match="every document embedding was zero"):
+        _finish(torch.zeros(3, 2), 2, tmp_path, normalize=True)
+
+
 def test_embed_domain_cli_writes_a_loadable_router_row(tokenizer_dir, tmp_path):
     from transformers import AutoTokenizer, BertConfig, BertModel
 
