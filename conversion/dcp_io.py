@@ -254,10 +254,12 @@ class ChunkReader:
         self.directory, self.metadata = str(directory), metadata
         self._fds: dict[str, int] = {}
 
-    def close(self) -> None:
+    def close(self, _close=os.close) -> None:
+        # os.close is bound at definition: a reader still alive at interpreter exit is closed after the
+        # module's globals (``os`` among them) may already be None
         fds, self._fds = self._fds, {}
         for fd in fds.values():
-            os.close(fd)
+            _close(fd)
 
     __del__ = close
 

@@ -77,3 +77,17 @@ def test_partial_chunk_reads_match(tmp_path):
     assert reader.read_into(key, (7, 3), part)
     assert torch.equal(part, whole[7:12, 3:])
     reader.close()
+
+
+def test_a_reader_left_open_at_interpreter_exit_closes_without_an_error(tmp_path):
+    """Readers still alive at exit are closed after their module's globals (``os``) may be gone."""
+    import subprocess
+    import sys
+
+    (tmp_path / "chunk").write_bytes(b"x")
+    script = ("import pathlib, sys\nimport flexolmo_plugin.compat\nfrom flexolmo_plugin.conversion import dcp_io\n"
+              "reader = dcp_io.ChunkReader(pathlib.Path(sys.argv[1]), None)\nreader._fd('chunk')\n"
+              "dcp_io._left_open = reader  # torn down with the module itself\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Exception ignored" not in done.stderr and "Error" not in done.stderr, done.stderr
