@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS), metavar="NAME",
                         help="names of CONFIGS to run (default: all)")
     parser.add_argument("--read", nargs="+", type=Path, default=[], metavar="DEMO_DIR",
-                        help="also report these finished demos (e.g. the defaults' runs) under the label 'defaults'")
+                        help="also report these finished demos (e.g. the defaults' runs), labelled by folder name")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--keep", type=Path, default=None,
                         help="keep every demo's folder under this directory (default: a temporary one)")
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         root = args.keep or Path(tmp)
         for folder in args.read:
             results = json.loads((folder / "eval" / "results.json").read_text())
-            lines.append(row(f"defaults (demo folder {folder.name})", results["seed"], summarize(results)))
+            lines.append(row(f"finished demo {folder.name}", results["seed"], summarize(results)))
             print(lines[-1], flush=True)
         for name in args.configs:
             for seed in args.seeds:
