@@ -86,12 +86,16 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     _megatron()
     import torch
 
-    from flexolmo_plugin.lifecycle.upcycle import upcycle
+    from flexolmo_plugin.lifecycle.upcycle import DEFAULT_ROUTER_BIAS_INIT, upcycle
 
+    bias = None if args.no_router_bias else DEFAULT_ROUTER_BIAS_INIT if args.router_bias_init is None \
+        else args.router_bias_init
     report = upcycle(args.public_dir, args.out_dir, public_embedding=args.public_embedding,
                      domain_embedding=args.domain_embedding, expert_names=("public", args.name),
-                     dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None, progress=not args.quiet)
-    print(f"upcycled: {report.summary()}")
+                     dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None, router_bias_init=bias,
+                     progress=not args.quiet)
+    print(f"upcycled: {report.summary()}; learned router bias: "
+          + ("none" if bias is None else f"starts at {bias:g} (logit offset min(b, 0))"))
     return EXIT_OK
 
 

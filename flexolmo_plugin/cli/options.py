@@ -102,6 +102,15 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_positive_float(text: str) -> float:
+    """A finite number <= 0: ``--router-bias-init`` (the bias acts as ``min(b, 0)``, so a positive start
+    would be a bias that does nothing until training pushes it below 0)."""
+    value = _number(text)
+    if value > 0:
+        raise argparse.ArgumentTypeError(f"must be <= 0, got {value:g}")
+    return value
+
+
 def scale_grid(text: str) -> tuple[float, ...]:
     """Comma-separated logit scales (``1,2,3,4,6,9``): finite, >= 0, at least one."""
     values = []

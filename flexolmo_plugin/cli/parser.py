@@ -81,6 +81,12 @@ def build_parser() -> opt.Parser:
     up.add_argument("--name", type=opt.safe_name, default="domain",
                     help="name of the owner's expert (default 'domain')")
     up.add_argument("--dtype", choices=sorted(DTYPES), help="parameter dtype (default: the public model's)")
+    bias = up.add_mutually_exclusive_group()
+    bias.add_argument("--router-bias-init", type=opt.non_positive_float, default=None, metavar="B",
+                      help="initial value of the owner's learned router bias, logit offset min(B, 0); <= 0 "
+                           "(default 0, chosen by measurement: docs/composition.md)")
+    bias.add_argument("--no-router-bias", action="store_true",
+                      help="build the owner's model without the learned bias (the paper's 'no bias' ablation)")
     up.add_argument("--quiet", action="store_true")
     up.set_defaults(func=commands.cmd_upcycle)
 

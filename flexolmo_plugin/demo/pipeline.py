@@ -206,8 +206,10 @@ class Demo:
 
     def upcycle(self, names: tuple[str, str], domain_embedding: Path, out: Path) -> None:
         public_embedding = self.root / "coordinator" / "public-embedding.safetensors"
+        bias = self.size.router_bias_init
         self.command("upcycle", self.root / "coordinator" / "public", out, "--public-embedding", public_embedding,
-                     "--domain-embedding", domain_embedding, "--name", names[1])
+                     "--domain-embedding", domain_embedding, "--name", names[1],
+                     *(("--no-router-bias",) if bias is None else ("--router-bias-init", bias)))
         upcycle(self.root / "coordinator" / "public", out, public_embedding=public_embedding,
                 domain_embedding=domain_embedding, expert_names=names, router_bias_init=self.size.router_bias_init)
 

@@ -52,6 +52,34 @@ def test_upcycle_starts_the_owner_bias_at_the_default_and_only_for_the_owner(bia
     assert not (biased / "bad").exists()
 
 
+def test_the_cli_applies_the_chosen_start_or_no_bias_and_refuses_a_positive_one(biased, capsys):
+    """``flexolmo upcycle --router-bias-init B`` writes B into every layer (the default 0 alone could not
+    show that the value is applied); ``--no-router-bias`` builds the model without it."""
+    from flexolmo_plugin.cli import main
+
+    args = [str(biased / "dense"), "--public-embedding", str(biased / "e0.npy"),
+            "--domain-embedding", str(biased / "e1.npy"), "--quiet"]
+    assert main(["upcycle", args[0], str(biased / "start-1.5"), *args[1:], "--router-bias-init", "-1.5"]) == 0
+    assert "learned router bias: starts at -1.5" in capsys.readouterr().out
+    config, _, _ = load_config(biased / "start-1.5")
+    reader = CanonicalReader(biased / "start-1.5")
+    for layer in range(config.num_layers):
+        assert torch.equal(reader.read(BIAS.format(layer)), torch.full((1, 1), -1.5))
+    assert main(["upcycle", args[0], str(biased / "nobias"), *args[1:], "--no-router-bias"]) == 0
+    assert not load_config(biased / "nobias")[0].router_bias
+    capsys.readouterr()
+    for bad in (["--router-bias-init", "0.5"], ["--router-bias-init", "nan"],
+                ["--router-bias-init", "-1", "--no-router-bias"]):
+        assert main(["upcycle", args[0], str(biased / "refused"), *args[1:], *bad]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("error:") and "\n" not in error and ("<= 0" in error or "not allowed" in error
+                                                                       or "finite" in error), error
+        assert not (biased / "refused").exists()
+    with pytest.raises(SystemExit):  # the help states the library's default, not a copy that could drift
+        main(["upcycle", "--help"])
+    assert f"(default {DEFAULT_ROUTER_BIAS_INIT:g}," in " ".join(capsys.readouterr().out.split())
+
+
 def test_bias_lowers_only_the_owner_logit_and_is_clamped_at_zero(biased):
     model = fp.from_mcore(biased / "anchor")
     router = model.decoder.layers[0].mlp.router
@@ -60,6 +88,8 @@ def test_bias_lowers_only_the_owner_logit_and_is_clamped_at_zero(biased):
     plain = hidden @ rows.T
     with torch.no_grad():
         torch.testing.assert_close(router.gating(hidden), plain + torch.tensor([0.0, DEFAULT_ROUTER_BIAS_INIT]))
+        router.domain_biases[0].fill_(-1.25)  # a negative b lowers the owner's logit by exactly |b|
+        torch.testing.assert_close(router.gating(hidden), plain + torch.tensor([0.0, -1.25]))
         router.domain_biases[0].fill_(2.0)  # a positive b has no effect: min(b, 0) = 0
         torch.testing.assert_close(router.gating(hidden), plain)
 
