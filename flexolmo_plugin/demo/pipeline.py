@@ -211,7 +211,7 @@ class Demo:
                      "--domain-embedding", domain_embedding, "--name", names[1],
                      *(("--no-router-bias",) if bias is None else ("--router-bias-init", bias)))
         upcycle(self.root / "coordinator" / "public", out, public_embedding=public_embedding,
-                domain_embedding=domain_embedding, expert_names=names, router_bias_init=self.size.router_bias_init)
+                domain_embedding=domain_embedding, expert_names=names, router_bias_init=bias)
 
     # ------------------------------------------------------------------ a data owner (own data only)
     def owner(self, name: str) -> None:

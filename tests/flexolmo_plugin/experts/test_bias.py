@@ -52,7 +52,7 @@ def test_upcycle_starts_the_owner_bias_at_the_default_and_only_for_the_owner(bia
     assert not (biased / "bad").exists()
 
 
-def test_the_cli_applies_the_chosen_start_or_no_bias_and_refuses_a_positive_one(biased, capsys):
+def test_the_cli_applies_the_chosen_start_or_builds_no_bias(biased, capsys):
     """``flexolmo upcycle --router-bias-init B`` writes B into every layer (the default 0 alone could not
     show that the value is applied); ``--no-router-bias`` builds the model without it."""
     from flexolmo_plugin.cli import main
@@ -67,14 +67,7 @@ def test_the_cli_applies_the_chosen_start_or_no_bias_and_refuses_a_positive_one(
         assert torch.equal(reader.read(BIAS.format(layer)), torch.full((1, 1), -1.5))
     assert main(["upcycle", args[0], str(biased / "nobias"), *args[1:], "--no-router-bias"]) == 0
     assert not load_config(biased / "nobias")[0].router_bias
-    capsys.readouterr()
-    for bad in (["--router-bias-init", "0.5"], ["--router-bias-init", "nan"],
-                ["--router-bias-init", "-1", "--no-router-bias"]):
-        assert main(["upcycle", args[0], str(biased / "refused"), *args[1:], *bad]) == 2
-        error = capsys.readouterr().err.strip()
-        assert error.startswith("error:") and "\n" not in error and ("<= 0" in error or "not allowed" in error
-                                                                       or "finite" in error), error
-        assert not (biased / "refused").exists()
+    capsys.readouterr()  # bad values of the flags: tests/faults/test_options.py
     with pytest.raises(SystemExit):  # the help states the library's default, not a copy that could drift
         main(["upcycle", "--help"])
     assert f"(default {DEFAULT_ROUTER_BIAS_INIT:g}," in " ".join(capsys.readouterr().out.split())
