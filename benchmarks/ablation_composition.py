@@ -34,7 +34,12 @@ CONFIGS = {  # name -> demo --set overrides ({router_iters}: the size's former r
     # one of these two equals the defaults: the full size uses unit-length rows, the reduced size raw means
     "unit-length domain embeddings": ["unit_document_embeddings=true"],
     "raw-mean domain embeddings": ["unit_document_embeddings=false"],
+    # the paper's embedder is a separate model (GritLM) of the public model's width; no such encoder
+    # installs offline, so a stand-in: another public model (trained by a demo with another seed), whose
+    # hidden basis is as unrelated to this public model's as GritLM's is to OLMo-2's
+    "independent encoder (--encoder)": ["domain_encoder={encoder}"],
 }
+NEEDS_ENCODER = {name for name, overrides in CONFIGS.items() if any("{encoder}" in o for o in overrides)}
 ROUTER_ITERS = {"tiny": 40, "full": 60}  # router tuning length of the demo before calibration (2026-12-02)
 OWNERS = ("python", "cpp", "licenses")
 
@@ -73,12 +78,12 @@ def row(name: str, seed: int, r: dict) -> str:
             f"{r['gates merged']} / {r['gates final']} | {100 * r['public text']:+.1f}% | {r['checks']} / {r['of']} |")
 
 
-def run(size: str, seed: int, name: str, root: Path) -> dict:
+def run(size: str, seed: int, name: str, root: Path, encoder: Path | None = None) -> dict:
     overrides = CONFIGS[name]
     workdir = root / f"{size}-s{seed}-{list(CONFIGS).index(name)}"
     argv = [sys.executable, "-m", "flexolmo_plugin", "demo", "--size", size, "--seed", str(seed), "--workdir",
             str(workdir), "--quiet",
-            *[a for o in overrides for a in ("--set", o.format(router_iters=ROUTER_ITERS[size]))]]
+            *[a for o in overrides for a in ("--set", o.format(router_iters=ROUTER_ITERS[size], encoder=encoder))]]
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode not in (0, 1):
         raise RuntimeError(f"demo failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
@@ -89,14 +94,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="tiny", choices=["tiny", "full"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS), metavar="NAME",
-                        help="names of CONFIGS to run (default: all)")
+    parser.add_argument("--configs", nargs="*", default=None, choices=list(CONFIGS), metavar="NAME",
+                        help="names of CONFIGS to run (default: all; those marked --encoder only with --encoder)")
+    parser.add_argument("--encoder", type=Path, default=None, metavar="DIR",
+                        help="local encoder of the demo size's width for the 'independent encoder' configuration, "
+                             "e.g. DEMO_DIR/coordinator/public-hf of a demo run with another seed")
     parser.add_argument("--read", nargs="+", type=Path, default=[], metavar="DEMO_DIR",
                         help="also report these finished demos (e.g. the defaults' runs), labelled by folder name")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--keep", type=Path, default=None,
                         help="keep every demo's folder under this directory (default: a temporary one)")
     args = parser.parse_args(argv)
+    if args.configs is None:
+        args.configs = [name for name in CONFIGS if args.encoder or name not in NEEDS_ENCODER]
+    if not args.encoder and NEEDS_ENCODER & set(args.configs):
+        parser.error(f"{', '.join(sorted(NEEDS_ENCODER & set(args.configs)))}: needs --encoder DIR")
     started = time.strftime("%Y-%m-%d %H:%M %Z")
     lines = [f"## Composition ablation (`--size {args.size}`, seeds {', '.join(map(str, args.seeds))}) — "
              f"`benchmarks/ablation_composition.py`", "", f"Run {started}; one demo per configuration and seed. "
@@ -114,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             print(lines[-1], flush=True)
         for name in args.configs:
             for seed in args.seeds:
-                lines.append(row(name, seed, run(args.size, seed, name, root)))
+                lines.append(row(name, seed, run(args.size, seed, name, root, args.encoder)))
                 print(lines[-1], flush=True)
     partial = args.out.with_name(args.out.name + ".partial")
     partial.write_text("\n".join(lines) + "\n")

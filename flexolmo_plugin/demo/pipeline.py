@@ -190,19 +190,25 @@ class Demo:
         self.embed("public")
 
     def embed(self, name: str) -> None:
+        """r_i as the mean of ``embed_docs`` documents, embedded by the public model's own hidden states or,
+        with ``domain_encoder``, by that local encoder (every domain, r_pub included, as in the paper)."""
         docs_path = self.root / "data" / f"{name}.train.jsonl"
         public_hf = self.root / "coordinator" / "public-hf"
+        embedder, method = (Path(self.size.domain_encoder), "encoder") if self.size.domain_encoder else (
+            public_hf, "public-model")
         out = self.root / ("coordinator" if name == "public" else f"owners/{name}") / f"{name}-embedding.safetensors"
         out.parent.mkdir(parents=True, exist_ok=True)
         unit = self.size.unit_document_embeddings
-        self.command("embed-domain", docs_path, out, "--model", public_hf, "--num-docs", self.size.embed_docs,
+        self.command("embed-domain", docs_path, out, "--model", embedder, "--method", method,
+                     "--for-model", public_hf, "--num-docs", self.size.embed_docs,
                      "--max-tokens", self.size.seq_length, "--seed", self.seed, *(() if unit else ("--no-normalize",)))
         docs = sample_documents(docs_path, num_docs=self.size.embed_docs, seed=self.seed)
-        vector = embed_documents(public_hf, docs, method="public-model", max_tokens=self.size.seq_length,
-                                 normalize=unit)
-        save_embedding(out, vector, {"documents": str(len(docs)), "embedder": str(public_hf), "method": "public-model",
+        vector = embed_documents(embedder, docs, method=method, max_tokens=self.size.seq_length, normalize=unit,
+                                 expected_width=self.size.hidden_size)
+        save_embedding(out, vector, {"documents": str(len(docs)), "embedder": str(embedder), "method": method,
                                      "seed": str(self.seed), "normalized": str(unit).lower()})
-        self.say(f"   {name:<9} domain embedding: mean of {len(docs)} documents -> {out.relative_to(self.root)}")
+        self.say(f"   {name:<9} domain embedding ({method}): mean of {len(docs)} documents -> "
+                 f"{out.relative_to(self.root)}")
 
     def upcycle(self, names: tuple[str, str], domain_embedding: Path, out: Path) -> None:
         public_embedding = self.root / "coordinator" / "public-embedding.safetensors"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from flexolmo_plugin.errors import ConfigError
 
@@ -44,6 +45,10 @@ class DemoSize:
     embed_docs: int  # documents averaged into each domain embedding (paper: 1000)
     # domain embeddings as means of unit-length document embeddings (paper's embedder; False: raw means)
     unit_document_embeddings: bool = True
+    # the embedder of every domain embedding, r_pub included: "" the public model's own final hidden
+    # states (the default), or a local encoder directory of the model's width (`embed-domain --method
+    # encoder`; the paper's GritLM setting: a model whose hidden basis is unrelated to the public model's)
+    domain_encoder: str = ""
     eval_tokens: int  # per domain
 
     @property
@@ -113,6 +118,8 @@ def sized(name: str, overrides: dict[str, str] | None = None) -> DemoSize:
             raise ConfigError(f"--set {key}={getattr(size, key)}: must be >= 0")
     if size.router_calibration_scale is not None and not size.router_calibration_scale > 0:
         raise ConfigError(f"--set router_calibration_scale={size.router_calibration_scale}: must be > 0 (or none)")
+    if size.domain_encoder and not Path(size.domain_encoder).is_dir():
+        raise ConfigError(f"--set domain_encoder={size.domain_encoder}: not a directory (a local encoder or HF model)")
     if not size.calibration_public_weight > 0:
         raise ConfigError(f"--set calibration_public_weight={size.calibration_public_weight}: must be > 0")
     if size.router_iters == 0 and size.router_calibration_scale is None and size.router_scaling_sweeps == 0:

@@ -39,3 +39,12 @@ def test_router_step_settings_are_checked_before_any_work():
                              ({"router_iters": "none"}, "only router_bias_init, router_calibration_scale")):
         with pytest.raises(ConfigError, match=match):
             sized("tiny", overrides)
+
+
+def test_domain_encoder_must_be_a_directory(tmp_path):
+    assert SIZES["full"].domain_encoder == ""  # default: the public model's own hidden states
+    assert sized("full", {"domain_encoder": str(tmp_path)}).domain_encoder == str(tmp_path)
+    with pytest.raises(ConfigError, match="domain_encoder=.*not a directory"):
+        sized("full", {"domain_encoder": str(tmp_path / "missing")})
+    with pytest.raises(ConfigError, match="only router_bias_init"):
+        sized("full", {"domain_encoder": "none"})
