@@ -23,7 +23,7 @@ from flexolmo_plugin.demo.sizes import OWNERS
 
 SEEDS = (0, 1)
 # The three reduced demos (seeds 0 and 1, and seed 0 again for determinism) run at the same time, one
-# thread each: on the 2-core VM that took about 340 s against about 500 s one after another.  The
+# thread each: 380 s on the 2-core VM (2026-12-03), where one reduced demo alone takes 160-210 s.  The
 # suite's per-test limit (setup.cfg, 600 s) would count them in the first test, so the module has its
 # own; a slow day of the VM has doubled demo times before (2026-12-02).
 DEMO_TIMEOUT_S = 1500
