@@ -67,6 +67,9 @@ def write_summary(result: DemoResult, claims: list[tuple[str, bool]], total_s: f
 def run_demo(workdir: str | os.PathLike | None = None, *, size: str = "full", seed: int = 0,
              overrides: dict[str, str] | None = None, progress: bool = True,
              echo=print) -> tuple[DemoResult, list[tuple[str, bool]]]:
+    """The whole demo (``flexolmo demo``); returns its result and its checks.  Called from a script, guard the
+    call with ``if __name__ == "__main__":`` -- the router steps save checkpoints in this process, and
+    Megatron's checkpoint writer starts a helper process that re-imports the main script."""
     workdir = Path(workdir) if workdir else default_workdir()
     if workdir.exists() and any(workdir.iterdir()):
         raise FileExistsError(f"{workdir} exists and is not empty; choose another --workdir (nothing was changed)")
