@@ -19,6 +19,20 @@ import torch.multiprocessing as mp
 from flexolmo_plugin.model.build import next_token_loss  # noqa: F401  (re-exported for tests)
 
 SPAWN_TIMEOUT_S = 300
+# Workers fork from one server process that has already imported torch, Megatron-Core, transformers and
+# our model: a freshly spawned worker spent several seconds of CPU importing them, in each of the suite's
+# many workers.  The server is a new interpreter (not a fork of pytest's process, whose tests patch and
+# initialise things) that only imports: every worker still starts unpatched and enables the CPU
+# compatibility itself (``_worker_entry``); Megatron-Bridge, which needs patches to import on CPU, is
+# imported by the workers that use it.
+_PRELOAD = ["flexolmo_plugin.compat", "flexolmo_plugin.model.build", "flexolmo_plugin.model.parallel",
+            "megatron.core.dist_checkpointing", "transformers"]
+
+
+def _worker_context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)  # takes effect when the server starts (first use in this process)
+    return ctx
 
 
 def hf_config(**overrides):
@@ -73,7 +87,7 @@ def _worker_entry(rank, world_size, port, fn, args, queue, collected):
     try:
         from flexolmo_plugin import compat
 
-        compat.enable_cpu_compat()  # a spawned process starts unpatched
+        compat.enable_cpu_compat()  # a worker starts unpatched (see _PRELOAD)
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size, timeout=datetime.timedelta(seconds=120))
@@ -95,7 +109,7 @@ def _worker_entry(rank, world_size, port, fn, args, queue, collected):
 
 def run_distributed(fn, world_size: int, *args, timeout: float = SPAWN_TIMEOUT_S) -> dict:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` gloo processes; returns {rank: result}."""
-    ctx = mp.get_context("spawn")
+    ctx = _worker_context()
     queue = ctx.SimpleQueue()
     collected = ctx.Event()
     port = free_port()
