@@ -3,8 +3,9 @@ its own process on Megatron-Bridge, proxies are selected owner-side, the coordin
 only public text) -- for two seeds, and twice for one of them (determinism).
 
 Every one of the demo's 15 checks is asserted, for two seeds: with the reduced size's calibration
-(scale 2, public weight 1) seeds 0-6, 8 and 9 each passed all 15 on the 2-core VM, seed 7 14 (an owner
-gate-weight check; 2026-12-03, docs/composition.md);
+(scale 2, public weight 1) seeds 0-6, 8-11 and 13 each passed all 15 on the 2-core VM, seeds 7 and 12
+14 (an owner gate-weight check; "beats every single owner" by -0.006) (2026-12-03/04, docs/composition.md);
+seeds 0 and 1 are the first two, not chosen from those results;
 the narrowest margin in the two seeds run here is seed 1's "beats every single owner model" (+0.008 nats
 over the single python model; seed 0: +0.039), so a change that costs the composition anything shows here."""
 
