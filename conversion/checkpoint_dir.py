@@ -75,6 +75,26 @@ def resolve_checkpoint(directory: str | os.PathLike) -> Path:
     return resolved
 
 
+TOKENIZER_DIR = "tokenizer"  # a checkpoint's tokenizer files, as convert/upcycle/merge/training store them
+# What a tokenizer (and its generation defaults) is saved as by transformers: carried by every conversion and
+# every new checkpoint made from another, so that an export loads with its tokenizer and chat template.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "generation_config.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json")
+TOKENIZER_FOLDERS = ("additional_chat_templates",)  # transformers 5: one .jinja file per named template
+
+
+def tokenizer_dir(directory: str | os.PathLike) -> Path | None:
+    """The ``tokenizer/`` folder a checkpoint carries, or None: beside its tensors, or (a Bridge save
+    directory) in its latest complete ``iter_*``, where training writes it.  A folder without a
+    tokenizer file does not count (Bridge creates an empty one when a run has no HF tokenizer)."""
+    directory = Path(directory)
+    for candidate in (directory / TOKENIZER_DIR, resolve_checkpoint(directory) / TOKENIZER_DIR):
+        if any((candidate / name).is_file() for name in TOKENIZER_FILES):
+            return candidate
+    return None
+
+
 def _config_path(directory: Path) -> Path | None:
     """``flexolmo_config.json`` of a checkpoint: beside it, or in the Bridge save directory above it
     (training writes it once per run there, not into every ``iter_*``)."""

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from flexolmo_plugin.conversion.atomic import atomic_directory, check_new_output
+from flexolmo_plugin.conversion.checkpoint_dir import TOKENIZER_FILES, TOKENIZER_FOLDERS, tokenizer_dir
 from flexolmo_plugin.conversion.checks import all_finite
 from flexolmo_plugin.conversion.dcp_io import reuse_freed_memory
 from flexolmo_plugin.conversion.hf_layout import HFWeights
@@ -53,10 +54,6 @@ from flexolmo_plugin.conversion.safetensors_writer import ShardedSafetensorsWrit
 from flexolmo_plugin.errors import ConfigError
 from flexolmo_plugin.model.config import FlexOlmoConfig
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "generation_config.json", "added_tokens.json")
-
-
 PROVENANCE_FILE = "provenance.json"  # side file of merged models, carried into HF exports
 
 
@@ -85,13 +82,36 @@ def _check_count(name: str, value: int | None) -> None:
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer files of ``src`` (an HF directory or a checkpoint's ``tokenizer/``) into ``dst``
+    (created if needed); returns the names copied."""
     copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            dst.mkdir(exist_ok=True)
-            shutil.copy2(src / name, dst / name)
+    for name in TOKENIZER_FILES + TOKENIZER_FOLDERS:
+        item = Path(src) / name
+        if item.is_file() or (name in TOKENIZER_FOLDERS and item.is_dir()):
+            Path(dst).mkdir(exist_ok=True)
+            if item.is_dir():
+                shutil.copytree(item, Path(dst) / name)
+            else:
+                shutil.copy2(item, Path(dst) / name)
             copied.append(name)
     return copied
+
+
+def carry_checkpoint_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
+                           provenance: bool = True) -> list[str]:
+    """Copy into a new checkpoint ``dst_dir`` (still its temporary directory, so that the files land
+    atomically and under its checksums) what a checkpoint made from ``src_dir`` keeps: the tokenizer
+    (beside the tensors or in a save directory's latest ``iter_*``) and, unless ``provenance`` is False,
+    the merge's provenance record (router steps change router rows, which ``flexolmo verify`` reports,
+    not the experts it vouches for).  Returns what was copied, as paths relative to ``dst_dir``."""
+    carried = []
+    tokenizer = tokenizer_dir(src_dir)
+    if tokenizer is not None:
+        carried += [f"tokenizer/{name}" for name in copy_tokenizer_files(tokenizer, Path(dst_dir) / "tokenizer")]
+    if provenance and (Path(src_dir) / PROVENANCE_FILE).is_file():
+        shutil.copy2(Path(src_dir) / PROVENANCE_FILE, Path(dst_dir) / PROVENANCE_FILE)
+        carried.append(PROVENANCE_FILE)
+    return carried
 
 
 def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
@@ -199,10 +219,9 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dty
         hf_config["dtype"] = str(out_dtype).removeprefix("torch.")
 
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        tokenizer = mcore_dir / "tokenizer"
-        if tokenizer.is_dir():
-            for item in tokenizer.iterdir():
-                shutil.copy2(item, tmp / item.name)
+        tokenizer = tokenizer_dir(mcore_dir)  # beside the tensors, or in a save directory's latest iter_*
+        if tokenizer is not None:
+            copy_tokenizer_files(tokenizer, tmp)
         if (mcore_dir / PROVENANCE_FILE).is_file():  # the merge's provenance record (lifecycle/provenance.py)
             shutil.copy2(mcore_dir / PROVENANCE_FILE, tmp / PROVENANCE_FILE)
     return ConversionReport(meter.tensors, meter.bytes, time.perf_counter() - start, Path(out_dir))

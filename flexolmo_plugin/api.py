@@ -14,6 +14,7 @@ from megatron.core import dist_checkpointing
 from flexolmo_plugin import compat
 from flexolmo_plugin.conversion.atomic import check_new_output
 from flexolmo_plugin.conversion.checksums import write_directory_checksums
+from flexolmo_plugin.conversion.convert import carry_checkpoint_files
 from flexolmo_plugin.conversion.hf_import import load_hf_weights
 from flexolmo_plugin.conversion.mcore_io import load_config, load_model_weights, save_config
 from flexolmo_plugin.conversion.safetensors_reader import CheckpointFormatError, SafetensorsCheckpoint
@@ -120,20 +121,19 @@ def from_mcore(
     return model
 
 
-def save_mcore(model, mcore_dir: str | os.PathLike) -> None:
+def save_mcore(model, mcore_dir: str | os.PathLike, *, carry_from: str | os.PathLike | None = None) -> None:
     """Save a FlexOlmo model as a torch_dist checkpoint plus its configuration, atomically.
 
     Args:
         model: a FlexOlmo model at any TP/EP layout (wrappers such as DDP are unwrapped); every rank
             must call this (it is collective).
         mcore_dir: a path that does not exist yet; the directory appears only when complete.
+        carry_from: the checkpoint the model was read from, whose tokenizer and provenance record the
+            new one keeps (``flexolmo calibrate-router``, ``align-router``, ``scale-router``).
 
     Raises:
         FileExistsError: ``mcore_dir`` exists (nothing is written).
     """
-
-
-
     compat.enable_cpu_compat()
     inner = unwrap(model)
     final = Path(mcore_dir)
@@ -157,6 +157,8 @@ def save_mcore(model, mcore_dir: str | os.PathLike) -> None:
         if rank0:
             save_config(tmp, inner.flexolmo_config, dtype=inner.config.params_dtype,
                         extra={"source": {"format": "megatron"}})
+            if carry_from is not None:
+                carry_checkpoint_files(carry_from, tmp)
             write_directory_checksums(tmp)
             os.rename(tmp, final)
         dist.barrier()

@@ -77,6 +77,7 @@ class FlexOlmoModelProvider(GPTModelProvider):
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    hf_settings: tuple[tuple[str, Any], ...] = ()  # transformers-only settings, kept for export
 
     transformer_layer_spec: Any = flexolmo_transformer_layer_spec
     # Bridge's default turns this on whenever Transformer Engine imports, but GPTModel's output layer
@@ -107,6 +108,7 @@ class FlexOlmoModelProvider(GPTModelProvider):
             pad_token_id=cfg.pad_token_id,
             bos_token_id=cfg.bos_token_id,
             eos_token_id=cfg.eos_token_id,
+            hf_settings=cfg.hf_settings,
         )
         fields.update(overrides)
         return cls(**fields)

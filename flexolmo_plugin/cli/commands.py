@@ -145,7 +145,7 @@ def cmd_calibrate_router(args: argparse.Namespace) -> int:
     model = from_mcore(args.mcore_dir)
     report = calibrate_router(model, own, public, scale=args.scale, regularization=args.regularization,
                               public_weight=args.public_weight)
-    save_mcore(model, args.out)
+    save_mcore(model, args.out, carry_from=args.mcore_dir)
     print(f"{report.summary()} -> {args.out}")
     return EXIT_OK
 
@@ -164,7 +164,7 @@ def _router_step_on_mix(args: argparse.Namespace, step) -> int:
     windows = read_windows(args.data, seq_len=seq_len, max_tokens=args.max_tokens)
     model = from_mcore(args.mcore_dir)
     report = step(model, windows)
-    save_mcore(model, args.out)
+    save_mcore(model, args.out, carry_from=args.mcore_dir)
     print(f"{report.summary()} -> {args.out}")
     return EXIT_OK
 

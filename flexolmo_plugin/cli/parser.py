@@ -139,7 +139,8 @@ def build_parser() -> opt.Parser:
                      help="select only documents the classifier gives at least this probability (default 0.5)")
     sel.add_argument("--method", choices=["auto", "encoder", "public-model"], default="auto")
     sel.add_argument("--text-key", default="text")
-    sel.add_argument("--id-key", default="id", help="identifier field of public documents (default: line number)")
+    sel.add_argument("--id-key", default="id", help="identifier field of public documents (default 'id'; "
+                                                    "the line number where a document has none)")
     sel.add_argument("--seed", type=opt.seed, default=0)
     sel.add_argument("--quiet", action="store_true")
     sel.set_defaults(func=commands.cmd_select_proxy)
@@ -347,7 +348,8 @@ def build_parser() -> opt.Parser:
                                     "recipe.vocab_size=... or recipe.tokenizer_dir=...), "
                                     "'expert' (anchored training of the owner's expert from an upcycled "
                                     "checkpoint: top-2 of 2, LB loss off, z-loss 1e-3, LR 9e-4 cosine, wd 0) or "
-                                    "'router-tune' (only router rows/biases, all experts active); 'public-7b', "
+                                    "'router-tune' (only router rows, all experts active; biases dropped unless "
+                                    "recipe.keep_router_bias=true); 'public-7b', "
                                     "'expert-2x7b', 'router-tune-7x7b', 'inference-7x7b': the H100 production recipes "
                                     "(recipe.precision=bf16|fp8-tensorwise|fp8-blockwise, recipe.nodes=N, "
                                     "recipe.gpus_per_node=G). Overrides: "
@@ -375,7 +377,7 @@ def build_parser() -> opt.Parser:
     plan.set_defaults(func=commands.cmd_plan)
 
     demo = sub.add_parser(
-        "demo", help="run the whole FlexOlmo lifecycle on this machine (about 7 minutes on 2 CPU cores)",
+        "demo", help="run the whole FlexOlmo lifecycle on this machine (5-15 minutes on 2 CPU cores; --size tiny 2-6)",
         description="Public model trained on public text; three data owners (Python code, C++ headers, licence "
                     "texts -- all read from this machine, nothing downloaded) each embed their domain, upcycle "
                     "and train their expert in their own process; merge, per-domain evaluation, opt-out, routing "

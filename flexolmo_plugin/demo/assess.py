@@ -14,10 +14,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from flexolmo_plugin.api import from_mcore
-from flexolmo_plugin.conversion.convert import copy_tokenizer_files, mcore_to_hf
+from flexolmo_plugin.conversion.convert import mcore_to_hf
 from flexolmo_plugin.demo.corpus import DOMAINS
 from flexolmo_plugin.demo.sizes import OWNERS
-from flexolmo_plugin.lifecycle.data import load_tokenizer
 from flexolmo_plugin.lifecycle.evaluation import (
     composition_efficiency,
     evaluate,
@@ -26,7 +25,7 @@ from flexolmo_plugin.lifecycle.evaluation import (
     plot_routing,
     read_windows,
 )
-from flexolmo_plugin.lifecycle.generation import encode_prompts, generate, write_jsonl
+from flexolmo_plugin.lifecycle.generation import checkpoint_tokenizer, encode_prompts, generate, write_jsonl
 from flexolmo_plugin.lifecycle.opt_out import exclude_experts
 from flexolmo_plugin.model.build import logits
 
@@ -91,8 +90,7 @@ def export(demo) -> None:
     softmax amplifies; a fixed tolerance would blame the export for transformers' own rounding)."""
     coordinator, result = demo.root / "coordinator", demo.result
     demo.command("convert", "mcore-to-hf", coordinator / "final", coordinator / "final-hf")
-    mcore_to_hf(coordinator / "final", coordinator / "final-hf")
-    copy_tokenizer_files(demo.root / "data" / "tokenizer", coordinator / "final-hf")
+    mcore_to_hf(coordinator / "final", coordinator / "final-hf")  # with the tokenizer final carries
     ids = torch.cat([read_windows(demo.root / "data" / f"{d}.eval", seq_len=demo.size.seq_length,
                                   max_tokens=2 * demo.size.seq_length) for d in DOMAINS])
     ours = logits(from_mcore(coordinator / "final"), ids).float()
@@ -123,13 +121,12 @@ def attribute(demo) -> None:
     domain (greedy, as ``flexolmo generate`` does) and each output's routing mass is split among the
     experts, named by owner (``eval/attribution.jsonl``)."""
     coordinator, result, out_dir = demo.root / "coordinator", demo.result, demo.root / "eval"
-    tokenizer_dir = demo.root / "data" / "tokenizer"
-    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer = checkpoint_tokenizer(coordinator / "final")  # carried from the public model by merge and align
     texts = [tokenizer.decode(read_windows(demo.root / "data" / f"{d}.eval", seq_len=ATTRIBUTION_PROMPT_TOKENS,
                                            max_tokens=ATTRIBUTION_PROMPT_TOKENS)[0].tolist()) for d in DOMAINS]
     prompts_path, records_path = out_dir / "attribution-prompts.jsonl", out_dir / "attribution.jsonl"
     write_jsonl(prompts_path, [{"prompt": text} for text in texts])
-    demo.command("generate", coordinator / "final", "--tokenizer", tokenizer_dir, "--prompts", prompts_path,
+    demo.command("generate", coordinator / "final", "--prompts", prompts_path,
                  "--max-new-tokens", ATTRIBUTION_NEW_TOKENS, "--attribution", records_path)
     out = generate(from_mcore(coordinator / "final"), encode_prompts(tokenizer, texts),
                    max_new_tokens=ATTRIBUTION_NEW_TOKENS, eos_token_id=tokenizer.eos_token_id)

@@ -27,7 +27,7 @@ from transformers.utils import logging as hf_logging
 
 from flexolmo_plugin.cli import main as flexolmo_main
 from flexolmo_plugin.conversion.atomic import write_file_atomically
-from flexolmo_plugin.conversion.convert import copy_tokenizer_files, mcore_to_hf
+from flexolmo_plugin.conversion.convert import mcore_to_hf
 from flexolmo_plugin.demo.corpus import DOMAINS, build_domain, train_tokenizer
 from flexolmo_plugin.demo.sizes import OWNERS, SIZES, DemoSize, sized
 from flexolmo_plugin.lifecycle.data import prepare_dataset
@@ -187,8 +187,7 @@ class Demo:
         and computes the public domain embedding r_pub from public documents."""
         coordinator = self.root / "coordinator"
         self.command("convert", "mcore-to-hf", coordinator / "public", coordinator / "public-hf")
-        mcore_to_hf(coordinator / "public", coordinator / "public-hf")
-        copy_tokenizer_files(self.root / "data" / "tokenizer", coordinator / "public-hf")
+        mcore_to_hf(coordinator / "public", coordinator / "public-hf")  # with its training run's tokenizer
         self.embed("public")
 
     def embed(self, name: str) -> None:

@@ -44,7 +44,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from torch import nn
 
 from flexolmo_plugin.conversion.atomic import check_new_output, write_file_atomically
-from flexolmo_plugin.conversion.checkpoint_dir import resolve_checkpoint
+from flexolmo_plugin.conversion.checkpoint_dir import tokenizer_dir as stored_tokenizer_dir
 from flexolmo_plugin.errors import ConfigError
 from flexolmo_plugin.lifecycle.data import DataError, iter_documents, load_tokenizer
 from flexolmo_plugin.lifecycle.opt_out import exclude_experts
@@ -237,9 +237,9 @@ def checkpoint_tokenizer(model_dir: str | os.PathLike, tokenizer_dir: str | os.P
     ``convert hf-to-mcore`` and ``upcycle`` store in a checkpoint (``MODEL_DIR`` or its latest ``iter_*``)."""
     if tokenizer_dir is not None:
         return load_tokenizer(tokenizer_dir)
-    for candidate in (Path(model_dir) / "tokenizer", resolve_checkpoint(model_dir) / "tokenizer"):
-        if candidate.is_dir():
-            return load_tokenizer(candidate)
+    found = stored_tokenizer_dir(model_dir)
+    if found is not None:
+        return load_tokenizer(found)
     raise DataError(f"{model_dir} holds no tokenizer/ (checkpoints converted from HF or upcycled carry one; "
                     "merged ones do not); pass --tokenizer DIR")
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from flexolmo_plugin.conversion.atomic import atomic_directory, check_new_output
+from flexolmo_plugin.conversion.convert import carry_checkpoint_files
 from flexolmo_plugin.conversion.mapping import Role, entries_by_name
 from flexolmo_plugin.conversion.mcore_io import (
     CanonicalReader,
@@ -151,6 +152,7 @@ def merge_experts(public_dir: str | os.PathLike, package_dirs: list[str | os.Pat
                 write_checkpoint(tmp, config, digests.wrap(source), dtype=dtype, expected=set(by_name),
                                  on_tensor=meter)
                 write_record(tmp, merge_record(packages, digests, combined_digest(public_anchor)))
+                carry_checkpoint_files(public_dir, tmp, provenance=False)  # the public model's tokenizer
                 save_config(tmp, config, dtype=dtype, extra={
                     "source": {"format": "merge", "public": str(Path(public_dir).resolve())},
                     "anchor_sha256": combined_digest(public_anchor),

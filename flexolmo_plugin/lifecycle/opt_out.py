@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from flexolmo_plugin.conversion.atomic import atomic_directory, check_new_output
+from flexolmo_plugin.conversion.convert import carry_checkpoint_files
 from flexolmo_plugin.conversion.mapping import Role, entries_by_name, expert_entry
 from flexolmo_plugin.conversion.mcore_io import (
     CanonicalReader,
@@ -60,7 +61,8 @@ def opt_out(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, drop: l
         warnings.warn(f"top-k {top_k} exceeds the {len(keep)} remaining experts; reduced to {len(keep)}",
                       stacklevel=2)
         top_k = len(keep)
-    new = config.replace(num_experts=len(keep), top_k=top_k,
+    # Without an owner expert left there is no owner bias either (the public expert has none).
+    new = config.replace(num_experts=len(keep), top_k=top_k, router_bias=config.router_bias and len(keep) > 1,
                          expert_names=tuple(config.expert_names[i] for i in keep))
     record = read_record(mcore_dir, required=False)
     reader = CanonicalReader(mcore_dir)
@@ -90,6 +92,7 @@ def opt_out(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, drop: l
             history = list(payload.get("opted_out", [])) + list(drop)
             if record is not None:
                 write_record(tmp, opt_out_record(record, list(drop)))
+            carry_checkpoint_files(mcore_dir, tmp, provenance=False)  # the tokenizer; the record is new
             save_config(
                 tmp,
                 new,

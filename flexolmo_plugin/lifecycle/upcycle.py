@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from flexolmo_plugin.conversion.atomic import atomic_directory, check_new_output, write_file_atomically
-from flexolmo_plugin.conversion.checkpoint_dir import has_config
+from flexolmo_plugin.conversion.checkpoint_dir import has_config, tokenizer_dir
 from flexolmo_plugin.conversion.checks import all_finite, file_sha256
 from flexolmo_plugin.conversion.checksums import checksums_payload, sidecar, verify_checksums
 from flexolmo_plugin.conversion.convert import copy_tokenizer_files
@@ -258,8 +258,8 @@ def upcycle(
         try:
             with atomic_directory(out_dir) as tmp:
                 write_checkpoint(tmp, config, source, dtype=out_dtype, expected=set(by_name), on_tensor=meter)
-                tokenizer_src = public_dir / "tokenizer" if public.kind == "megatron" else public_dir
-                copied = copy_tokenizer_files(tokenizer_src, tmp / "tokenizer")
+                tokenizer_src = tokenizer_dir(public_dir) if public.kind == "megatron" else public_dir
+                copied = copy_tokenizer_files(tokenizer_src, tmp / "tokenizer") if tokenizer_src else []
                 save_config(
                     tmp,
                     config,

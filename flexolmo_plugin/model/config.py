@@ -29,6 +29,8 @@ from flexolmo_plugin.model.hf_fields import (  # noqa: F401 -- re-exported: the 
     HF_DEFAULTS,
     HF_MODEL_TYPE,
     ExportCompatibilityWarning,
+    check_hf_settings,
+    check_token_ids,
     config_getter,
     hf_rope_parameters,
     read_hf_fields,
@@ -51,6 +53,8 @@ class FlexOlmoConfig:
         router_z_loss_coeff / load_balancing_coeff: router losses used in training.
         expert_names: one name per expert, ``expert_names[0]`` the public expert (merge / opt-out).
         pad_token_id / bos_token_id / eos_token_id: kept for HF export.
+        hf_settings: transformers-only settings of a source config.json (``HF_SETTINGS``: initialisation,
+            KV cache, HF's router outputs and aux-loss weight), written back on export.
 
     Raises:
         ConfigError: a value FlexOlmo (or this implementation) cannot represent.
@@ -81,6 +85,7 @@ class FlexOlmoConfig:
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    hf_settings: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         ints = ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -112,7 +117,12 @@ class FlexOlmoConfig:
             raise ConfigError("load_balancing_coeff must be >= 0")
         if self.router_z_loss_coeff is not None and self.router_z_loss_coeff < 0:
             raise ConfigError("router_z_loss_coeff must be >= 0 or None")
+        check_token_ids(self.pad_token_id, self.bos_token_id, self.eos_token_id, self.vocab_size)
+        object.__setattr__(self, "hf_settings", check_hf_settings(self.hf_settings))
         if self.expert_names is not None:
+            if isinstance(self.expert_names, str) or not all(
+                    isinstance(name, str) and name for name in self.expert_names):
+                raise ConfigError(f"expert_names must be a list of non-empty strings, got {self.expert_names!r}")
             names = tuple(self.expert_names)
             if len(names) != self.num_experts:
                 raise ConfigError(
@@ -198,6 +208,9 @@ class FlexOlmoConfig:
         }
         if self.head_dim is not None:
             out["head_dim"] = self.head_dim
+        if self.expert_names is not None:  # kept by transformers as an extra key; read back by our import
+            out["expert_names"] = list(self.expert_names)
+        out.update(self.hf_settings)
         return out
 
 
@@ -317,4 +330,5 @@ def from_provider_fields(provider: Any) -> FlexOlmoConfig:
         pad_token_id=getattr(provider, "pad_token_id", None),
         bos_token_id=getattr(provider, "bos_token_id", None),
         eos_token_id=getattr(provider, "eos_token_id", None),
+        hf_settings=getattr(provider, "hf_settings", None) or (),
     )

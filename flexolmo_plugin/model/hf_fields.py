@@ -41,16 +41,63 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "olmo2": dict(_SHARED_DEFAULTS, vocab_size=50304, max_position_embeddings=2048, rms_norm_eps=1e-5,
                   pad_token_id=1, eos_token_id=50279, default_theta=10000.0),
 }
-# Keys of transformers' FlexOlmoConfig / Olmo2Config that are deliberately not read, because they do not
-# change the function a checkpoint computes: initializer_range (initialisation only; the weights come from
-# the checkpoint), use_cache (inference KV cache), output_router_logits and router_aux_loss_coef (extra
-# outputs and HF's training loss; our load_balancing_coeff is a training setting of our recipes), pad_token_id
-# as HF's embedding padding_idx (it only stops that row's gradient; the id itself is kept for export) and
-# PreTrainedConfig's generic keys (dtype, architectures, ...).  Every other key is read or refused below.
+# Keys of transformers' FlexOlmoConfig / Olmo2Config that do not change the function a checkpoint computes
+# but do change what transformers does with it: initializer_range (initialisation), use_cache (inference KV
+# cache), output_router_logits and router_aux_loss_coef (extra outputs and HF's training loss; our
+# load_balancing_coeff is a training setting of our recipes).  Present in a source config.json, they are kept
+# as FlexOlmoConfig.hf_settings and written back on export, so an HF round trip changes nothing in
+# transformers.  Not read: pad_token_id as HF's embedding padding_idx (it only stops that row's gradient;
+# the id itself is kept for export) and PreTrainedConfig's generic keys (dtype, architectures, ...).
+# Every other key is read or refused below.
+HF_SETTINGS = {"initializer_range": float, "use_cache": bool, "output_router_logits": bool,
+               "router_aux_loss_coef": float}
 
 
 def config_getter(hf_config: Any):
     return hf_config.get if isinstance(hf_config, Mapping) else lambda k, d=None: getattr(hf_config, k, d)
+
+
+def _flag(name: str, value: Any, default: bool) -> bool:
+    """A config.json boolean; transformers' strict config refuses anything else (0, "false")."""
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def check_hf_settings(settings: Any) -> tuple[tuple[str, Any], ...]:
+    """``hf_settings`` as a sorted tuple of ``(key, value)`` pairs (from a mapping or pairs, e.g. the
+    lists a saved flexolmo_config.json holds), each key one of :data:`HF_SETTINGS` with a value of its type."""
+    if not settings:
+        return ()
+    try:
+        pairs = dict(settings.items() if isinstance(settings, Mapping) else settings)
+    except (TypeError, ValueError):
+        raise ConfigError(f"hf_settings must be a mapping of transformers settings, got {settings!r}") from None
+    for key, value in pairs.items():
+        kind = HF_SETTINGS.get(key)
+        if kind is None:
+            raise ConfigError(f"hf_settings: {key!r} is not one of {', '.join(HF_SETTINGS)}")
+        if kind is bool:
+            _flag(f"hf_settings {key}", value, False)
+        elif _number(f"hf_settings {key}", value) < 0:
+            raise ConfigError(f"hf_settings {key} must be >= 0, got {value!r}")
+    return tuple(sorted(pairs.items()))
+
+
+def check_token_ids(pad: Any, bos: Any, eos: Any, vocab_size: int) -> None:
+    """Token ids an export can carry: None or ids inside the vocabulary (eos may be a list of them).
+    transformers builds its embedding with ``padding_idx=pad_token_id`` and fails on an id past the
+    vocabulary; an id outside it can never be read or produced, so it is a typo, not a setting."""
+    for name, value in (("pad_token_id", pad), ("bos_token_id", bos), ("eos_token_id", eos)):
+        ids = value if name == "eos_token_id" and isinstance(value, (list, tuple)) and value else [value]
+        for token in ids:
+            if token is None and len(ids) == 1:
+                continue
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
+                raise ConfigError(f"{name} must be None or a token id in [0, {vocab_size}) (eos_token_id also a "
+                                  f"list of them), got {value!r}")
 
 
 def _number(name: str, value: Any) -> float:
@@ -110,9 +157,9 @@ def read_hf_fields(hf_config: Any, model_type: str) -> dict[str, Any]:
 
     if value("hidden_act") not in ("silu", "swish"):  # transformers' ACT2FN: both are SiLU
         raise ConfigError(f"hidden_act={value('hidden_act')!r}: only SwiGLU (hidden_act='silu') is supported")
-    if value("attention_bias") not in (False, None):
+    if _flag("attention_bias", value("attention_bias"), False):
         raise ConfigError("attention_bias=True is not FlexOlmo; only bias-free attention is supported")
-    if value("tie_word_embeddings") not in (False, None):
+    if _flag("tie_word_embeddings", value("tie_word_embeddings"), False):
         raise ConfigError("tie_word_embeddings=True is not FlexOlmo (its output layer is untied)")
     dropout = value("attention_dropout")
     if dropout is not None and _number("attention_dropout", dropout) != 0:
@@ -129,9 +176,12 @@ def read_hf_fields(hf_config: Any, model_type: str) -> dict[str, Any]:
             hf_config, Mapping) and get("rope_scaling") else "rope_parameters"),
         rms_norm_eps=_number("rms_norm_eps", value("rms_norm_eps")),
         max_position_embeddings=value("max_position_embeddings"),
-        pad_token_id=value("pad_token_id"), bos_token_id=value("bos_token_id"), eos_token_id=value("eos_token_id"))
+        pad_token_id=value("pad_token_id"), bos_token_id=value("bos_token_id"), eos_token_id=value("eos_token_id"),
+        hf_settings=check_hf_settings({key: get(key) for key in HF_SETTINGS if get(key) is not None}))
     if model_type == HF_MODEL_TYPE:
-        if value("norm_topk_prob") not in (False, None):
+        if get("expert_names") is not None:  # our exports name the experts (opt-out by name after a round trip)
+            fields["expert_names"] = get("expert_names")
+        if _flag("norm_topk_prob", value("norm_topk_prob"), False):
             raise ConfigError("norm_topk_prob=True renormalises the top-k router weights; FlexOlmo does not, "
                               "and this implementation only supports norm_topk_prob=False")
         experts = get("num_local_experts", _MISSING)  # transformers' attribute_map: the alias wins

@@ -13,6 +13,7 @@ from transformers import AutoConfig
 
 import flexolmo_plugin as fp
 from flexolmo_plugin.conversion.convert import hf_to_mcore, mcore_to_hf
+from flexolmo_plugin.conversion.mcore_io import load_config
 from flexolmo_plugin.errors import ConfigError
 from flexolmo_plugin.model.config import (
     HF_DEFAULTS,
@@ -23,7 +24,7 @@ from flexolmo_plugin.model.config import (
 from tests.faults.harness import assert_refused, run_cli
 from tests.support import make_dense_model, make_hf_model, save_hf_model
 
-SHAPE = dict(vocab_size=100, hidden_size=48, intermediate_size=40, num_hidden_layers=2, num_attention_heads=6,
+SHAPE = dict(vocab_size=100352, hidden_size=48, intermediate_size=40, num_hidden_layers=2, num_attention_heads=6,
              num_key_value_heads=2)
 LINEAR = {"type": "linear", "factor": 2.0}
 DEFAULT_1E4 = {"rope_type": "default", "rope_theta": 10000.0}
@@ -151,6 +152,18 @@ REFUSED = {
     "norm_topk_prob": ({"norm_topk_prob": True}, r"norm_topk_prob=True"),
     "rms_norm_eps": ({"rms_norm_eps": None}, r"rms_norm_eps must be a finite number, got None"),
     "head_dim": ({"head_dim": 0}, r"head_dim must be a positive integer or None, got 0"),
+    # transformers' strict config refuses these types, and its embedding refuses a padding_idx past the vocabulary
+    "norm_topk_prob_int": ({"norm_topk_prob": 0}, r"norm_topk_prob must be true or false, got 0"),
+    "attention_bias_text": ({"attention_bias": "false"}, r"attention_bias must be true or false, got 'false'"),
+    "pad_token_id_past_vocab": ({"pad_token_id": 500}, r"pad_token_id must be None or a token id in \[0, 100\)"),
+    "eos_token_id_text": ({"eos_token_id": "x"}, r"eos_token_id must be None or a token id.*got 'x'"),
+    "eos_token_id_list": ({"eos_token_id": [1, -1]}, r"eos_token_id must be None or a token id.*got \[1, -1\]"),
+    "bos_token_id_bool": ({"bos_token_id": True}, r"bos_token_id must be None or a token id.*got True"),
+    "expert_names_count": ({"expert_names": ["public"]}, r"expert_names has 1 entries for 2 experts"),
+    "expert_names_type": ({"expert_names": ["public", 3]}, r"expert_names must be a list of non-empty strings"),
+    "output_router_logits_int": ({"output_router_logits": 1}, r"hf_settings output_router_logits must be true or "
+                                                              r"false, got 1"),
+    "router_aux_loss_coef": ({"router_aux_loss_coef": -0.5}, r"hf_settings router_aux_loss_coef must be >= 0"),
 }
 
 
@@ -172,6 +185,32 @@ def test_upcycling_olmo2_refuses_the_same_fields(case, sources, tmp_path, capsys
 
 
 # ---------------------------------------------------------------------- export
+def test_a_round_trip_keeps_transformers_settings_names_and_chat_template(sources, tmp_path,
+                                                                          megatron_single_process):
+    """Before: router_aux_loss_coef / output_router_logits were dropped (transformers then computed another
+    loss, returned no router logits), the expert names were not exported (opt-out by name failed after a
+    round trip) and chat_template.jinja was not copied (apply_chat_template failed)."""
+    src = _edited(sources, tmp_path, "flex", {"router_aux_loss_coef": 0.5, "output_router_logits": True,
+                                              "initializer_range": 0.01, "use_cache": False,
+                                              "expert_names": ["public", "code"]})
+    (src / "chat_template.jinja").write_text("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}")
+    (src / "additional_chat_templates").mkdir()
+    (src / "additional_chat_templates" / "tools.jinja").write_text("tools")
+    hf_to_mcore(src, tmp_path / "mcore")
+    assert (tmp_path / "mcore" / "tokenizer" / "chat_template.jinja").is_file()
+    mcore_to_hf(tmp_path / "mcore", tmp_path / "back")
+    before, after = (json.loads((d / "config.json").read_text()) for d in (src, tmp_path / "back"))
+    for key in ("router_aux_loss_coef", "output_router_logits", "initializer_range", "use_cache", "expert_names"):
+        assert after[key] == before[key], key
+    assert (tmp_path / "back" / "chat_template.jinja").read_text() == (src / "chat_template.jinja").read_text()
+    assert (tmp_path / "back" / "additional_chat_templates" / "tools.jinja").read_text() == "tools"
+    theirs = AutoConfig.from_pretrained(tmp_path / "back")
+    assert (theirs.router_aux_loss_coef, theirs.output_router_logits, theirs.use_cache) == (0.5, True, False)
+    assert fp.read_hf_config(tmp_path / "back").expert_names == ("public", "code")
+    hf_to_mcore(tmp_path / "back", tmp_path / "again")  # and back in: the names allow opt-out by name
+    assert load_config(tmp_path / "again")[0].expert_names == ("public", "code")
+
+
 def test_export_writes_rope_theta_at_top_level_too(sources, tmp_path, megatron_single_process):
     src = _edited(sources, tmp_path, "flex", {"rope_parameters": {"rope_type": "default", "rope_theta": 12345.0}})
     hf_to_mcore(src, tmp_path / "mcore")

@@ -91,6 +91,8 @@ def test_bridge_pretrain_checkpoint_is_read_from_its_run_config(world, megatron_
                               head_dim=None if anchor.kv_channels == HIDDEN // anchor.num_attention_heads
                               else anchor.head_dim)
     assert config == expected
+    # the source config.json's transformers settings, through Bridge's run_config.yaml, for the export
+    assert config.hf_settings == (("initializer_range", 0.02), ("use_cache", True))
     assert config.expert_names == ("public", "code") and dtype == anchor_dtype == torch.float32
     assert payload["source"]["format"] == "megatron-bridge" and payload["source"]["trainable"] == "anchored"
     assert load_config(latest)[0] == config  # the iter_* directory itself too

@@ -9,7 +9,7 @@ from flexolmo_plugin.conversion.convert import mcore_to_hf
 from flexolmo_plugin.conversion.mcore_io import CanonicalReader, McoreCheckpointError, load_config
 from flexolmo_plugin.lifecycle.evaluation import router_bias_logit_change
 from flexolmo_plugin.lifecycle.merge import merge_experts
-from flexolmo_plugin.lifecycle.opt_out import opt_out
+from flexolmo_plugin.lifecycle.opt_out import exclude_experts, opt_out
 from flexolmo_plugin.lifecycle.package import load_package, package_expert
 from flexolmo_plugin.lifecycle.upcycle import DEFAULT_ROUTER_BIAS_INIT, EmbeddingError, upcycle
 from tests.flexolmo_plugin.experts.helpers import IDS, H, dense_model, embedding
@@ -98,6 +98,14 @@ def test_bias_travels_through_package_merge_and_opt_out_and_blocks_an_inexact_hf
     assert torch.equal(reader.read(BIAS.format(0)), torch.tensor([[-0.25], [-3.0]]))
     opt_out(merged, tmp_path / "without-code", drop=["code"])
     assert torch.equal(CanonicalReader(tmp_path / "without-code").read(BIAS.format(1)), torch.tensor([[-3.0]]))
+    # Every owner out (before: the writer's audit failed on a bias with no owner left to carry it): the
+    # public expert alone, a softmax over one expert, computes the upcycled model with its owner masked.
+    opt_out(merged, tmp_path / "public-only", drop=["code", "math"])
+    alone = fp.from_mcore(tmp_path / "public-only")
+    assert not alone.flexolmo_config.router_bias and alone.flexolmo_config.expert_names == ("public",)
+    anchor = fp.from_mcore(biased / "anchor", dispatcher="allgather")
+    exclude_experts(anchor, [anchor.flexolmo_config.expert_names[1]])
+    assert (fp.logits(alone, IDS) - fp.logits(anchor, IDS)).abs().max().item() <= 1e-5
 
     with pytest.raises(McoreCheckpointError, match="--drop-router-bias"):
         mcore_to_hf(merged, tmp_path / "hf")

@@ -2,12 +2,14 @@
 
 import json
 import re
+import shutil
 import warnings
 
 import pytest
 import torch
 
 import flexolmo_plugin as fp
+from flexolmo_plugin.lifecycle.data import load_tokenizer
 from flexolmo_plugin.lifecycle.merge import merge_experts
 from flexolmo_plugin.lifecycle.opt_out import exclude_experts, opt_out
 from flexolmo_plugin.lifecycle.package import PackageError, load_package, package_expert
@@ -20,7 +22,7 @@ from tests.flexolmo_plugin.experts.helpers import (
     embedding,
     make_owner,
 )
-from tests.support import hf_reference
+from tests.support import hf_reference, make_tokenizer
 
 
 def test_package_manifest_records_what_was_shared(world):
@@ -121,6 +123,47 @@ def test_opt_out_refuses_the_public_expert_and_unknown_names(world, tmp_path):
     with pytest.raises(PackageError, match=r"no experts named \['legal'\]"):
         opt_out(merged, tmp_path / "x", drop=["legal"])
     assert not (tmp_path / "x").exists()
+
+
+def _as_training_save(checkpoint, save_dir, tokenizer):
+    """``checkpoint`` laid out as a Megatron-Bridge save directory, whose tokenizer training writes
+    into ``iter_*/tokenizer`` (beside an empty ``tokenizer/`` in an older, unfinished iteration)."""
+    shutil.copytree(checkpoint, save_dir / "iter_0000004")
+    shutil.copytree(tokenizer, save_dir / "iter_0000004" / "tokenizer", dirs_exist_ok=True)
+    (save_dir / "iter_0000002" / "tokenizer").mkdir(parents=True)
+    (save_dir / "latest_checkpointed_iteration.txt").write_text("4")
+    return save_dir
+
+
+def test_checkpoints_made_from_others_keep_the_tokenizer_and_provenance(world, tmp_path):
+    """Before: a training save directory's tokenizer (in iter_*) was not found by mcore-to-hf or upcycle,
+    merge and opt-out wrote none, and the router steps (save_mcore) kept neither the tokenizer nor the
+    provenance record, so the README's coordinator steps lost both."""
+    from flexolmo_plugin.conversion.convert import mcore_to_hf
+    from flexolmo_plugin.lifecycle.generation import checkpoint_tokenizer
+    from flexolmo_plugin.lifecycle.provenance import verify_model
+
+    root, anchor, owners, packages, merged = world
+    tokenizer = make_tokenizer(tmp_path / "tok")
+    save = _as_training_save(anchor, tmp_path / "public", tokenizer)
+    mcore_to_hf(save, tmp_path / "public-hf")
+    assert (tmp_path / "public-hf" / "tokenizer.json").read_bytes() == (tokenizer / "tokenizer.json").read_bytes()
+    upcycle(save, tmp_path / "start", public_embedding=embedding(tmp_path / "e0.npy", 0),
+            domain_embedding=embedding(tmp_path / "e1.npy", 1), router_bias_init=None)
+    merge_experts(save, [packages[n] for n in OWNERS], tmp_path / "merged")
+    fp.save_mcore(fp.from_mcore(tmp_path / "merged"), tmp_path / "routed", carry_from=tmp_path / "merged")
+    opt_out(tmp_path / "routed", tmp_path / "without", drop=["news"])
+    mcore_to_hf(tmp_path / "without", tmp_path / "without-hf")
+    for made in ("start", "merged", "routed", "without"):
+        assert (tmp_path / made / "tokenizer" / "tokenizer.json").is_file(), made
+        assert checkpoint_tokenizer(tmp_path / made).encode("def add") == load_tokenizer(tokenizer).encode("def add")
+    assert (tmp_path / "without-hf" / "tokenizer.json").is_file()
+    for made in ("routed", "without", "without-hf"):
+        assert (tmp_path / made / "provenance.json").is_file(), made
+    assert verify_model(tmp_path / "routed").consistent
+    assert "news" in [e["name"] for e in json.loads((tmp_path / "without" / "provenance.json").read_text())["removed"]]
+    fp.save_mcore(fp.from_mcore(merged), tmp_path / "plain")  # without carry_from: the tensors only
+    assert not (tmp_path / "plain" / "provenance.json").exists() and not (tmp_path / "plain" / "tokenizer").exists()
 
 
 def test_merged_model_exports_to_transformers_with_identical_logits(world, tmp_path):
