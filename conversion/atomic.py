@@ -29,12 +29,20 @@ class OutputExistsError(FlexOlmoError, FileExistsError):
     """The requested output path already exists; we never overwrite or merge into it."""
 
 
-def check_new_output(path: str | os.PathLike) -> Path:
+def check_new_output(path: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """``path`` as a ``Path`` if it is free to be written: it does not exist, its parent does, and it is
+    not inside one of the command's ``inputs`` (a merge written into a package directory would add a file
+    its manifest does not list and spoil that package for every later merge)."""
     path = Path(path)
     if path.exists() or path.is_symlink():
         raise OutputExistsError(f"output {path} already exists; choose a new path (nothing was written)")
     if not path.parent.exists():
         raise FileNotFoundError(f"parent directory {path.parent} of the output does not exist")
+    final = path.parent.resolve() / path.name
+    for source in inputs:
+        if Path(source).is_dir() and Path(source).resolve() in final.parents:
+            raise OutputExistsError(f"output {path} is inside the input {source}; writing there would change "
+                                    "that input: choose a path outside it (nothing was written)")
     return path
 
 

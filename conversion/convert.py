@@ -121,7 +121,7 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype:
     hf_dir = Path(hf_dir)
     _check_count("top_k", top_k)
     _check_count("num_experts", num_experts)
-    check_new_output(out_dir)
+    check_new_output(out_dir, inputs=(hf_dir,))
     reuse_freed_memory()
     with SafetensorsCheckpoint.open(hf_dir) as checkpoint:
         raw_config = checkpoint.config()
@@ -181,11 +181,11 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dty
     start = time.perf_counter()
     mcore_dir = Path(mcore_dir)
     _check_count("max_shard_bytes", max_shard_bytes)
-    check_new_output(out_dir)
+    check_new_output(out_dir, inputs=(mcore_dir,))
     reuse_freed_memory()
     config, stored_dtype, _ = load_config(mcore_dir)
     check_is_checkpoint(mcore_dir)
-    check_canonical_shapes(mcore_dir, {e.megatron: megatron_shape(e, config) for e in entries(config)})
+    check_canonical_shapes(mcore_dir, {e.megatron: megatron_shape(e, config) for e in entries(config)}, config)
     bias = router_bias_magnitude(mcore_dir)
     if bias > 0 and not drop_router_bias:
         raise McoreCheckpointError(

@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from flexolmo_plugin.conversion.checkpoint_dir import (  # noqa: F401  (re-exported: the checkpoint API)
     CONFIG_FILE,
     FORMAT_VERSION,
+    OPTIMIZER_PREFIX,
     PARAMETER_DTYPES,
     TRACKER_FILE,
     McoreCheckpointError,
@@ -56,6 +57,7 @@ from flexolmo_plugin.conversion.dcp_io import ChunkReader, PipelinedWriter, chun
 from flexolmo_plugin.conversion.mapping import (
     canonical_chunk,
     canonical_parts,
+    entries,
     layer_of,
     split_keys,
 )
@@ -198,9 +200,13 @@ def write_checkpoint(
     """Write a torch_dist checkpoint into the existing empty ``directory``; returns chunks written.
 
     ``expected`` is the set of canonical names the source provides; the save must consume exactly
-    that set (the audit that no tensor is dropped or invented).
+    that set (the audit that no tensor is dropped or invented).  ``dtype`` must be one every reader takes
+    (:data:`PARAMETER_DTYPES`): a float64 source converted as is would make a checkpoint nothing can load.
     """
-
+    if dtype not in PARAMETER_DTYPES:
+        raise McoreCheckpointError(
+            f"cannot write {str(dtype).removeprefix('torch.')} parameters: a checkpoint holds "
+            f"{', '.join(str(d).removeprefix('torch.') for d in PARAMETER_DTYPES)}; choose one with --dtype")
     strategy = _streaming_classes()(source, dtype, on_tensor)
     with meta_model(config, dtype) as model, _unwrapped_checkpoint_errors():
         dist_checkpointing.save(
@@ -226,6 +232,7 @@ class CanonicalReader:
         self.directory = resolve_checkpoint(directory)
         check_is_checkpoint(self.directory)
         self.present = checkpoint_tensor_metadata(self.directory)
+        check_accounted_for(Path(directory), self.present, load_config(directory)[0])
         self._reader = SafeFileSystemReader(self.directory)
         self._chunks = ChunkReader(self.directory, self._reader.read_metadata())
 
@@ -281,9 +288,28 @@ def iter_canonical(directory: str | os.PathLike, names: list[str]) -> Iterator[t
         yield name, reader.read(name)
 
 
-def check_canonical_shapes(directory: Path, expected: dict[str, tuple[int, ...]]) -> None:
-    """Every canonical tensor can be assembled from the checkpoint with the expected shape."""
+def check_accounted_for(directory: Path, present: dict, config: FlexOlmoConfig) -> None:
+    """Every model tensor stored is one ``config`` (the checkpoint's own) describes, optimizer state aside:
+    a config that names fewer experts than the checkpoint holds, or no router bias where one is stored,
+    would otherwise drop those tensors without a word (an expert gone from a merge, routing changed in an
+    export).  Global: the same at every TP/EP layout a model is loaded at."""
+    used = set()
+    for entry in entries(config):
+        used |= {key for key, _, _ in canonical_parts(entry.megatron, present)}
+    extra = sorted(key for key in present if key not in used and not key.startswith(OPTIMIZER_PREFIX))
+    if extra:
+        raise McoreCheckpointError(
+            f"{directory}: checkpoint holds tensors its configuration does not describe ({len(extra)}: "
+            f"{', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}); its flexolmo_config.json does not match it")
+
+
+def check_canonical_shapes(directory: Path, expected: dict[str, tuple[int, ...]],
+                           config: FlexOlmoConfig | None = None) -> None:
+    """Every canonical tensor can be assembled from the checkpoint with the expected shape (and, given the
+    checkpoint's ``config``, every tensor stored is one it describes), checked before any output is begun."""
     present = checkpoint_tensor_metadata(directory)
+    if config is not None:
+        check_accounted_for(directory, present, config)
     problems = []
     for name, shape in expected.items():
         parts = canonical_parts(name, present)
@@ -349,9 +375,13 @@ def load_model_weights(model, directory: str | os.PathLike) -> None:
     directory = Path(directory)
     check_is_checkpoint(directory)
     sharded = model.sharded_state_dict()
+    check_accounted_for(directory, checkpoint_tensor_metadata(directory), load_config(directory)[0])
     validate_model_layout(directory, sharded)
     try:
         state = dist_checkpointing.load(sharded, str(resolve_checkpoint(directory)))
-    except Exception as error:  # Megatron raises several types; say which checkpoint and why
-        raise McoreCheckpointError(f"{directory}: loading failed: {error}") from error
+    except (Exception, CheckpointException) as error:  # Megatron raises several types (torch's is a
+        # BaseException: a truncated data file in a checkpoint without checksums); say which checkpoint and why
+        lines = [line for line in str(error).splitlines() if line.strip()]  # torch's: a traceback per rank
+        detail = lines[-1][:300] if lines else type(error).__name__
+        raise McoreCheckpointError(f"{directory}: loading failed: {detail}") from error
     model.load_state_dict({key: value for key, value in state.items() if key in sharded})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -12,7 +11,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from flexolmo_plugin import compat
-from flexolmo_plugin.conversion.atomic import check_new_output
+from flexolmo_plugin.conversion.atomic import check_new_output, move_into_place, temporary_name
 from flexolmo_plugin.conversion.checksums import write_directory_checksums
 from flexolmo_plugin.conversion.convert import carry_checkpoint_files
 from flexolmo_plugin.conversion.hf_import import load_hf_weights
@@ -141,8 +140,8 @@ def save_mcore(model, mcore_dir: str | os.PathLike, *, carry_from: str | os.Path
     decision = [None, None]  # [temporary directory, refusal]
     if rank0:
         try:
-            check_new_output(final)
-            tmp = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
+            check_new_output(final, inputs=() if carry_from is None else (carry_from,))
+            tmp = temporary_name(final)
             tmp.mkdir()
             decision = [str(tmp), None]
         except Exception as error:  # every rank must stop, not only rank 0
@@ -160,7 +159,7 @@ def save_mcore(model, mcore_dir: str | os.PathLike, *, carry_from: str | os.Path
             if carry_from is not None:
                 carry_checkpoint_files(carry_from, tmp)
             write_directory_checksums(tmp)
-            os.rename(tmp, final)
+            move_into_place(tmp, final)  # never replaces a directory that appeared meanwhile
         dist.barrier()
     except BaseException:
         if rank0:

@@ -84,7 +84,7 @@ def merge_experts(public_dir: str | os.PathLike, package_dirs: list[str | os.Pat
     ``trusted_keys``: the registry file (or its loaded form, name -> fingerprint) every package's
     signature is checked against."""
     start = time.perf_counter()
-    check_new_output(out_dir)
+    check_new_output(out_dir, inputs=(public_dir, *package_dirs))
     if not package_dirs:
         raise PackageError("merge needs at least one expert package")
     registry = trusted_keys if isinstance(trusted_keys, dict) or trusted_keys is None else \

@@ -40,6 +40,9 @@ from flexolmo_plugin.model.build import unwrap
 def _indices(expert_names: tuple[str, ...] | None, drop: list[str]) -> list[int]:
     if not expert_names:
         raise PackageError("the checkpoint records no expert names; experts can only be opted out by name")
+    repeated = sorted({name for name in drop if list(drop).count(name) > 1})
+    if repeated:
+        raise PackageError(f"expert {repeated[0]!r} is named twice in the opt-out list {list(drop)}")
     unknown = sorted(set(drop) - set(expert_names))
     if unknown:
         raise PackageError(f"no experts named {unknown}; the model has {list(expert_names)}")
@@ -52,7 +55,7 @@ def opt_out(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, drop: l
             progress: bool = False) -> ConversionReport:
     """Write a copy of the checkpoint without the experts named in ``drop``."""
     start = time.perf_counter()
-    check_new_output(out_dir)
+    check_new_output(out_dir, inputs=(mcore_dir,))
     config, dtype, payload = load_config(mcore_dir)
     dropped = _indices(config.expert_names, drop)
     keep = [i for i in range(config.num_experts) if i not in dropped]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import re
 import time
 from pathlib import Path
 
@@ -45,8 +44,9 @@ from flexolmo_plugin.conversion.safetensors_reader import (
     CheckpointFormatError,
     SafetensorsCheckpoint,
 )
-from flexolmo_plugin.errors import ConfigError, FlexOlmoError
-from flexolmo_plugin.model.config import FlexOlmoConfig
+from flexolmo_plugin.errors import FlexOlmoError
+from flexolmo_plugin.lifecycle.anchor import check_finite
+from flexolmo_plugin.model.config import FlexOlmoConfig, check_expert_names  # noqa: F401 (re-exported)
 
 EMBEDDING_KEY = "embedding"
 # Initial learned router bias of an owner's expert (logit offset min(b, 0)); the paper leaves it
@@ -60,27 +60,6 @@ DEFAULT_ROUTER_BIAS_INIT = 0.0
 
 class EmbeddingError(FlexOlmoError):
     """A domain-embedding file that is unreadable, unsafe, or does not fit the model."""
-
-
-# An expert name ends up in configurations, tables, package manifests and file names: one plain path
-# component (the command line's --name and package names follow the same rule).
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-
-
-def check_expert_names(names: tuple[str, ...]) -> tuple[str, ...]:
-    """``names`` if every one is a safe identifier (1-64 letters, digits, '_', '.', '-', starting with
-    a letter or digit, no '..') and none repeats; an owner named like the public expert would make
-    every later step (package, merge, opt-out by name) ambiguous."""
-    names = tuple(names)
-    for name in names:
-        if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
-            raise ConfigError(f"expert name {name!r} is not a safe identifier: use 1-64 letters, digits, '_', '.' "
-                              "or '-', starting with a letter or digit, without '..'")
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise ConfigError(f"expert names must differ, {repeated[0]!r} is given twice ({list(names)}): the owner's "
-                          "expert needs a name of its own")
-    return names
 
 
 def load_embedding(path: str | os.PathLike, hidden_size: int | None = None) -> torch.Tensor:
@@ -230,7 +209,7 @@ def upcycle(
     start = time.perf_counter()
     public_dir = Path(public_dir)
     expert_names = check_expert_names(expert_names)
-    check_new_output(out_dir)
+    check_new_output(out_dir, inputs=(public_dir,))
     public = _PublicModel(public_dir)
     try:
         if router_bias_init is not None and not (math.isfinite(router_bias_init) and router_bias_init <= 0):
@@ -250,9 +229,12 @@ def upcycle(
                 return rows  # the same [r_pub; r_i] seeds every layer
             if entry.rule.role is Role.ROUTER_BIAS:
                 return torch.full(entry.shape(config), float(router_bias_init), dtype=torch.float32)
-            if entry.rule.role is Role.EXPERT:  # both experts start as the public FFN
-                return public.read(expert_entry(entry, 0))
-            return public.read(name)
+            # Both experts start as the public FFN; like every tool that copies weights, refuse a non-finite one
+            # (a Megatron public model's tensors are not checked on read; HF safetensors ones are).
+            label = f"public model {public_dir}"
+            if entry.rule.role is Role.EXPERT:
+                return check_finite(public.read(expert_entry(entry, 0)), expert_entry(entry, 0), label)
+            return check_finite(public.read(name), name, label)
 
         meter = ProgressMeter(0, progress, "upcycle")
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,27 @@ from flexolmo_plugin.model.hf_fields import (  # noqa: F401 -- re-exported: the 
     runtime_compatibility_notes,
 )
 from flexolmo_plugin.model.layout import ParallelLayout
+
+# An expert name ends up in configurations, tables, package manifests and file names: one plain path
+# component (the command line's --name and package names follow the same rule).
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_expert_names(names: tuple[str, ...]) -> tuple[str, ...]:
+    """``names`` if every one is a safe identifier (1-64 letters, digits, '_', '.', '-', starting with
+    a letter or digit, no '..') and none repeats; an owner named like the public expert would make
+    every later step (package, merge, opt-out by name) ambiguous."""
+    names = tuple(names)
+    for name in names:
+        if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+            raise ConfigError(f"expert name {name!r} is not a safe identifier: use 1-64 letters, digits, '_', '.' "
+                              "or '-', starting with a letter or digit, without '..'")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"expert names must differ, {repeated[0]!r} is given twice ({list(names)}): the owner's "
+                          "expert needs a name of its own")
+    return names
+
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -109,27 +131,27 @@ class FlexOlmoConfig:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.kv_channels}")
         if not 1 <= self.top_k <= self.num_experts:
             raise ConfigError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
-        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
-            raise ConfigError(f"rope_theta must be positive and finite, got {self.rope_theta}")
-        if not (self.rms_norm_eps > 0):
-            raise ConfigError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
-        if self.load_balancing_coeff < 0:
-            raise ConfigError("load_balancing_coeff must be >= 0")
-        if self.router_z_loss_coeff is not None and self.router_z_loss_coeff < 0:
-            raise ConfigError("router_z_loss_coeff must be >= 0 or None")
+        for name, low in (("rope_theta", 0), ("rms_norm_eps", 0), ("load_balancing_coeff", None),
+                          ("router_z_loss_coeff", None)):
+            value = getattr(self, name)
+            if value is None and name == "router_z_loss_coeff":
+                continue
+            # bool is an int, and inf / NaN pass "> 0" / ">= 0" comparisons the wrong way
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+                    value <= 0 if low == 0 else value < 0):
+                raise ConfigError(f"{name} must be a finite number {'> 0' if low == 0 else '>= 0'}, got {value!r}")
+        if not isinstance(self.router_bias, bool):
+            raise ConfigError(f"router_bias must be true or false, got {self.router_bias!r}")
         check_token_ids(self.pad_token_id, self.bos_token_id, self.eos_token_id, self.vocab_size)
         object.__setattr__(self, "hf_settings", check_hf_settings(self.hf_settings))
         if self.expert_names is not None:
-            if isinstance(self.expert_names, str) or not all(
-                    isinstance(name, str) and name for name in self.expert_names):
-                raise ConfigError(f"expert_names must be a list of non-empty strings, got {self.expert_names!r}")
+            if isinstance(self.expert_names, (str, bytes)) or not isinstance(self.expert_names, (list, tuple)):
+                raise ConfigError(f"expert_names must be a list of names, got {self.expert_names!r}")
             names = tuple(self.expert_names)
             if len(names) != self.num_experts:
                 raise ConfigError(
                     f"expert_names has {len(names)} entries for {self.num_experts} experts")
-            if len(set(names)) != len(names):
-                raise ConfigError(f"expert_names must be unique, got {names}")
-            object.__setattr__(self, "expert_names", names)
+            object.__setattr__(self, "expert_names", check_expert_names(names))
 
     # ------------------------------------------------------------------ derived sizes
     @property

@@ -160,7 +160,7 @@ REFUSED = {
     "eos_token_id_list": ({"eos_token_id": [1, -1]}, r"eos_token_id must be None or a token id.*got \[1, -1\]"),
     "bos_token_id_bool": ({"bos_token_id": True}, r"bos_token_id must be None or a token id.*got True"),
     "expert_names_count": ({"expert_names": ["public"]}, r"expert_names has 1 entries for 2 experts"),
-    "expert_names_type": ({"expert_names": ["public", 3]}, r"expert_names must be a list of non-empty strings"),
+    "expert_names_type": ({"expert_names": ["public", 3]}, r"expert name 3 is not a safe identifier"),
     "output_router_logits_int": ({"output_router_logits": 1}, r"hf_settings output_router_logits must be true or "
                                                               r"false, got 1"),
     "router_aux_loss_coef": ({"router_aux_loss_coef": -0.5}, r"hf_settings router_aux_loss_coef must be >= 0"),

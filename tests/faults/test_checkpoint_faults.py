@@ -1,6 +1,8 @@
 """A checkpoint whose description disagrees with its tensors is refused, never reinterpreted."""
 
 import json
+import math
+import shutil
 import warnings
 
 import pytest
@@ -8,7 +10,7 @@ import torch
 
 from flexolmo_plugin.conversion.checksums import UnverifiedWarning, verification
 from flexolmo_plugin.conversion.convert import mcore_to_hf
-from flexolmo_plugin.lifecycle.upcycle import save_embedding
+from flexolmo_plugin.lifecycle.upcycle import save_embedding, upcycle
 from tests.faults.harness import HIDDEN, assert_refused, run_cli
 
 
@@ -130,3 +132,88 @@ def test_a_truncated_data_file_without_checksums_is_named(lab, tmp_path, capsys)
     assert_refused(["convert", "mcore-to-hf", copy, tmp_path / "hf"], capsys,
                    match=r"tensor \S+ cannot be read .*a data file is truncated or damaged", workdir=tmp_path,
                    inputs=(copy,))
+
+
+def _with_model_fields(lab, tmp_path, **fields):
+    """A checkpoint with a learned router bias whose configuration was edited (no checksums)."""
+    copy = tmp_path / "biased"
+    upcycle(lab.public_hf, copy, public_embedding=lab.embeddings[0], domain_embedding=lab.embeddings[1],
+            expert_names=("public", "code"), router_bias_init=-1.0)
+    (copy / "checksums.json").unlink()
+    path = copy / "flexolmo_config.json"
+    payload = json.loads(path.read_text())
+    payload["config"].update(fields)
+    path.write_text(json.dumps(payload))
+    return copy
+
+
+def test_tensors_the_configuration_does_not_describe_are_refused(lab, tmp_path, capsys):
+    """Before: the stored learned bias was ignored (the export routed differently from the checkpoint, eval
+    too), and so would any tensor the configuration does not name (an expert left out of a merge)."""
+    copy = _with_model_fields(lab, tmp_path, router_bias=False)
+    for argv in (["convert", "mcore-to-hf", copy, tmp_path / "hf"],
+                 ["eval", copy, "--data", f"code={lab.dataset}", "--seq-len", 8],
+                 ["package-expert", copy, tmp_path / "pkg", "--name", "code"]):
+        assert_refused(argv, capsys, match=r"holds tensors its configuration does not describe \(1: .*domain_biases",
+                       workdir=tmp_path, inputs=(copy,))
+
+
+def test_a_truncated_data_file_without_checksums_is_named_by_every_reader(lab, tmp_path, capsys):
+    """Before: loading the model (eval, generate) raised torch's CheckpointException, a BaseException
+    that the loader's ``except Exception`` let through as a traceback."""
+    copy = lab.copy("owner", tmp_path)
+    (copy / "checksums.json").unlink()
+    data_file = next(copy.glob("*.distcp"))
+    data_file.write_bytes(data_file.read_bytes()[:-1000])
+    for argv in (["eval", copy, "--data", f"code={lab.dataset}", "--seq-len", 8],
+                 ["convert", "mcore-to-hf", copy, tmp_path / "hf"]):
+        assert_refused(argv, capsys, match=r"(loading failed|cannot be read)", workdir=tmp_path, inputs=(copy,))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    # each was read and used: eval gave another model's losses (eps inf), or a name reached file names
+    ("rms_norm_eps", math.inf, r"rms_norm_eps must be a finite number > 0, got inf"),
+    ("load_balancing_coeff", math.nan, r"load_balancing_coeff must be a finite number >= 0, got nan"),
+    ("rope_theta", True, r"rope_theta must be a finite number > 0, got True"),
+    ("router_bias", "no", r"router_bias must be true or false, got 'no'"),
+    ("expert_names", ["public", "../x"], r"expert name '../x' is not a safe identifier"),
+])
+def test_configuration_values_are_checked_as_read(field, value, match, lab, tmp_path, capsys):
+    copy = lab.copy("merged", tmp_path)
+    (copy / "checksums.json").unlink()
+    path = copy / "flexolmo_config.json"
+    payload = json.loads(path.read_text())
+    payload["config"][field] = value
+    path.write_text(json.dumps(payload))
+    assert_refused(["eval", copy, "--data", f"code={lab.dataset}", "--seq-len", 8], capsys, match=match,
+                   workdir=tmp_path, inputs=(copy,))
+
+
+def test_a_float64_source_is_refused_unless_a_dtype_is_chosen(lab, tmp_path, capsys):
+    """Before: hf-to-mcore and upcycle wrote float64 checkpoints that every reader then refused."""
+    from safetensors.torch import load_file, save_file
+
+    source = shutil.copytree(lab.public_hf, tmp_path / "f64")
+    (source / "checksums.json").unlink(missing_ok=True)
+    for path in source.glob("*.safetensors"):
+        save_file({k: v.double() for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
+    match = r"cannot write float64 parameters: a checkpoint holds float32, bfloat16, float16; choose one with --dtype"
+    assert_refused(["convert", "hf-to-mcore", source, tmp_path / "m", "--num-experts", 2], capsys, match=match,
+                   workdir=tmp_path, inputs=(source,))
+    assert_refused(["upcycle", source, tmp_path / "u", "--public-embedding", lab.embeddings[0],
+                    "--domain-embedding", lab.embeddings[1], "--name", "code"], capsys, match=match,
+                   workdir=tmp_path, inputs=(source,))
+    assert run_cli(["convert", "hf-to-mcore", source, tmp_path / "m", "--num-experts", 2, "--dtype", "fp32",
+                    "--quiet"], capsys)[0] == 0
+
+
+def test_an_output_inside_an_input_is_refused(lab, tmp_path, capsys):
+    """Before: merge wrote into a package directory (which every later merge then refused: a file its
+    manifest does not list) and opt-out into the checkpoint it read."""
+    package, merged = lab.copy("package", tmp_path), lab.copy("merged", tmp_path)
+    for argv, source in ((["merge", lab.anchor, package, "--out", package / "merged"], package),
+                         (["opt-out", merged, "--drop", "code", "--out", merged / "sub"], merged),
+                         (["convert", "mcore-to-hf", merged, merged / "hf"], merged)):
+        assert_refused(argv, capsys, match=rf"output \S+ is inside the input {source}", workdir=tmp_path,
+                       inputs=(source,))
+    assert run_cli(["merge", lab.anchor, package, "--out", tmp_path / "ok", "--quiet"], capsys)[0] == 0

@@ -109,6 +109,11 @@ CASES = [
     pytest.param(lambda lab, bad, out: ["merge", bad.inf_anchor, lab.package, "--out", out],
                  r"public model \S*inf_anchor: tensor decoder\.final_layernorm\.weight has 1 non-finite",
                  id="merge-inf-public"),
+    # was: upcycling copied a Megatron public model's NaN/Inf into both experts (exit 0)
+    pytest.param(lambda lab, bad, out: ["upcycle", bad.inf_anchor, out, "--public-embedding", lab.embeddings[0],
+                                        "--domain-embedding", lab.embeddings[1], "--name", "code"],
+                 r"public model \S*inf_anchor: tensor decoder\.final_layernorm\.weight has 1 non-finite",
+                 id="upcycle-inf-public"),
     pytest.param(lambda lab, bad, out: ["merge", lab.anchor, bad.nan_package, "--out", out],
                  r"package 'code' \(\S*nan_package\): tensor layers\.0\.linear_fc1\.weight has 1 non-finite",
                  id="merge-nan-package"),

@@ -122,6 +122,8 @@ def test_opt_out_refuses_the_public_expert_and_unknown_names(world, tmp_path):
         opt_out(merged, tmp_path / "x", drop=["public"])
     with pytest.raises(PackageError, match=r"no experts named \['legal'\]"):
         opt_out(merged, tmp_path / "x", drop=["legal"])
+    with pytest.raises(PackageError, match=r"expert 'math' is named twice"):  # was: recorded twice as opted out
+        opt_out(merged, tmp_path / "x", drop=["math", "math"])
     assert not (tmp_path / "x").exists()
 
 
