@@ -1,7 +1,9 @@
 """Every input of a training run checked before anything is written (``flexolmo train``).
 
 ``pretrain()`` would otherwise fail on these late and deep inside Bridge's loop, after the run
-directory exists: a missing or mismatched dataset, token ids beyond the vocabulary, a start or
+directory exists: a number of the run that the optimizer or scheduler cannot use (a learning rate
+that is text, NaN or negative, zero iterations, a batch size that does not divide; see
+:func:`check_settings`), a missing or mismatched dataset, token ids beyond the vocabulary, a start or
 resume checkpoint that is missing, corrupt or carries a pickle that is not a checkpoint's, a
 tokenizer larger than the model.  A refusal is a :class:`~flexolmo_plugin.errors.ConfigError`.
 """
@@ -9,6 +11,7 @@ tokenizer larger than the model.  A refusal is a :class:`~flexolmo_plugin.errors
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import struct
 from pathlib import Path
@@ -134,10 +137,80 @@ def key_dataset_cache(dataset, digests: list[str]) -> None:
     dataset.path_to_cache = os.path.join(base, f"flexolmo-{key}")
 
 
+# The recipe argument that sets each checked configuration key (same name), named in a refusal.
+_RECIPE_ARGUMENTS = {"optimizer.lr": "lr", "optimizer.min_lr": "min_lr", "optimizer.weight_decay": "weight_decay",
+                     "scheduler.lr_warmup_iters": "lr_warmup_iters", "train.train_iters": "train_iters",
+                     "train.global_batch_size": "global_batch_size", "train.micro_batch_size": "micro_batch_size",
+                     "model.seq_length": "seq_length", "checkpoint.save_interval": "save_interval",
+                     "logger.log_interval": "log_interval", "rng.seed": "seed"}
+
+
+def _setting(config, key: str, expected: str, valid, *, optional: bool = False, integer: bool = False):
+    """The value of the dotted ``key`` if it is a number (an ``int`` for ``integer``; never a bool, never
+    NaN or ±Inf; None only if ``optional``) for which ``valid(value)`` holds, else a refusal naming the key."""
+    value = config
+    for part in key.split("."):
+        value = getattr(value, part, None)
+    if value is None and optional:
+        return None
+    number = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+    if not (number and math.isfinite(value) and valid(value)):
+        argument = _RECIPE_ARGUMENTS.get(key)
+        how = f" (set by recipe.{argument}=... or {key}=...)" if argument else ""
+        raise ConfigError(f"{key}={value!r}: must be {'a whole number' if integer else 'a finite number'} "
+                          f"{expected}{how}")
+    return value
+
+
+def check_settings(config) -> None:
+    """The numbers the optimizer, the learning-rate schedule and the loop use, checked before anything is
+    written: type (a number, a whole number where Bridge counts), finite, sign and range.  Bridge copies
+    ``recipe.lr=abc`` or ``nan`` into the optimizer unchecked and fails inside ``torch.optim.Adam``, and
+    refuses ``train_iters=-1`` only inside ``pretrain()``, both after the save directory exists."""
+    positive, non_negative = (lambda v: v > 0), (lambda v: v >= 0)
+    iters = _setting(config, "train.train_iters", "> 0", positive, optional=True, integer=True)
+    samples = _setting(config, "train.train_samples", "> 0", positive, optional=True, integer=True)
+    if iters is None and samples is None and getattr(config.train, "num_epochs", None) is None:
+        raise ConfigError("train.train_iters is not set: give the number of iterations (recipe.train_iters=N)")
+    global_batch = _setting(config, "train.global_batch_size", "> 0", positive, integer=True)
+    _setting(config, "train.micro_batch_size", f"in [1, train.global_batch_size={global_batch}] and divide it",
+             lambda v: 0 < v <= global_batch and global_batch % v == 0, integer=True)
+    _setting(config, "model.seq_length", "> 0", positive, integer=True)
+    _setting(config, "dataset.seq_length", "> 0", positive, optional=True, integer=True)
+    if getattr(getattr(config, "validation", None), "skip_train", False):  # forward-only: no step is taken
+        lr = _setting(config, "optimizer.lr", ">= 0", non_negative)
+    else:
+        lr = _setting(config, "optimizer.lr", "> 0", positive)
+    _setting(config, "optimizer.min_lr", f"in [0, optimizer.lr={lr}]", lambda v: 0 <= v <= lr, optional=True)
+    _setting(config, "optimizer.weight_decay", ">= 0", non_negative)
+    _setting(config, "optimizer.clip_grad", ">= 0 (0: no clipping)", non_negative, optional=True)
+    _setting(config, "optimizer.adam_beta1", "in [0, 1)", lambda v: 0 <= v < 1, optional=True)
+    _setting(config, "optimizer.adam_beta2", "in [0, 1)", lambda v: 0 <= v < 1, optional=True)
+    _setting(config, "optimizer.adam_eps", "> 0", positive, optional=True)
+    _setting(config, "scheduler.lr_warmup_iters", ">= 0", non_negative, optional=True, integer=True)
+    _setting(config, "scheduler.lr_warmup_samples", ">= 0", non_negative, optional=True, integer=True)
+    _setting(config, "scheduler.lr_warmup_fraction", "in [0, 1)", lambda v: 0 <= v < 1, optional=True)
+    _setting(config, "scheduler.lr_warmup_init", f"in [0, optimizer.lr={lr}]", lambda v: 0 <= v <= lr,
+             optional=True)
+    _setting(config, "scheduler.lr_decay_iters", "> 0", positive, optional=True, integer=True)
+    _setting(config, "scheduler.lr_decay_samples", "> 0", positive, optional=True, integer=True)
+    start = _setting(config, "scheduler.start_weight_decay", ">= 0", non_negative, optional=True)
+    if start is not None:
+        _setting(config, "scheduler.end_weight_decay", f">= scheduler.start_weight_decay={start}",
+                 lambda v: v >= start, optional=True)
+    else:
+        _setting(config, "scheduler.end_weight_decay", ">= 0", non_negative, optional=True)
+    _setting(config, "checkpoint.save_interval", "> 0", positive, optional=True, integer=True)
+    _setting(config, "logger.log_interval", "> 0", positive, optional=True, integer=True)
+    _setting(config, "rng.seed", "in [0, 2**32)", lambda v: 0 <= v < 2**32, optional=True, integer=True)
+
+
 def check_inputs(config) -> None:
     """Everything ``pretrain()`` would otherwise fail on later, checked before anything is written:
-    the start checkpoint (``init_from``), the tokenizer and every dataset (see :func:`check_dataset`);
-    then keys Bridge's dataset cache to the data (:func:`key_dataset_cache`)."""
+    the run's numbers (:func:`check_settings`), the start checkpoint (``init_from``), the tokenizer and
+    every dataset (see :func:`check_dataset`); then keys Bridge's dataset cache to the data
+    (:func:`key_dataset_cache`)."""
+    check_settings(config)
     model = config.model
     vocab_size = int(model.vocab_size)
     init_from = getattr(model, "init_from", None)

@@ -40,6 +40,7 @@ from flexolmo_plugin.recipes import registry
 from flexolmo_plugin.recipes.inputs import check_inputs
 from flexolmo_plugin.recipes.metrics import training_log_callback
 from flexolmo_plugin.recipes.registry import RECIPE_PREFIX
+from flexolmo_plugin.recipes.run_outputs import RunOutputs
 
 # What a start checkpoint means for each freezing policy that needs one (``trainable="all"`` starts
 # from Megatron's initialisation when it has none).
@@ -291,7 +292,9 @@ def run(recipe: str, overrides: list[str], *, callbacks=()):
     """Train; returns the logging callback (its ``history`` holds the per-iteration records).
 
     Inputs are checked (:func:`check_inputs`) before the process group, the save directory or its
-    ``flexolmo_config.json`` exist, so a refused run leaves nothing behind."""
+    ``flexolmo_config.json`` exist, so a refused run leaves nothing behind; a run that fails later but
+    before it completed its first checkpoint removes what it added to the save directory again
+    (:class:`RunOutputs`)."""
 
     silence_absent_transformer_engine_imports()
     enable_bridge_compat()
@@ -314,19 +317,29 @@ def run(recipe: str, overrides: list[str], *, callbacks=()):
                                                       or importlib.util.find_spec("transformer_engine") is None):
         raise ConfigError(f"precision {precision!r} runs on an NVIDIA GPU with Transformer Engine; this machine has "
                           f"{'no GPU' if capability is None else 'no Transformer Engine'}")
+    save = config.checkpoint.save
+    if save and Path(save).exists() and not Path(save).is_dir():
+        raise ConfigError(f"checkpoint.save {save} exists and is not a directory")
     _init_process_group(config.dist.distributed_backend, config.dist.distributed_timeout_minutes)
+    outputs = None  # rank 0 alone writes (and takes back) the save directory's files of its own
     if dist.get_rank() == 0:
         print(f"[flexolmo] {expert_path}", flush=True)
-    if dist.get_rank() == 0 and config.checkpoint.save:
-        Path(config.checkpoint.save).mkdir(parents=True, exist_ok=True)
-        write_run_config(config, recipe)
-    dist.barrier()
-    log = training_log_callback()
+        outputs = RunOutputs(save) if save else None
     try:
-        pretrain(config, forward_step, callbacks=[_warm_up_callback(), _checksums_callback(), log, *callbacks])
-    except SystemExit as stop:  # Bridge exits this way at train.exit_interval
-        if stop.code not in (0, None):
-            raise
+        if outputs is not None:
+            outputs.path.mkdir(parents=True, exist_ok=True)
+            write_run_config(config, recipe)
+        dist.barrier()
+        log = training_log_callback()
+        try:
+            pretrain(config, forward_step, callbacks=[_warm_up_callback(), _checksums_callback(), log, *callbacks])
+        except SystemExit as stop:  # Bridge exits this way at train.exit_interval
+            if stop.code not in (0, None):
+                raise
+    except BaseException:
+        if outputs is not None:
+            outputs.undo()
+        raise
     return log
 
 

@@ -17,6 +17,7 @@ bytes, checked whenever a package is loaded and held against the coordinator's r
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -67,6 +68,32 @@ def _package_shape(entry: Entry, config: FlexOlmoConfig) -> tuple[int, ...]:
 def _plan(config: FlexOlmoConfig, dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     return [(e.package(), torch.float32 if e.rule.role is Role.ROUTER_BIAS else dtype, _package_shape(e, config))
             for e in owner_entries(config)]
+
+
+def _shape_config(manifest: dict) -> FlexOlmoConfig:
+    """A config of the package's model shape (two experts: public and the owner's)."""
+    return FlexOlmoConfig(**{**{f: manifest["model"][f] for f in SHAPE_FIELDS}, "num_experts": 2, "top_k": 1,
+                             "router_bias": bool(manifest["router_bias"])})
+
+
+def _ffn_names(manifest: dict) -> set[str]:
+    """The package's names of the owner's FFN tensors (not its router row or bias)."""
+    return {e.package() for e in owner_entries(_shape_config(manifest)) if e.rule.role is Role.EXPERT}
+
+
+def tensors_digest(tensors: SafetensorsCheckpoint, names: list[str]) -> str:
+    """SHA-256 over ``names`` (sorted) of ``tensors``: per tensor its name, dtype, shape and raw bytes,
+    length-prefixed so that no two different sequences of tensors hash alike.  One tensor in memory at
+    a time."""
+    hasher = hashlib.sha256()
+    for name in sorted(names):
+        tensor = tensors.get(name, check_finite=False).detach().contiguous().reshape(-1)
+        header = json.dumps([name, str(tensor.dtype).removeprefix("torch."), list(tensors.shape(name)),
+                             tensor.numel() * tensor.element_size()]).encode()
+        hasher.update(len(header).to_bytes(8, "little") + header)
+        if tensor.numel():
+            hasher.update(memoryview(tensor.view(torch.uint8).numpy()))
+    return hasher.hexdigest()
 
 
 def _owner_tensor(reader: CanonicalReader, entry: Entry, expert: int) -> torch.Tensor:
@@ -158,14 +185,15 @@ class ExpertPackage:
     def anchor_tensors(self) -> dict[str, str]:
         return self.manifest["anchor"]["tensors"]
 
-    @property
+    @functools.cached_property
     def content_digest(self) -> str:
-        """One digest of the package's weight files, from the manifest's (verified) per-file SHA-256s.
-        The writer is deterministic (fixed plan, no names or times in the files), so the same expert
-        packaged twice -- or a copied package with only its manifest ``name`` changed -- has the same
-        digest; merge refuses such duplicates."""
-        files = self.manifest["files"]
-        return hashlib.sha256("".join(f"{n}:{files[n]}\n" for n in sorted(files)).encode()).hexdigest()
+        """One SHA-256 over the expert's FFN tensors -- each tensor's name, dtype, shape and bytes, in name
+        order -- read from the (verified) weight files.  It depends on the weights alone, not on how they
+        were serialized (tensor order, header layout, file names, sharding), so the same expert packaged
+        twice, or a copy re-saved under another name, has the same digest; merge refuses such duplicates.
+        The router row and bias are left out: two router rows competing for the same FFN are the same
+        expert counted twice (the FFN is also what ``verify`` identifies an expert by)."""
+        return tensors_digest(self.tensors, sorted(_ffn_names(self.manifest)))
 
     def get(self, tensor: str) -> torch.Tensor:
         """One tensor, refused if not finite (naming this package: a package written before the check
@@ -216,11 +244,14 @@ def load_package(directory: str | os.PathLike) -> ExpertPackage:
         if file_sha256(directory / file_name) != digest:
             raise PackageError(f"{directory / file_name}: SHA-256 does not match the manifest (tampered or corrupt)")
     try:
+        shape_config = _shape_config(manifest)
+    except (KeyError, TypeError, AttributeError) as error:
+        raise PackageError(f"{path}: malformed manifest: its \"model\" lacks or misstates a field "
+                           f"({type(error).__name__}: {error})") from None
+    try:
         tensors = SafetensorsCheckpoint.open(directory)
     except CheckpointFormatError as error:
         raise PackageError(str(error)) from error
-    shape_config = FlexOlmoConfig(**{**{f: manifest["model"][f] for f in SHAPE_FIELDS}, "num_experts": 2, "top_k": 1,
-                                     "router_bias": bool(manifest["router_bias"])})
     plan = {name: (dtype, tuple(shape)) for name, dtype, shape in _plan(shape_config, _DTYPES[manifest["dtype"]])}
     if set(tensors.keys()) != set(plan) or any(tuple(tensors.shape(k)) != s for k, (_, s) in plan.items()):
         tensors.close()

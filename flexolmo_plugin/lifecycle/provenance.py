@@ -24,6 +24,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from flexolmo_plugin.conversion.convert import PROVENANCE_FILE
 from flexolmo_plugin.conversion.mapping import Role, entries_by_name
 from flexolmo_plugin.conversion.mcore_io import CanonicalReader, load_config
 from flexolmo_plugin.errors import FlexOlmoError
+from flexolmo_plugin.lifecycle.package import PackageError, check_name
 from flexolmo_plugin.lifecycle.signing import check_trusted, verify_signature
 from flexolmo_plugin.model.config import FlexOlmoConfig
 
@@ -123,7 +125,101 @@ def write_record(directory: Path, record: dict) -> None:
     (Path(directory) / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
 
 
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Fields:
+    """Type checks of one record's fields, each refusal naming the field (``experts[0].name``)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, where: str, expected: str, value: object) -> None:
+        raise ProvenanceError(f"{self.path}: malformed provenance record: {where} must be {expected}, "
+                              f"got {_shown(value)}")
+
+    def get(self, entry: dict, key: str, where: str, *, optional: bool = False) -> object:
+        if key not in entry:
+            if optional:
+                return None
+            raise ProvenanceError(f"{self.path}: malformed provenance record: no {where}")
+        return entry[key]
+
+    def object(self, value: object, where: str) -> dict:
+        if not isinstance(value, dict):
+            self.fail(where, "a JSON object", value)
+        return value
+
+    def array(self, value: object, where: str) -> list:
+        if not isinstance(value, list):
+            self.fail(where, "a JSON array", value)
+        return value
+
+    def text(self, entry: dict, key: str, where: str, *, optional: bool = False, nullable: bool = False) -> None:
+        value = self.get(entry, key, where, optional=optional)
+        if not (isinstance(value, str) or (value is None and (optional or nullable))):
+            self.fail(where, "a string" + (" or null" if nullable else ""), value)
+
+    def digest(self, entry: dict, key: str, where: str, *, optional: bool = False, nullable: bool = False) -> None:
+        value = self.get(entry, key, where, optional=optional)
+        if not ((isinstance(value, str) and _HEX64.fullmatch(value)) or (value is None and (optional or nullable))):
+            self.fail(where, "64 lowercase hex digits (a SHA-256)" + (" or null" if nullable else ""), value)
+
+    def name(self, entry: dict, where: str) -> str:
+        value = self.get(entry, "name", where)
+        try:
+            return check_name(value)
+        except PackageError:
+            self.fail(where, "an expert name (1-64 letters, digits, '_', '.', '-'; starting alphanumeric, "
+                      "no '..', not 'public')", value)
+
+    def entry(self, value: object, where: str, *, removed: bool) -> str:
+        entry = self.object(value, where)
+        name = self.name(entry, f"{where}.name")
+        self.digest(entry, "owner_fingerprint", f"{where}.owner_fingerprint", nullable=True)
+        for key in ("public_key", "signature"):
+            self.text(entry, key, f"{where}.{key}", optional=True)
+        self.digest(entry, "manifest_sha256", f"{where}.manifest_sha256")
+        self.text(entry, "manifest", f"{where}.manifest")
+        for key in ("ffn_sha256", "router_sha256"):
+            self.digest(entry, key, f"{where}.{key}")
+        if removed:
+            self.text(entry, "removed_at", f"{where}.removed_at", optional=True)
+        return name
+
+
+def check_record(record: object, path: Path) -> dict:
+    """``record`` if every field :func:`verify_model` and ``opt-out`` read has the right type and form,
+    else a :class:`ProvenanceError` naming the file and the first wrong field."""
+    fields = _Fields(path)
+    fields.object(record, "the record")
+    version = fields.get(record, "format_version", "format_version")
+    if isinstance(version, bool) or version != FORMAT_VERSION:
+        raise ProvenanceError(f"{path}: unsupported format_version {_shown(version)}")
+    fields.text(record, "merged_at", "merged_at")
+    fields.digest(record, "anchor_sha256", "anchor_sha256", optional=True)
+    public = fields.object(fields.get(record, "public", "public"), "public")
+    for key in ("ffn_sha256", "router_sha256"):
+        fields.digest(public, key, f"public.{key}")
+    names = []
+    for index, entry in enumerate(fields.array(fields.get(record, "experts", "experts"), "experts")):
+        name = fields.entry(entry, f"experts[{index}]", removed=False)
+        if name in names:
+            raise ProvenanceError(f"{path}: malformed provenance record: expert {name!r} is recorded twice")
+        names.append(name)
+    for index, entry in enumerate(fields.array(fields.get(record, "removed", "removed"), "removed")):
+        fields.entry(entry, f"removed[{index}]", removed=True)
+    return record
+
+
 def read_record(directory: str | os.PathLike, *, required: bool = True) -> dict | None:
+    """The provenance record of ``directory``, every field checked (:func:`check_record`); None when
+    there is none and it is not ``required``."""
     path = Path(directory) / PROVENANCE
     if not path.is_file():
         if required:
@@ -131,16 +227,11 @@ def read_record(directory: str | os.PathLike, *, required: bool = True) -> dict 
                                   "or not by 'flexolmo merge')")
         return None
     try:
-        record = json.loads(path.read_text())
-        if record["format_version"] != FORMAT_VERSION:
-            raise ProvenanceError(f"{path}: unsupported format_version {record['format_version']!r}")
-        for entry in [record["public"], *record["experts"], *record["removed"]]:
-            entry["ffn_sha256"], entry["router_sha256"]  # noqa: B018
-        for entry in [*record["experts"], *record["removed"]]:
-            entry["name"], entry["owner_fingerprint"], entry["manifest_sha256"], entry["manifest"]  # noqa: B018
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
-        raise ProvenanceError(f"{path}: malformed provenance record ({type(error).__name__}: {error})") from None
-    return record
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise ProvenanceError(f"{path}: malformed provenance record ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''})") from None
+    return check_record(record, path)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from flexolmo_plugin.conversion.atomic import write_file_atomically
 from flexolmo_plugin.conversion.checks import file_sha256
 from flexolmo_plugin.lifecycle.data import DataError, iter_records
 from flexolmo_plugin.lifecycle.domain_embedding import document_embeddings, sample_documents
+from flexolmo_plugin.lifecycle.package import PackageError, check_name
 
 FORMAT_VERSION = 1
 KIND = "flexolmo-proxy-selection"
@@ -92,6 +94,7 @@ def select_proxy(owner_path: str | os.PathLike, public_path: str | os.PathLike, 
             probability of being the owner's (none qualifying is refused: no proxy exists).
     """
     out_path = Path(out_path)
+    check_name(owner)  # it becomes the mix's "source" field: a plain expert name
     public = public_documents(public_path, text_key=text_key, id_key=id_key)
     wanted = _proxy_count(len(public), fraction, num_docs)
     if not 0 <= min_probability < 1:
@@ -127,16 +130,61 @@ def select_proxy(owner_path: str | os.PathLike, public_path: str | os.PathLike, 
     return ProxySelection(owner, selected, len(public), accuracy)
 
 
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def load_selection(path: str | os.PathLike) -> dict:
+    """A proxy selection as :func:`select_proxy` writes it, every field :func:`router_mix` uses checked:
+    ``owner`` an expert name (it becomes the mix's ``source``), ``selected`` a non-empty list of distinct
+    identifiers (select-proxy refuses to write an empty one: no proxy exists), ``public_file.sha256`` a
+    SHA-256, ``id_key`` a string.  A refusal names the file and the field."""
     path = Path(path)
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
-        valid = payload["kind"] == KIND and payload["format_version"] == FORMAT_VERSION
-        payload["owner"], payload["selected"], payload["public_file"]["sha256"]  # noqa: B018 (presence check)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
-        raise DataError(f"{path}: not a proxy selection ({error})") from error
-    if not valid:
-        raise DataError(f"{path}: not a proxy selection of format {FORMAT_VERSION}")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(f"{path}: not a proxy selection ({reason})") from error
+    if not isinstance(payload, dict) or payload.get("kind") != KIND:
+        raise DataError(f"{path}: not a proxy selection (no \"kind\": {KIND!r})")
+    version = payload.get("format_version")
+    if isinstance(version, bool) or version != FORMAT_VERSION:
+        raise DataError(f"{path}: not a proxy selection of format {FORMAT_VERSION} (format_version {_shown(version)})")
+
+    def wrong(field: str, expected: str) -> DataError:
+        value = payload
+        for part in field.split("."):
+            if not isinstance(value, dict):
+                break
+            value = value.get(part)
+        return DataError(f"{path}: field {field!r} must be {expected}, got {_shown(value)}")
+
+    missing = [f for f in ("owner", "selected", "public_file") if f not in payload]
+    if missing:
+        raise DataError(f"{path}: not a proxy selection (no field {missing[0]!r})")
+    try:
+        check_name(payload["owner"])
+    except PackageError:
+        raise wrong("owner", "the owner's expert name (1-64 letters, digits, '_', '.', '-'; starting alphanumeric, "
+                    "no '..', not 'public')") from None
+    selected = payload["selected"]
+    if not isinstance(selected, list) or not all(isinstance(i, str) and i for i in selected):
+        raise wrong("selected", "a list of public document identifiers (strings)")
+    if not selected:
+        raise DataError(f"{path}: field 'selected' is empty: {payload['owner']!r} selected no proxy documents "
+                        "(select-proxy never writes an empty selection: rerun it, e.g. with a lower "
+                        "--min-probability)")
+    if len(set(selected)) != len(selected):
+        seen: set[str] = set()
+        repeated = next(i for i in selected if i in seen or seen.add(i))
+        raise DataError(f"{path}: field 'selected' lists {_shown(repeated)} more than once")
+    public_file = payload["public_file"]
+    digest = public_file.get("sha256") if isinstance(public_file, dict) else None
+    if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise wrong("public_file.sha256", "the public file's SHA-256 (64 lowercase hex digits)")
+    if not isinstance(payload.get("id_key", "id"), str) or not payload.get("id_key", "id"):
+        raise wrong("id_key", "the name of the public documents' identifier field (a string)")
     return payload
 
 
@@ -165,6 +213,9 @@ def router_mix(public_path: str | os.PathLike, selections: list[str | os.PathLik
             raise DataError(f"{path}: selected from another public file than {public_path} (SHA-256 differs)")
         if payload["owner"] in proxies:
             raise DataError(f"two proxy selections for {payload['owner']!r}")
+        if id_key is not None and payload.get("id_key", "id") != id_key:
+            raise DataError(f"{path}: identifies public documents by {payload.get('id_key', 'id')!r}, the other "
+                            f"selections by {id_key!r}: select every proxy set with the same --id-key")
         proxies[payload["owner"]] = payload["selected"]
         id_key = payload.get("id_key", "id")
     public = public_documents(public_path, text_key=text_key, id_key=id_key or "id")
@@ -172,8 +223,8 @@ def router_mix(public_path: str | os.PathLike, selections: list[str | os.PathLik
     unknown = [i for ids in proxies.values() for i in ids if i not in texts]
     if unknown:
         raise DataError(f"proxy identifiers not in {public_path}: {unknown[:5]}")
-    per_source = per_source or max(len(ids) for ids in proxies.values())
-    if per_source < 1:
+    per_source = max(len(ids) for ids in proxies.values()) if per_source is None else per_source
+    if isinstance(per_source, bool) or not isinstance(per_source, int) or per_source < 1:
         raise DataError(f"per_source must be >= 1, got {per_source}")
     rng = random.Random(seed)
     sample = public if public_sample is None else public_documents(public_sample, text_key=text_key, id_key=id_key)

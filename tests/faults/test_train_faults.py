@@ -121,10 +121,57 @@ def _negative_token_ids(lab, tmp_path):
     return dict(data=prefix), r"token id -3 is outside .* the \.bin is corrupt"
 
 
+def _lr_not_a_number(lab, tmp_path):
+    return dict(extra=["recipe.lr=abc"]), r"optimizer\.lr='abc': must be a finite number > 0 .*recipe\.lr="
+
+
+def _lr_nan(lab, tmp_path):
+    return dict(extra=["recipe.lr=nan"]), r"optimizer\.lr='nan': must be a finite number > 0"
+
+
+def _lr_infinite_override(lab, tmp_path):
+    return dict(extra=["optimizer.lr=inf"]), r"optimizer\.lr=inf: must be a finite number > 0"
+
+
+def _min_lr_above_lr(lab, tmp_path):
+    return dict(extra=["recipe.lr=1e-4", "recipe.min_lr=1e-3"]), r"optimizer\.min_lr=0\.001: .*in \[0, optimizer\.lr"
+
+
+def _train_iters_negative(lab, tmp_path):
+    return dict(extra=["recipe.train_iters=-1"]), r"train\.train_iters=-1: must be a whole number > 0"
+
+
+def _train_iters_fractional(lab, tmp_path):
+    return dict(extra=["recipe.train_iters=1.5"]), r"train\.train_iters=1\.5: must be a whole number"
+
+
+def _warmup_negative(lab, tmp_path):
+    return dict(extra=["recipe.lr_warmup_iters=-3"]), r"scheduler\.lr_warmup_iters=-3: must be a whole number >= 0"
+
+
+def _weight_decay_negative(lab, tmp_path):
+    return dict(extra=["recipe.weight_decay=-0.1"]), r"optimizer\.weight_decay=-0\.1: must be a finite number >= 0"
+
+
+def _clip_grad_negative(lab, tmp_path):
+    return dict(extra=["optimizer.clip_grad=-1.0"]), r"optimizer\.clip_grad=-1\.0: must be a finite number >= 0"
+
+
+def _micro_batch_not_dividing(lab, tmp_path):
+    return dict(extra=["recipe.global_batch_size=3", "recipe.micro_batch_size=2"]), \
+        r"train\.micro_batch_size=2: must be a whole number in \[1, train\.global_batch_size=3\] and divide it"
+
+
+def _seq_length_zero(lab, tmp_path):
+    return dict(extra=["recipe.seq_length=0"]), r"model\.seq_length=0: must be a whole number > 0"
+
+
 CASES = [_no_such_prefix, _index_missing, _bin_of_another_build, _init_from_missing, _init_from_without_weights,
          _tokenizer_missing, _tokenizer_larger_than_vocabulary, _unknown_recipe_argument, _unknown_config_key,
          _unknown_config_section, _config_value_not_a_number, _override_syntax, _token_ids_beyond_the_vocabulary,
-         _negative_token_ids]
+         _negative_token_ids, _lr_not_a_number, _lr_nan, _lr_infinite_override, _min_lr_above_lr,
+         _train_iters_negative, _train_iters_fractional, _warmup_negative, _weight_decay_negative,
+         _clip_grad_negative, _micro_batch_not_dividing, _seq_length_zero]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.__name__.strip("_"))
@@ -215,3 +262,53 @@ def test_a_precision_this_machine_cannot_run_is_refused_before_anything_is_writt
     assert_refused(_train(lab, tmp_path, extra=["mixed_precision=bf16_with_fp8_current_scaling_mixed"]), capsys,
                    match=r"(?i)fp8", workdir=tmp_path, inputs=(lab.anchor, lab.dataset))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_save_dir_that_is_a_file_is_refused(lab, tmp_path, capsys):
+    (tmp_path / "run").write_text("not a directory\n")
+    assert_refused(_train(lab, tmp_path), capsys, match=r"checkpoint\.save .*run exists and is not a directory",
+                   workdir=tmp_path, inputs=(lab.anchor, lab.dataset, tmp_path / "run"))
+
+
+STOPPED = textwrap.dedent("""
+    import json, sys
+    from flexolmo_plugin.compat import enable_bridge_compat
+    enable_bridge_compat()
+    from megatron.bridge.training.callbacks import Callback
+    from flexolmo_plugin.recipes.train import run
+
+    class Stop(Callback):
+        def on_train_start(self, context):
+            raise RuntimeError("stopped before the first checkpoint")
+
+    anchor, prefix, fresh, existing = sys.argv[1:5]
+    stopped = []
+    for save in (fresh, existing):
+        try:
+            run("expert", [f"recipe.init_from={anchor}", f"recipe.save_dir={save}", f"recipe.data_paths=[{prefix}]",
+                           *sys.argv[5:]], callbacks=[Stop()])
+        except RuntimeError as error:
+            stopped.append(str(error))
+    print("STOPPED", json.dumps(stopped))
+""")
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_takes_back_what_it_wrote(lab, tmp_path):
+    """The run config (and Bridge's tb_logs) are written before training starts; a run that stops before it
+    completed a checkpoint removes them again: a save directory it created (with the parents it created)
+    is gone, one that existed is left exactly as it was (its old flexolmo_config.json restored)."""
+    prefix = lab.copy("dataset", tmp_path)
+    fresh = tmp_path / "new" / "parent" / "run"
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("the user's own file\n")
+    (existing / "flexolmo_config.json").write_text('{"an": "older run config"}\n')
+    before = {p.name: p.read_bytes() for p in existing.iterdir()}
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run([sys.executable, "-c", STOPPED, str(lab.anchor), str(prefix), str(fresh), str(existing),
+                             *TINY], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert 'STOPPED ["stopped before the first checkpoint", "stopped before the first checkpoint"]' in result.stdout, \
+        result.stderr[-6000:]
+    assert not (tmp_path / "new").exists()
+    assert {p.name: p.read_bytes() for p in existing.iterdir()} == before
+    assert not [p for p in existing.rglob("*") if p.name not in before]
