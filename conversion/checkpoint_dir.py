@@ -80,17 +80,22 @@ TOKENIZER_DIR = "tokenizer"  # a checkpoint's tokenizer files, as convert/upcycl
 # every new checkpoint made from another, so that an export loads with its tokenizer and chat template.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "generation_config.json", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json")
+                   "chat_template.jinja", "chat_template.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model")
 TOKENIZER_FOLDERS = ("additional_chat_templates",)  # transformers 5: one .jinja file per named template
+# one of these makes a tokenizer (lifecycle.data.TOKENIZER_FILES, less tokenizer_config.json)
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                    "sentencepiece.bpe.model")
 
 
 def tokenizer_dir(directory: str | os.PathLike) -> Path | None:
     """The ``tokenizer/`` folder a checkpoint carries, or None: beside its tensors, or (a Bridge save
     directory) in its latest complete ``iter_*``, where training writes it.  A folder without a
-    tokenizer file does not count (Bridge creates an empty one when a run has no HF tokenizer)."""
+    vocabulary does not count (Bridge creates an empty one when a run has no HF tokenizer, and an HF
+    model's generation_config.json or chat template travels without one)."""
     directory = Path(directory)
     for candidate in (directory / TOKENIZER_DIR, resolve_checkpoint(directory) / TOKENIZER_DIR):
-        if any((candidate / name).is_file() for name in TOKENIZER_FILES):
+        if any((candidate / name).is_file() for name in VOCABULARY_FILES):
             return candidate
     return None
 

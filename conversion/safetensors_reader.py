@@ -317,7 +317,7 @@ class SafetensorsCheckpoint:
             bad = int((~torch.isfinite(out)).sum())  # counted only when reporting
             raise CheckpointFormatError(
                 f"{label}: tensor {key!r} has {bad} non-finite (NaN/Inf) values out of "
-                f"{out.numel()}; pass check_finite=False to load it anyway")
+                f"{out.numel()}; refusing weights that are not finite")
 
     def metadata(self) -> dict[str, str]:
         return dict(self._metadata)

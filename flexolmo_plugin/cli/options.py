@@ -15,6 +15,10 @@ import re
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_SEED = 2**32 - 1  # numpy / scikit-learn seeds (torch accepts more, they do not)
+# The largest router logit scale (calibrate-router --scale, scale-router --grid): already far sharper than
+# hard routing (the defaults are 2 and 1-9); beyond it the logits overflow fp32 and the model's activations
+# become NaN, which would be reported as a broken model.  Equal to router_calibration.MAX_SCALE.
+MAX_ROUTER_SCALE = 1e3
 _SIZE_UNITS = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40, "B": 1}
 
 
@@ -53,6 +57,16 @@ def positive_int(text: str) -> int:
     value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def window_length(text: str) -> int:
+    """``--seq-len`` where the next-token loss is computed (eval, scale-router): a window of one token
+    predicts nothing, and its loss (0 / 0) would read as a model that overflowed."""
+    value = _integer(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 2 (the loss predicts each token from the ones "
+                                         f"before it), got {value}")
     return value
 
 
@@ -111,13 +125,23 @@ def non_positive_float(text: str) -> float:
     return value
 
 
+def router_scale(text: str) -> float:
+    """A router logit scale (``calibrate-router --scale``): > 0 and at most :data:`MAX_ROUTER_SCALE`."""
+    value = _number(text)
+    if not 0 < value <= MAX_ROUTER_SCALE:
+        raise argparse.ArgumentTypeError(f"must be > 0 and <= {MAX_ROUTER_SCALE:g}, got {value:g}")
+    return value
+
+
 def scale_grid(text: str) -> tuple[float, ...]:
-    """Comma-separated logit scales (``1,2,3,4,6,9``): finite, >= 0, at least one."""
+    """Comma-separated logit scales (``1,2,3,4,6,9``): finite, in [0, :data:`MAX_ROUTER_SCALE`], at least one."""
     values = []
     for part in text.split(","):
         value = _number(part.strip())
         if value < 0:
             raise argparse.ArgumentTypeError(f"scales must be >= 0, got {value:g}")
+        if value > MAX_ROUTER_SCALE:
+            raise argparse.ArgumentTypeError(f"scales must be <= {MAX_ROUTER_SCALE:g}, got {value:g}")
         values.append(value)
     return tuple(values)
 

@@ -14,7 +14,8 @@ from flexolmo_plugin.recipes.registry import RECIPES
 TRAIN_RECIPES = tuple(RECIPES)  # listing them needs no Megatron-Bridge import
 
 
-def _mix_step_arguments(parser: opt.Parser, *, model_help: str, max_tokens: int) -> None:
+def _mix_step_arguments(parser: opt.Parser, *, model_help: str, max_tokens: int,
+                        seq_len_type=opt.positive_int) -> None:
     """The arguments every coordinator router step on public + proxy text takes (align-router, scale-router)."""
     parser.add_argument("mcore_dir", metavar="MODEL_DIR", help=model_help)
     parser.add_argument("--data", required=True, metavar="PREFIX",
@@ -22,7 +23,7 @@ def _mix_step_arguments(parser: opt.Parser, *, model_help: str, max_tokens: int)
     parser.add_argument("--out", required=True, metavar="DIR", help="must not exist yet")
     parser.add_argument("--max-tokens", type=opt.positive_int, default=max_tokens,
                         help="tokens read from the dataset")
-    parser.add_argument("--seq-len", type=opt.positive_int, default=None,
+    parser.add_argument("--seq-len", type=seq_len_type, default=None,
                         help="window length (default: the model's sequence length)")
 
 
@@ -155,8 +156,8 @@ def build_parser() -> opt.Parser:
     cal.add_argument("--own-data", required=True, metavar="PREFIX", help="the owner's indexed dataset (.bin/.idx)")
     cal.add_argument("--public-data", required=True, metavar="PREFIX", help="a public indexed dataset (.bin/.idx)")
     cal.add_argument("--out", required=True, metavar="DIR", help="must not exist yet")
-    cal.add_argument("--scale", type=opt.positive_float, default=2.0,
-                     help="multiplies the fitted log-odds direction (default 2.0)")
+    cal.add_argument("--scale", type=opt.router_scale, default=2.0,
+                     help=f"multiplies the fitted log-odds direction (default 2.0; at most {opt.MAX_ROUTER_SCALE:g})")
     cal.add_argument("--regularization", type=opt.positive_float, default=1.0,
                      help="inverse L2 strength C of the logistic regression (default 1.0)")
     cal.add_argument("--public-weight", type=opt.positive_float, default=1.0,
@@ -183,9 +184,10 @@ def build_parser() -> opt.Parser:
                     "by coordinate search over --grid on the language-model loss of alternate windows of the data, "
                     "and keeps them only if the other windows' loss improves (otherwise the output is the input "
                     "model, unchanged).  r_pub and every other weight stay bit-identical; no bias is added.")
-    _mix_step_arguments(scl, model_help="the merged (and aligned) checkpoint", max_tokens=65536)
+    _mix_step_arguments(scl, model_help="the merged (and aligned) checkpoint", max_tokens=65536,
+                        seq_len_type=opt.window_length)
     scl.add_argument("--grid", type=opt.scale_grid, default=(1.0, 2.0, 3.0, 4.0, 6.0, 9.0),
-                     help="comma-separated scales to try (default 1,2,3,4,6,9)")
+                     help=f"comma-separated scales to try, each in [0, {opt.MAX_ROUTER_SCALE:g}] (default 1,2,3,4,6,9)")
     scl.add_argument("--sweeps", type=opt.positive_int, default=2, help="passes over the experts (default 2)")
     scl.set_defaults(func=commands.cmd_scale_router)
 
@@ -269,11 +271,16 @@ def build_parser() -> opt.Parser:
     ev.add_argument("mcore_dirs", nargs="+", metavar="MCORE_DIR")
     ev.add_argument("--data", required=True, nargs="+", metavar="NAME=PREFIX")
     ev.add_argument("--exclude", nargs="*", default=[], metavar="NAME")
-    ev.add_argument("--plot", metavar="routing.png", help="write a routing heatmap (needs matplotlib)")
-    ev.add_argument("--public", metavar="MCORE_DIR", help="the public model among MCORE_DIRs (efficiency)")
-    ev.add_argument("--composed", metavar="MCORE_DIR", help="the merged model among MCORE_DIRs (efficiency)")
-    ev.add_argument("--seq-len", type=opt.positive_int,
-                    help="window length (default: the model's max_position_embeddings)")
+    ev.add_argument("--plot", metavar="routing.png",
+                    help="write a routing heatmap, in the format its suffix names (needs matplotlib); with several "
+                         "models one per model beside it: routing-1.png, routing-2.png, ...")
+    ev.add_argument("--public", metavar="MCORE_DIR",
+                    help="with --composed and several MCORE_DIRs: the public model among them (efficiency)")
+    ev.add_argument("--composed", metavar="MCORE_DIR",
+                    help="with --public and several MCORE_DIRs: the merged model among them (efficiency; left out "
+                         "of the oracle)")
+    ev.add_argument("--seq-len", type=opt.window_length,
+                    help="window length, >= 2 (default: the model's max_position_embeddings)")
     ev.add_argument("--max-tokens", type=opt.positive_int, default=16384, help="per domain")
     ev.add_argument("--attribution", metavar="FILE.jsonl",
                     help="write one JSON record per evaluated window: each expert's share of the routing mass "

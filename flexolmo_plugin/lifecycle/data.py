@@ -22,6 +22,7 @@ import ctypes
 import errno
 import json
 import os
+import struct
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType, IndexedDatasetBuilder
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
@@ -66,6 +67,77 @@ def verify_dataset(prefix: str | os.PathLike) -> None:
     if missing:
         raise DataError(f"dataset {prefix}: {', '.join(missing)} missing (a prefix names PREFIX.bin and PREFIX.idx)")
     verify_checksums(sidecar(prefix), what=f"dataset {prefix}", required=[prefix.name + ".bin", prefix.name + ".idx"])
+
+
+_HEADER_BYTES = 34  # magic (9 bytes), version (8), dtype code (1), sequence and document counts (8 + 8)
+_INDEX_BLOCK = 1 << 22  # sequences checked at a time (bounded memory for any size of index)
+
+
+def _rebuild(path: Path, problem: str) -> DataError:
+    return DataError(f"{path}: {problem}; the dataset is damaged or incomplete: rebuild it ('flexolmo prepare-data')")
+
+
+def check_indexed_dataset(prefix: str | os.PathLike) -> np.dtype:
+    """The token dtype of the Megatron indexed dataset at ``prefix`` once its two files are checked to
+    agree, or :class:`DataError` naming the damaged file.
+
+    Checked without trusting either file: the ``.idx`` is a version-1 Megatron index of an integer
+    token type and exactly the size its header declares; its sequences have non-negative lengths and
+    lie back to back from the start of the ``.bin`` to exactly its end; its document boundaries cover
+    the sequences in order.  (Megatron's reader asserts on a bad header, raises a bare ``ValueError``
+    on a short index, and reads past the end of a short ``.bin`` only when it gets there.)  Cheap: the
+    index is read in blocks, the ``.bin`` only for its size; the checksums are :func:`verify_dataset`'s."""
+    prefix = Path(prefix)
+    bin_path, idx_path = (prefix.with_name(prefix.name + suffix) for suffix in (".bin", ".idx"))
+    missing = [str(p) for p in (bin_path, idx_path) if not p.is_file()]
+    if missing:
+        raise DataError(f"dataset {prefix}: {', '.join(missing)} missing (a prefix names PREFIX.bin and PREFIX.idx)")
+    with open(idx_path, "rb") as stream:
+        head = stream.read(_HEADER_BYTES)
+    if len(head) < _HEADER_BYTES or head[:9] != _INDEX_HEADER:
+        raise _rebuild(idx_path, "not a Megatron indexed-dataset index (no MMIDIDX header)")
+    version = struct.unpack("<Q", head[9:17])[0]
+    if version != 1:
+        raise _rebuild(idx_path, f"index format version {version}, not 1")
+    try:
+        dtype = np.dtype(DType.dtype_from_code(head[17]))
+    except (ValueError, KeyError):
+        raise _rebuild(idx_path, f"unknown token type code {head[17]}") from None
+    if dtype.kind not in "iu":
+        raise _rebuild(idx_path, f"token type {dtype.name} is not an integer type")
+    sequences, documents = struct.unpack("<QQ", head[18:34])
+    declared = _HEADER_BYTES + 12 * sequences + 8 * documents
+    size = idx_path.stat().st_size
+    if size != declared:
+        raise _rebuild(idx_path, f"{size} bytes, but its header declares {sequences} sequences and {documents} "
+                                 f"document boundaries ({declared} bytes)")
+    end = 0  # byte offset in the .bin where the next sequence must start
+    for start in range(0, sequences, _INDEX_BLOCK):
+        count = min(_INDEX_BLOCK, sequences - start)
+        lengths = np.fromfile(idx_path, dtype="<i4", count=count, offset=_HEADER_BYTES + 4 * start).astype(np.int64)
+        pointers = np.fromfile(idx_path, dtype="<i8", count=count, offset=_HEADER_BYTES + 4 * sequences + 8 * start)
+        if lengths.min() < 0:
+            raise _rebuild(idx_path, f"sequence {start + int(lengths.argmin())} has a negative length")
+        expected = end + np.concatenate(([0], np.cumsum(lengths[:-1] * dtype.itemsize)))
+        if not np.array_equal(pointers, expected):
+            first = start + int(np.flatnonzero(pointers != expected)[0])
+            raise _rebuild(idx_path, f"sequence {first} does not start where the one before it ends")
+        end = int(expected[-1] + lengths[-1] * dtype.itemsize)
+    if bin_path.stat().st_size != end:
+        raise _rebuild(bin_path, f"{bin_path.stat().st_size} bytes, but {idx_path.name} describes {end}")
+    if documents == 0:
+        raise _rebuild(idx_path, "no document boundaries")
+    previous = 0
+    for start in range(0, documents, _INDEX_BLOCK):
+        count = min(_INDEX_BLOCK, documents - start)
+        bounds = np.fromfile(idx_path, dtype="<i8", count=count, offset=_HEADER_BYTES + 12 * sequences + 8 * start)
+        steps = np.diff(np.concatenate(([previous], bounds)))
+        if (start == 0 and bounds[0] != 0) or steps.min() < 0:
+            raise _rebuild(idx_path, "document boundaries out of order")
+        previous = int(bounds[-1])
+    if previous != sequences:
+        raise _rebuild(idx_path, f"document boundaries end at sequence {previous}, not at the last ({sequences})")
+    return dtype
 
 
 def load_tokenizer(tokenizer_dir: str | os.PathLike):
@@ -106,7 +178,34 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
                 raise DataError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{number}: expected a JSON object")
+            if "\\u" in line:  # only an escape can make a lone surrogate (the bytes were valid UTF-8)
+                lone = _lone_surrogate(record)
+                if lone is not None:
+                    raise DataError(f"{path}:{number}: a string holds the lone UTF-16 surrogate \\u{ord(lone):04x}, "
+                                    "which is not text (no UTF-8 encodes it; was the JSON written from broken "
+                                    "UTF-16?)")
             yield number, record
+
+
+def _lone_surrogate(value) -> str | None:
+    """The first lone UTF-16 surrogate in any string (key or value) of a decoded JSON value, else None.
+
+    ``json.loads`` turns ``"\\ud800"`` into a one-character string that no codec can encode: the
+    tokenizer then fails with a ``TypeError`` that names neither file nor line."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            return value[error.start]
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _lone_surrogate(key) if isinstance(key, str) else None
+        if found is None:
+            found = _lone_surrogate(item)
+        if found is not None:
+            return found
+    return None
 
 
 def iter_documents(path: str | os.PathLike, *, text_key: str = "text") -> Iterator[tuple[int, str]]:
@@ -127,6 +226,9 @@ def prepare_dataset(input_path: str | os.PathLike, output_prefix: str | os.PathL
     if append_eod and eod is None:
         raise DataError(f"{tokenizer_dir}: tokenizer has no end-of-document (eos) token; pass append_eod=False")
     prefix = Path(output_prefix)
+    if prefix.name in ("", ".", "..") or str(output_prefix).endswith(("/", os.sep)):
+        raise DataError(f"output prefix {str(output_prefix)!r} names a directory, not a dataset: give DIR/NAME "
+                        "(writes DIR/NAME.bin and DIR/NAME.idx)")
     final = [prefix.with_name(prefix.name + suffix) for suffix in (".bin", ".idx")]
     existing = [str(p) for p in (*final, sidecar(prefix)) if p.exists() or p.is_symlink()]
     if existing:

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 from transformers import AutoModel, AutoModelForCausalLM
+from transformers.utils import logging as transformers_logging
 
 from flexolmo_plugin.lifecycle.data import DataError, iter_documents, load_tokenizer
 
@@ -129,6 +130,8 @@ def document_embeddings(model_dir: str | os.PathLike, documents: list[str], *, m
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     auto = AutoModelForCausalLM if method == "public-model" else AutoModel
+    if not progress:  # transformers' "Loading weights" bar would precede a one-line refusal on stderr
+        transformers_logging.disable_progress_bar()
     try:
         model = auto.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32)
     except OSError as error:

@@ -15,17 +15,20 @@ with ``--exclude``) does not affect the result.  When it fires, the weights are 
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
-from megatron.core.datasets.indexed_dataset import IndexedDataset
 from torch import nn
 
+from flexolmo_plugin.conversion.atomic import check_new_output, write_file_atomically
 from flexolmo_plugin.conversion.checks import all_finite
-from flexolmo_plugin.errors import FlexOlmoError
-from flexolmo_plugin.lifecycle.data import DataError, verify_dataset
+from flexolmo_plugin.errors import ConfigError, FlexOlmoError
+from flexolmo_plugin.lifecycle.data import DataError, check_indexed_dataset, verify_dataset
 from flexolmo_plugin.lifecycle.routing import expert_names, gate_mass_per_sequence, router_outputs, shares
 from flexolmo_plugin.model.build import logits, next_token_loss, unwrap
 
@@ -42,12 +45,17 @@ def first_non_finite_parameter(model: nn.Module) -> str | None:
     return None
 
 
-def _refuse_non_finite(model: nn.Module, model_name: str | None, domain: str, loss: float) -> None:
+def non_finite_cause(model: nn.Module) -> str:
+    """Why a model's outputs are NaN/Inf, for a refusal: its first non-finite tensor, else an overflow."""
     bad = first_non_finite_parameter(model)
-    cause = (f"its weights are not finite: first bad tensor {bad}" if bad else
-             "its weights are finite, so its activations overflowed (as bf16/fp16 can)")
+    return (f"its weights are not finite: first bad tensor {bad}" if bad else
+            "its weights are finite, so its activations overflowed (as bf16/fp16 can)")
+
+
+def _refuse_non_finite(model: nn.Module, model_name: str | None, domain: str, loss: float) -> None:
     subject = f"model {model_name}" if model_name else "the model"
-    raise NonFiniteLossError(f"{subject} produces a non-finite loss ({loss}) on domain {domain!r}; {cause}")
+    raise NonFiniteLossError(f"{subject} produces a non-finite loss ({loss}) on domain {domain!r}; "
+                             f"{non_finite_cause(model)}")
 
 
 @dataclass
@@ -66,22 +74,26 @@ class DomainResult:
         return math.exp(min(self.loss, 50.0))
 
 
-def read_windows(prefix: str | os.PathLike, *, seq_len: int, max_tokens: int) -> torch.Tensor:
-    """Non-overlapping ``[n, seq_len]`` windows over the concatenated documents of an indexed dataset."""
-
+def read_windows(prefix: str | os.PathLike, *, seq_len: int, max_tokens: int,
+                 vocab_size: int | None = None) -> torch.Tensor:
+    """Non-overlapping ``[n, seq_len]`` windows over the concatenated documents of an indexed dataset
+    (its first ``max_tokens`` tokens).  A damaged dataset (:func:`~.data.check_indexed_dataset`), one
+    that fails its checksums, or -- given ``vocab_size`` -- a token id outside the model's vocabulary
+    is refused with a :class:`~.data.DataError` that names the file."""
     prefix = str(prefix)
     if not (os.path.exists(prefix + ".idx") and os.path.exists(prefix + ".bin")):
         raise FileNotFoundError(f"no Megatron indexed dataset at {prefix} (.bin/.idx)")
-    verify_dataset(prefix)
-    dataset = IndexedDataset(prefix)
-    pieces, total = [], 0
-    for i in range(len(dataset)):
-        doc = torch.from_numpy(dataset[i].astype("int64"))
-        pieces.append(doc)
-        total += doc.numel()
-        if total >= max_tokens:
-            break
-    stream = torch.cat(pieces)[:max_tokens] if pieces else torch.empty(0, dtype=torch.long)
+    dtype = check_indexed_dataset(prefix)
+    # the index was checked to lay the documents back to back over the whole .bin: their concatenation
+    # is the .bin itself
+    available = os.path.getsize(prefix + ".bin") // dtype.itemsize
+    tokens = np.fromfile(prefix + ".bin", dtype=dtype, count=min(available, max_tokens))
+    if vocab_size is not None and tokens.size and (int(tokens.max()) >= vocab_size or int(tokens.min()) < 0):
+        bad = int(tokens.max()) if int(tokens.max()) >= vocab_size else int(tokens.min())
+        raise DataError(f"{prefix}.bin: token id {bad} is outside the model's vocabulary of {vocab_size} (the data "
+                        "was prepared with another tokenizer than the model's, or the .bin is damaged)")
+    verify_dataset(prefix)  # after the refusals above: they need no "unverified" warning before them
+    stream = torch.from_numpy(tokens.astype(np.int64))
     n = stream.numel() // seq_len
     if n == 0:
         if stream.numel() >= max_tokens:  # the dataset has enough; the budget is what is short
@@ -114,10 +126,14 @@ def evaluate(model: nn.Module, datasets: dict[str, str | os.PathLike], *, seq_le
     """Loss and routing per domain; ``model_name`` (e.g. its checkpoint) names the model in a
     :class:`NonFiniteLossError`.  ``attribution``, when given, receives one record per evaluated
     window: ``{"domain", "window", "tokens", "attribution": {expert: share}}`` (:mod:`.routing`)."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ConfigError(f"seq_len must be an integer >= 2 (the loss predicts each token from the ones before it), "
+                          f"got {seq_len!r}")
     results = []
     names = expert_names(model)
+    vocab_size = unwrap(model).flexolmo_config.vocab_size
     for name, prefix in datasets.items():
-        windows = read_windows(prefix, seq_len=seq_len, max_tokens=max_tokens)
+        windows = read_windows(prefix, seq_len=seq_len, max_tokens=max_tokens, vocab_size=vocab_size)
         loss_sum, predicted = 0.0, 0
         weights = torch.zeros(len(unwrap(model).decoder.layers), unwrap(model).flexolmo_config.num_experts,
                               dtype=torch.float64)
@@ -163,35 +179,63 @@ def format_routing(results: list[DomainResult], expert_names: tuple[str, ...]) -
     return "\n".join(lines)
 
 
-def plot_routing(results: list[DomainResult], expert_names: tuple[str, ...], path: str | os.PathLike, *,
-                 show: str = "tokens") -> None:
-    """Heatmap per domain: layers x experts; ``show="tokens"``: share of the domain's tokens routed to
-    each expert, ``show="weights"``: the mean gate weight each expert received."""
-    if show not in ("tokens", "weights"):
-        raise ValueError(f"show={show!r}; expected 'tokens' or 'weights'")
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as error:
-        raise RuntimeError("plotting needs matplotlib (pip install matplotlib)") from error
+        raise ConfigError("plotting needs matplotlib (pip install matplotlib)") from error
+    return plt
+
+
+def plot_format(path: str | os.PathLike) -> str:
+    """The image format a new plot file's suffix names (``png``, ``svg``, ``pdf``...), checked before any
+    work: :class:`ConfigError` for a suffix matplotlib cannot write, ``OutputExistsError`` if it exists."""
+    path = Path(path)
+    _pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    supported = FigureCanvasBase.get_supported_filetypes()
+    suffix = path.suffix[1:].lower()
+    if suffix not in supported:
+        named = f"suffix .{suffix}" if suffix else "no suffix"
+        raise ConfigError(f"plot {path}: {named}; the suffix names the image format, one of "
+                          f"{', '.join('.' + s for s in sorted(supported))}")
+    check_new_output(path)
+    return suffix
+
+
+def plot_routing(results: list[DomainResult], expert_names: tuple[str, ...], path: str | os.PathLike, *,
+                 show: str = "tokens") -> Path:
+    """Heatmap per domain: layers x experts; ``show="tokens"``: share of the domain's tokens routed to
+    each expert, ``show="weights"``: the mean gate weight each expert received.  Written to the new file
+    ``path`` all-or-nothing (never over an existing file), in the format its suffix names."""
+    if show not in ("tokens", "weights"):
+        raise ValueError(f"show={show!r}; expected 'tokens' or 'weights'")
+    image_format = plot_format(path)
+    plt = _pyplot()
     layers = results[0].routing.shape[0]
     width = 1.0 + len(results) * (0.9 + 0.35 * len(expert_names))
     fig, axes = plt.subplots(1, len(results), figsize=(width, 1.2 + 0.3 * layers + 0.6), squeeze=False,
                              sharey=True, constrained_layout=True)
-    for column, (ax, result) in enumerate(zip(axes[0], results)):
-        values = result.routing if show == "tokens" else result.weights
-        image = ax.imshow(values.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
-        ax.set_title(result.name, fontsize=9)
-        ax.set_xticks(range(len(expert_names)), expert_names, rotation=60, fontsize=7)
-        ax.set_yticks(range(layers), [str(i) for i in range(layers)], fontsize=7)
-        if column == 0:
-            ax.set_ylabel("layer")
-    label = "share of the domain's tokens" if show == "tokens" else "mean gate weight"
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9, label=label)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        for column, (ax, result) in enumerate(zip(axes[0], results)):
+            values = result.routing if show == "tokens" else result.weights
+            image = ax.imshow(values.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+            ax.set_title(result.name, fontsize=9)
+            ax.set_xticks(range(len(expert_names)), expert_names, rotation=60, fontsize=7)
+            ax.set_yticks(range(layers), [str(i) for i in range(layers)], fontsize=7)
+            if column == 0:
+                ax.set_ylabel("layer")
+        label = "share of the domain's tokens" if show == "tokens" else "mean gate weight"
+        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9, label=label)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=image_format, dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return write_file_atomically(path, buffer.getvalue())
 
 
 @torch.no_grad()

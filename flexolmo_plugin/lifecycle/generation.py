@@ -47,6 +47,7 @@ from flexolmo_plugin.conversion.atomic import check_new_output, write_file_atomi
 from flexolmo_plugin.conversion.checkpoint_dir import tokenizer_dir as stored_tokenizer_dir
 from flexolmo_plugin.errors import ConfigError
 from flexolmo_plugin.lifecycle.data import DataError, iter_documents, load_tokenizer
+from flexolmo_plugin.lifecycle.evaluation import non_finite_cause
 from flexolmo_plugin.lifecycle.opt_out import exclude_experts
 from flexolmo_plugin.lifecycle.routing import expert_names, gate_mass_per_sequence, shares
 from flexolmo_plugin.model.build import causal_attention_mask, logits, unwrap
@@ -54,6 +55,10 @@ from flexolmo_plugin.model.build import causal_attention_mask, logits, unwrap
 
 class GenerationError(ConfigError):
     """Prompts or generation settings the model cannot run (empty prompt, id out of range, too long...)."""
+
+
+class NonFiniteOutputError(GenerationError):
+    """A model whose logits or gate weights are NaN/Inf (NaN weights, or an overflow): no token can be chosen."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,6 +211,10 @@ def generate(model: nn.Module, prompts: list[list[int]], *, max_new_tokens: int,
             def run(a: int, b: int) -> torch.Tensor:
                 scores = step(tokens, a, b)
                 covered = forwards.pop()  # [positions, batch, experts]
+                if not (torch.isfinite(scores).all() and torch.isfinite(covered).all()):
+                    what = "logits" if not torch.isfinite(scores).all() else "gate weights"
+                    raise NonFiniteOutputError(f"the model produces non-finite {what} (position {b - 1}); "
+                                               f"{non_finite_cause(model)}")
                 mass[:, b - covered.shape[0]: b] = covered.transpose(0, 1)
                 return scores
 
@@ -260,11 +269,24 @@ def encode_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of each prompt (the tokenizer's own special tokens included, as ``transformers`` does)."""
     encoded = []
     for index, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:  # a lone surrogate: from "\\ud800" in JSON, or bytes of argv that
+            # are not UTF-8 (Python decodes those to surrogates); the tokenizer would raise a TypeError
+            raise DataError(f"prompt {index} is not valid text: {_describe_surrogate(text[error.start])} (character "
+                            f"{error.start + 1})") from None
         ids = tokenizer(text)["input_ids"]
         if not ids:
             raise DataError(f"prompt {index} ({text[:40]!r}) encodes to no tokens")
         encoded.append(list(ids))
     return encoded
+
+
+def _describe_surrogate(char: str) -> str:
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # how Python's surrogateescape carries a byte that is not UTF-8
+        return f"the byte 0x{code - 0xDC00:02x}, which is not UTF-8"
+    return f"the lone UTF-16 surrogate \\u{code:04x}, which no UTF-8 encodes"
 
 
 def check_outputs(*paths: str | os.PathLike | None) -> None:

@@ -31,7 +31,12 @@ from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 from flexolmo_plugin.errors import ConfigError
+from flexolmo_plugin.lifecycle.evaluation import non_finite_cause
 from flexolmo_plugin.model.build import logits, unwrap
+
+# The largest router logit scale accepted (calibrate_router's ``scale``, scale_router's grid): far past
+# hard routing already; beyond it the router logits overflow fp32 and every later activation is NaN.
+MAX_SCALE = 1e3
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,13 @@ def _check(model: nn.Module, own: torch.Tensor, public: torch.Tensor, scale: flo
     for what, value in (("scale", scale), ("regularization", regularization), ("public_weight", public_weight)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise ConfigError(f"{what} must be a finite number > 0, got {value!r}")
+    if scale > MAX_SCALE:
+        raise ConfigError(f"scale must be at most {MAX_SCALE:g} (larger router logits overflow), got {scale!r}")
     return names[1]
+
+
+def _refuse_non_finite_inputs(model: nn.Module, layer: int) -> None:
+    raise ConfigError(f"layer {layer}: non-finite router inputs; {non_finite_cause(model)}")
 
 
 def _router_state(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -120,7 +131,7 @@ def calibrate_router(model: nn.Module, own: torch.Tensor, public: torch.Tensor, 
             x_own, x_public = (_router_inputs(model, index, w, batch_size) for w in (own, public))
             features = np.concatenate([x_public, x_own])
             if not np.isfinite(features).all():
-                raise ConfigError(f"layer {index}: non-finite router inputs; the model's weights are not usable")
+                _refuse_non_finite_inputs(model, index)
             labels = np.r_[np.zeros(len(x_public)), np.ones(len(x_own))]
             balanced = {0: public_weight * len(labels) / (2 * len(x_public)), 1: len(labels) / (2 * len(x_own))}
             classifier = LogisticRegression(C=regularization, fit_intercept=False, class_weight=balanced,
@@ -221,7 +232,7 @@ def align_router(model: nn.Module, windows: torch.Tensor, *, regularization: flo
         for index in range(1, len(layers)):
             features = _router_inputs(model, index, windows, batch_size)
             if not (np.isfinite(features).all() and np.isfinite(target).all()):
-                raise ConfigError(f"layer {index}: non-finite router inputs; the model's weights are not usable")
+                _refuse_non_finite_inputs(model, index)
             beta = _fit_soft_softmax(features, target, regularization)
             rows = layers[index].mlp.router.domain_embeddings
             with torch.no_grad():

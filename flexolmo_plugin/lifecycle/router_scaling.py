@@ -35,6 +35,8 @@ import torch
 from torch import nn
 
 from flexolmo_plugin.errors import ConfigError
+from flexolmo_plugin.lifecycle.evaluation import non_finite_cause
+from flexolmo_plugin.lifecycle.router_calibration import MAX_SCALE
 from flexolmo_plugin.model.build import logits, next_token_loss, unwrap
 
 DEFAULT_GRID = (1.0, 2.0, 3.0, 4.0, 6.0, 9.0)
@@ -65,6 +67,8 @@ def _check(model: nn.Module, windows: torch.Tensor, grid: Sequence[float], sweep
     if windows.dim() != 2 or windows.shape[0] < 2 or windows.dtype not in (torch.int64, torch.int32):
         raise ConfigError(f"windows must be an [n >= 2, seq] integer tensor (half to search, half to check), got "
                           f"{tuple(windows.shape)} {windows.dtype}")
+    if windows.shape[1] < 2:
+        raise ConfigError(f"windows of {windows.shape[1]} token predict nothing: the loss needs seq >= 2")
     if not grid or any(isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a < 0
                        for a in grid):
         raise ConfigError(f"the scale grid must be non-empty finite numbers >= 0, got {list(grid)}")
@@ -74,13 +78,17 @@ def _check(model: nn.Module, windows: torch.Tensor, grid: Sequence[float], sweep
     return tuple(names[1:])
 
 
-def _mean_loss(model: nn.Module, windows: torch.Tensor, batch_size: int) -> float:
+def _mean_loss(model: nn.Module, windows: torch.Tensor, batch_size: int, alphas: Sequence[float] = ()) -> float:
     total = 0.0
     for batch in windows.split(batch_size):
         total += next_token_loss(logits(model, batch), batch).item() * len(batch)
     loss = total / len(windows)
     if not math.isfinite(loss):
-        raise ConfigError(f"the model's loss on the scaling windows is not finite ({loss})")
+        if any(a != 1.0 for a in alphas):  # the model itself passed at scale 1: the scales made it overflow
+            raise ConfigError(f"the model's loss on the scaling windows is not finite ({loss}) at scales "
+                              f"{', '.join(f'{a:g}' for a in alphas)}: the scaled router rows or logits overflow; "
+                              f"use a grid of smaller scales (at most {MAX_SCALE:g})")
+        raise ConfigError(f"the model's loss on the scaling windows is not finite ({loss}); {non_finite_cause(model)}")
     return loss
 
 
@@ -127,7 +135,7 @@ def scale_router(model: nn.Module, windows: torch.Tensor, *, grid: Sequence[floa
                         continue
                     trial = [*alphas[:e], float(alpha), *alphas[e + 1:]]
                     set_scales(trial)
-                    loss = _mean_loss(model, search, batch_size)
+                    loss = _mean_loss(model, search, batch_size, trial)
                     if loss < best:
                         alphas, best = trial, loss
         if alphas == [1.0] * len(experts):
@@ -135,7 +143,7 @@ def scale_router(model: nn.Module, windows: torch.Tensor, *, grid: Sequence[floa
             found_held_out = base_held_out
         else:
             set_scales(alphas)
-            found_held_out = _mean_loss(model, held_out, batch_size)
+            found_held_out = _mean_loss(model, held_out, batch_size, alphas)
         applied = found_held_out < base_held_out
         if not applied:
             restore()

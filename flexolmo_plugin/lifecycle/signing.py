@@ -70,6 +70,9 @@ def public_path(key_path: str | os.PathLike) -> Path:
 def keygen(out: str | os.PathLike) -> tuple[str, Path, Path]:
     """A new Ed25519 key pair: ``out`` (private, PEM, mode 0600) and ``out.pub`` (public, PEM).
     Both must be new; on any failure neither is left.  Returns (fingerprint, private path, public path)."""
+    if Path(out).name in ("", ".", "..") or str(out).endswith(("/", os.sep)):
+        raise SigningError(f"key path {str(out)!r} names a directory, not a file: give DIR/NAME (writes the private "
+                           "key DIR/NAME and the public key DIR/NAME.pub)")
     private_path, pub_path = Path(out), public_path(out)
     check_new_output(private_path)
     check_new_output(pub_path)

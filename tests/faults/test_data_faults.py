@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shlex
 import shutil
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from flexolmo_plugin.lifecycle.data import DataError, iter_records
 from tests.faults.harness import HIDDEN, assert_refused
 from tests.support import make_dense_model
 
@@ -35,6 +37,7 @@ def bad(lab, tmp_path_factory) -> Path:
     (root / "no_text.jsonl").write_text('{"text": "fine"}\n{"body": "no text"}\n')
     (root / "not_object.jsonl").write_text('{"text": "fine"}\n[1, 2]\n')
     (root / "blank.jsonl").write_text("\n  \n")
+    (root / "surrogate.jsonl").write_text('{"text": "fine"}\n{"text": "hi\\ud800 there"}\n')  # valid JSON, not text
     (root / "selection.json").write_bytes(b'{"kind": "flexolmo-proxy-selection", "owner": "caf\xe9"}\n')
     for name, config in (("no_width", {"model_type": "olmo2"}), ("width_64", {"hidden_size": 64}),
                          ("width_text", {"hidden_size": "48"})):
@@ -61,6 +64,8 @@ UPCYCLE = "upcycle {public_hf} {tmp}/up --public-embedding {e0} --domain-embeddi
 UTF8 = r"not_utf8\.jsonl:2: not valid UTF-8 \(byte 0xe9 at byte 14 of the line\)"
 NO_TOKENIZER = r"public_hf: no tokenizer here \(none of tokenizer\.json"
 EXISTS = "already exists"
+# was: TypeError: TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]
+SURROGATE = r"surrogate\.jsonl:2: a string holds the lone UTF-16 surrogate \\ud800, which is not text"
 
 # (id COMMAND-WHAT, command line, regex of the one error line)
 CASES = [
@@ -83,6 +88,11 @@ CASES = [
     ("prepare-data-existing-output", "prepare-data {docs} {dataset} --tokenizer {tokenizer}", EXISTS),
     ("prepare-data-missing-output-directory", "prepare-data {docs} {tmp}/no/out --tokenizer {tokenizer}",
      "output directory .*no does not exist"),
+    ("prepare-data-lone-surrogate", "prepare-data {bad}/surrogate.jsonl {tmp}/out --tokenizer {tokenizer}", SURROGATE),
+    ("embed-domain-lone-surrogate", "embed-domain {bad}/surrogate.jsonl {tmp}/e.safetensors --model {bad}/public_tok",
+     SURROGATE),
+    ("select-proxy-owner-lone-surrogate", SELECT.replace("{docs} {docs}", "{bad}/surrogate.jsonl {docs}"), SURROGATE),
+    ("select-proxy-public-lone-surrogate", SELECT.replace("{docs} {docs}", "{docs} {bad}/surrogate.jsonl"), SURROGATE),
     ("embed-domain-not-utf8", "embed-domain {bad}/not_utf8.jsonl {tmp}/e.safetensors --model {bad}/public_tok",
      UTF8),
     ("embed-domain-for-model-without-hidden-size", f"{EMBED} --for-model {{bad}}/no_width",
@@ -140,3 +150,36 @@ def test_the_bad_inputs_are_fine_once_repaired(lab, bad, capsys, tmp_path):
                  "--quiet"]) == 0
     assert main(["upcycle", str(lab.public_hf), str(tmp_path / "up"), "--public-embedding", str(lab.embeddings[0]),
                  "--domain-embedding", str(tmp_path / "e.npy"), "--name", "code", "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("prefix", ["", ".", "..", "/", "sub/"])
+def test_an_output_prefix_that_names_a_directory_is_refused(lab, tmp_path, capsys, monkeypatch, prefix):
+    """Was: ValueError: PosixPath('.') has an empty name (a traceback)."""
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    assert_refused(["prepare-data", lab.docs, prefix, "--tokenizer", lab.tokenizer], capsys,
+                   match=rf"output prefix {re.escape(repr(prefix))} names a directory, not a dataset: give DIR/NAME",
+                   workdir=tmp_path, inputs=(lab.docs, lab.tokenizer))
+
+
+def test_a_lone_surrogate_is_found_anywhere_in_a_record(tmp_path):
+    """Keys and nested values too (an id becomes part of a proxy selection), not only the text."""
+    path = tmp_path / "nested.jsonl"
+    path.write_text('{"text": "fine", "meta": {"tags": ["ok", "\\udc00"]}}\n{"\\ud83d": 1, "text": "x"}\n'
+                    '{"text": "a pair is text: \\ud83d\\ude00"}\n')
+    with pytest.raises(DataError, match=r"nested\.jsonl:1: a string holds the lone UTF-16 surrogate \\udc00"):
+        list(iter_records(path))
+    path.write_text('{"text": "a pair is text: \\ud83d\\ude00"}\n{"\\ud83d": 1, "text": "x"}\n')
+    with pytest.raises(DataError, match=r"nested\.jsonl:2: .* surrogate \\ud83d"):
+        list(iter_records(path))
+
+
+def test_quiet_embed_domain_prints_no_progress_bar(lab, bad, tmp_path, capsys):
+    """Before: transformers' "Loading weights" bar reached stderr under --quiet, so a refusal after the
+    load was two lines and a quiet success was not quiet."""
+    from tests.faults.harness import run_cli
+
+    code, err = run_cli(["embed-domain", lab.docs, tmp_path / "e.safetensors", "--model", bad / "public_tok",
+                         "--quiet"], capsys)
+    assert code == 0, err
+    assert "Loading weights" not in err and "%|" not in err, err

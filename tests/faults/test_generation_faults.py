@@ -5,7 +5,9 @@ import json
 import re
 
 import pytest
+import torch
 
+import flexolmo_plugin as fp
 from flexolmo_plugin.cli import main
 from tests.faults.harness import assert_refused, listing, run_cli
 
@@ -100,3 +102,46 @@ def test_generate_and_eval_write_their_records(lab, tmp_path, capsys):
     for record in records:
         assert set(record["attribution"]) == {"public", "code"}
         assert abs(sum(record["attribution"].values()) - 1) < 1e-12 and 0 < record["attribution"]["code"] < 1
+
+
+@pytest.fixture(scope="module")
+def nan_merged(lab, tmp_path_factory):
+    """The lab's merged model with one NaN in the code expert (a diverged expert, merged before merges checked)."""
+    model = fp.from_mcore(lab.merged)
+    with torch.no_grad():
+        model.decoder.layers[0].mlp.experts.local_experts[1].linear_fc2.weight[2, 3] = float("nan")
+    target = tmp_path_factory.mktemp("nan_merged") / "model"
+    fp.save_mcore(model, target)
+    return target
+
+
+def test_a_model_with_nan_weights_is_refused_naming_the_tensor(lab, nan_merged, tmp_path, capsys):
+    """Was: ValueError: no routing mass recorded for this sequence (a traceback from the attribution)."""
+    base = ["generate", nan_merged, "--prompt", "def add", "--tokenizer", lab.tokenizer, "--max-new-tokens", 3]
+    assert_refused([*base, "--out", tmp_path / "out.jsonl"], capsys,
+                   match=r"the model produces non-finite logits \(position \d+\); its weights are not finite: first "
+                         r"bad tensor \S*local_experts\.1\.linear_fc2\.weight \(1 of \d+ values\)",
+                   workdir=tmp_path, inputs=(nan_merged, lab.tokenizer))
+    code, err = run_cli([*base, "--exclude", "code"], capsys)  # the repair: mask the diverged expert
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(("source", "match"), [
+    # a lone surrogate escaped in JSON: was a tokenizer TypeError (TextEncodeInput must be ...)
+    ("file", r"prompts\.jsonl:2: a string holds the lone UTF-16 surrogate \\ud800, which is not text"),
+    # bytes of argv that are not UTF-8 reach Python as surrogates (surrogateescape): the same TypeError
+    ("argv", r"prompt 1 is not valid text: the byte 0xed, which is not UTF-8 \(character 3\)"),
+    ("argv-escaped", r"prompt 0 is not valid text: the lone UTF-16 surrogate \\ud800, which no UTF-8 encodes"),
+])
+def test_a_prompt_that_is_not_text_is_refused(lab, tmp_path, capsys, source, match):
+    if source == "file":
+        prompts = _prompts(tmp_path, '{"prompt": "def add"}', '{"prompt": "hi\\ud800"}')
+        options = ["--prompts", prompts]
+    elif source == "argv":
+        prompts = None
+        options = ["--prompt", "def add", "--prompt", "hi\udced\udca0\udc80"]  # what Python makes of b"hi\xed\xa0\x80"
+    else:
+        prompts = None
+        options = ["--prompt", "hi\ud800"]
+    assert_refused(["generate", lab.merged, *options, "--tokenizer", lab.tokenizer], capsys, match=match,
+                   workdir=tmp_path, inputs=(lab.merged, *([prompts] if prompts else [])))
