@@ -6,7 +6,7 @@ import their implementations only when they run.
 
 from __future__ import annotations
 
-from flexolmo_plugin.cli import commands, text_commands
+from flexolmo_plugin.cli import commands, eval_command, text_commands
 from flexolmo_plugin.cli import options as opt
 from flexolmo_plugin.cli.commands import DTYPES
 from flexolmo_plugin.recipes.registry import RECIPES
@@ -285,7 +285,7 @@ def build_parser() -> opt.Parser:
     ev.add_argument("--attribution", metavar="FILE.jsonl",
                     help="write one JSON record per evaluated window: each expert's share of the routing mass "
                          "(mean gate weight over layers and tokens, normalised to sum 1), named by expert")
-    ev.set_defaults(func=commands.cmd_eval)
+    ev.set_defaults(func=eval_command.cmd_eval)
 
     gen = sub.add_parser(
         "generate", help="continue prompts with a checkpoint (greedy or sampled) and attribute each output",
