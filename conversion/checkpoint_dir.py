@@ -88,14 +88,16 @@ VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.tx
                     "sentencepiece.bpe.model")
 
 
-def tokenizer_dir(directory: str | os.PathLike) -> Path | None:
+def tokenizer_dir(directory: str | os.PathLike, *, vocabulary: bool = False) -> Path | None:
     """The ``tokenizer/`` folder a checkpoint carries, or None: beside its tensors, or (a Bridge save
-    directory) in its latest complete ``iter_*``, where training writes it.  A folder without a
-    vocabulary does not count (Bridge creates an empty one when a run has no HF tokenizer, and an HF
-    model's generation_config.json or chat template travels without one)."""
+    directory) in its latest complete ``iter_*``, where training writes it.  An empty folder does not
+    count (Bridge creates one when a run has no HF tokenizer); with ``vocabulary``, neither does one
+    without a vocabulary (an HF model's generation_config.json or chat template travels without one:
+    carried, but nothing to tokenize with)."""
     directory = Path(directory)
+    wanted = VOCABULARY_FILES if vocabulary else TOKENIZER_FILES
     for candidate in (directory / TOKENIZER_DIR, resolve_checkpoint(directory) / TOKENIZER_DIR):
-        if any((candidate / name).is_file() for name in VOCABULARY_FILES):
+        if any((candidate / name).is_file() for name in wanted):
             return candidate
     return None
 

@@ -64,7 +64,10 @@ def _shape(shape: dict, imposed: dict, model: dict | None, init_from: str | None
     ``imposed`` are the recipe's routing settings (top-k, router losses), applied either way;
     ``top_k="all"`` means every expert.
     """
-    wanted = FlexOlmoConfig(**_resolve({**OLMO2_7B, **shape, **imposed, **(model or {})}))
+    base = dict(OLMO2_7B)
+    if "vocab_size" in (model or {}):  # OLMo-2's special-token ids belong to OLMo-2's vocabulary only
+        base.update(eos_token_id=None, pad_token_id=None)
+    wanted = FlexOlmoConfig(**_resolve({**base, **shape, **imposed, **(model or {})}))
     if not (init_from and Path(init_from).exists()):
         return wanted
 

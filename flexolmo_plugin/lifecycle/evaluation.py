@@ -27,6 +27,7 @@ from torch import nn
 
 from flexolmo_plugin.conversion.atomic import check_new_output, write_file_atomically
 from flexolmo_plugin.conversion.checks import all_finite
+from flexolmo_plugin.conversion.checksums import sidecar
 from flexolmo_plugin.errors import ConfigError, FlexOlmoError
 from flexolmo_plugin.lifecycle.data import DataError, check_indexed_dataset, verify_dataset
 from flexolmo_plugin.lifecycle.routing import expert_names, gate_mass_per_sequence, router_outputs, shares
@@ -83,6 +84,9 @@ def read_windows(prefix: str | os.PathLike, *, seq_len: int, max_tokens: int,
     prefix = str(prefix)
     if not (os.path.exists(prefix + ".idx") and os.path.exists(prefix + ".bin")):
         raise FileNotFoundError(f"no Megatron indexed dataset at {prefix} (.bin/.idx)")
+    sealed = sidecar(Path(prefix)).is_file()
+    if sealed:  # prepare-data's checksums name a damaged file most exactly: check them first
+        verify_dataset(prefix)
     dtype = check_indexed_dataset(prefix)
     # the index was checked to lay the documents back to back over the whole .bin: their concatenation
     # is the .bin itself
@@ -92,7 +96,8 @@ def read_windows(prefix: str | os.PathLike, *, seq_len: int, max_tokens: int,
         bad = int(tokens.max()) if int(tokens.max()) >= vocab_size else int(tokens.min())
         raise DataError(f"{prefix}.bin: token id {bad} is outside the model's vocabulary of {vocab_size} (the data "
                         "was prepared with another tokenizer than the model's, or the .bin is damaged)")
-    verify_dataset(prefix)  # after the refusals above: they need no "unverified" warning before them
+    if not sealed:  # after the refusals above: they need no "unverified" warning before them
+        verify_dataset(prefix)
     stream = torch.from_numpy(tokens.astype(np.int64))
     n = stream.numel() // seq_len
     if n == 0:

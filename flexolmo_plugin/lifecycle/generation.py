@@ -246,7 +246,7 @@ def checkpoint_tokenizer(model_dir: str | os.PathLike, tokenizer_dir: str | os.P
     ``convert hf-to-mcore`` and ``upcycle`` store in a checkpoint (``MODEL_DIR`` or its latest ``iter_*``)."""
     if tokenizer_dir is not None:
         return load_tokenizer(tokenizer_dir)
-    found = stored_tokenizer_dir(model_dir)
+    found = stored_tokenizer_dir(model_dir, vocabulary=True)
     if found is not None:
         return load_tokenizer(found)
     raise DataError(f"{model_dir} holds no tokenizer/ (checkpoints converted from HF or upcycled carry one; "

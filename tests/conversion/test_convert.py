@@ -217,8 +217,9 @@ def test_mcore_checkpoint_disagreeing_with_its_config_is_refused(good_src, tmp_p
 
 
 def test_not_a_converted_checkpoint_is_refused(tmp_path):
+    (tmp_path / "not-a-checkpoint").mkdir()
     with pytest.raises(McoreCheckpointError, match="flexolmo_config.json"):
-        mcore_to_hf(tmp_path, tmp_path / "back")
+        mcore_to_hf(tmp_path / "not-a-checkpoint", tmp_path / "back")
 
 
 def test_killed_conversion_leaves_no_output(tmp_path):

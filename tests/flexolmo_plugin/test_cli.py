@@ -93,7 +93,8 @@ def test_a_usage_error_is_one_line_and_exit_2_from_the_console_script():
                           text=True, timeout=60)
     assert done.returncode == EXIT_BAD_INPUT
     assert done.stderr.splitlines() == [
-        "error: argument --seq-len: must be an integer >= 1, got 0 (see 'flexolmo eval --help')"]
+        "error: argument --seq-len: must be an integer >= 2 (the loss predicts each token from the ones before "
+        "it), got 0 (see 'flexolmo eval --help')"]
 
 
 def test_embed_domain_for_model_without_hidden_size_is_refused(tmp_path, capsys):
