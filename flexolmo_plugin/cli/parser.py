@@ -295,7 +295,8 @@ def build_parser() -> opt.Parser:
                     "reproducible with --seed. --exclude masks experts at run time (what 'opt-out' computes). "
                     "Attribution: per output, each expert's share of the routing mass (mean gate weight over "
                     "layers and the positions that chose the new tokens, normalised to sum 1). The tokenizer is "
-                    "MODEL_DIR/tokenizer (stored by 'convert hf-to-mcore' and 'upcycle') unless --tokenizer.")
+                    "MODEL_DIR/tokenizer (or its latest iter_*'s; kept by convert, upcycle, merge, the router steps "
+                    "and opt-out) unless --tokenizer.")
     gen.add_argument("model_dir", metavar="MODEL_DIR", help="Megatron checkpoint (or a training save directory)")
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for several)")

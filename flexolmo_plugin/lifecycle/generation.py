@@ -249,8 +249,8 @@ def checkpoint_tokenizer(model_dir: str | os.PathLike, tokenizer_dir: str | os.P
     found = stored_tokenizer_dir(model_dir, vocabulary=True)
     if found is not None:
         return load_tokenizer(found)
-    raise DataError(f"{model_dir} holds no tokenizer/ (checkpoints converted from HF or upcycled carry one; "
-                    "merged ones do not); pass --tokenizer DIR")
+    raise DataError(f"{model_dir} holds no tokenizer/ with a vocabulary (a model made from one that had a tokenizer "
+                    "keeps it; an owner's training run saves none); pass --tokenizer DIR")
 
 
 def read_prompts(path: str | os.PathLike, *, key: str = "prompt") -> list[str]:
