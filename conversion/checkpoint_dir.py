@@ -83,7 +83,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "chat_template.json", "vocab.txt", "spiece.model",
                    "sentencepiece.bpe.model")
 TOKENIZER_FOLDERS = ("additional_chat_templates",)  # transformers 5: one .jinja file per named template
-# one of these makes a tokenizer (lifecycle.data.TOKENIZER_FILES, less tokenizer_config.json)
+# one of these makes a tokenizer (what a checkpoint's tokenizer/ must hold to tokenize with)
 VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
                     "sentencepiece.bpe.model")
 

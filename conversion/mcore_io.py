@@ -344,9 +344,11 @@ def check_canonical_shapes(directory: Path, expected: dict[str, tuple[int, ...]]
 
 
 def validate_model_layout(directory: Path, sharded) -> None:
-    """Every tensor key the model expects is in the checkpoint with the same global shape."""
+    """Every tensor key the model expects is in the checkpoint with the same global shape, and every one
+    stored is described by the checkpoint's configuration (:func:`check_accounted_for`)."""
 
     present = checkpoint_tensor_metadata(directory)
+    check_accounted_for(directory, present, load_config(directory)[0])
     problems = []
     for item in nested_values(sharded):
         if isinstance(item, ShardedTensorFactory):  # a gated fc1: stored whole or as gate/up halves
@@ -375,7 +377,6 @@ def load_model_weights(model, directory: str | os.PathLike) -> None:
     directory = Path(directory)
     check_is_checkpoint(directory)
     sharded = model.sharded_state_dict()
-    check_accounted_for(directory, checkpoint_tensor_metadata(directory), load_config(directory)[0])
     validate_model_layout(directory, sharded)
     try:
         state = dist_checkpointing.load(sharded, str(resolve_checkpoint(directory)))

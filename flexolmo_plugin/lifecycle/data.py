@@ -35,6 +35,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from flexolmo_plugin.conversion.atomic import OutputExistsError, fsync_path, libc_function, write_file_atomically
+from flexolmo_plugin.conversion.checkpoint_dir import VOCABULARY_FILES
 from flexolmo_plugin.conversion.checksums import checksums_payload, sidecar, verify_checksums
 from flexolmo_plugin.errors import FlexOlmoError
 
@@ -54,8 +55,8 @@ class DatasetReport:
 # model directory without tokenizer files it builds the model type's tokenizer class with an empty
 # vocabulary, which turns every document into zero tokens (an empty dataset of end-of-document
 # tokens, or a crash deep inside the model).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
-                   "spiece.model", "sentencepiece.bpe.model")
+# (A tokenizer_config.json alone names a tokenizer class, whose files may come with it.)
+TOKENIZER_FILES = (*VOCABULARY_FILES, "tokenizer_config.json")
 
 
 def verify_dataset(prefix: str | os.PathLike) -> None:
